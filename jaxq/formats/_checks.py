@@ -1,0 +1,61 @@
+"""Input validation shared by the quantizers and layout converters.
+
+Every check raises ValueError naming the calling function, the argument, the expected and the actual
+value. Shape and dtype checks always run (shapes are static under jit); value checks (NaN/Inf, integer
+ranges) run only on concrete arrays and are skipped for tracers.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def is_concrete(x) -> bool:
+    """True when x holds values (not a tracer inside jit/vmap/grad)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_floating(fn: str, name: str, x) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{fn}: {name} has dtype {x.dtype}, expected a floating dtype (float32/bfloat16/float16)")
+
+
+def check_dtype(fn: str, name: str, x, *dtypes) -> None:
+    if x.dtype not in [jnp.dtype(d) for d in dtypes]:
+        expected = " or ".join(jnp.dtype(d).name for d in dtypes)
+        raise ValueError(f"{fn}: {name} has dtype {x.dtype}, expected {expected}")
+
+
+def check_rank(fn: str, name: str, x, min_ndim: int) -> None:
+    if x.ndim < min_ndim:
+        raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}, expected at least {min_ndim} dims")
+
+
+def check_multiple(fn: str, name: str, dim: str, size: int, multiple: int, what: str) -> None:
+    if size % multiple:
+        raise ValueError(f"{fn}: {name} has {dim}={size}, expected a multiple of {multiple} ({what})")
+
+
+def check_shape(fn: str, name: str, x, expected: tuple, why: str) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}, expected {tuple(expected)} ({why})")
+
+
+def check_choice(fn: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{fn}: {name}={value!r}, expected one of {tuple(choices)}")
+
+
+def check_finite(fn: str, name: str, x) -> None:
+    """Reject NaN/Inf in a concrete array (a quantizer would silently turn them into garbage codes)."""
+    if is_concrete(x):
+        bad = int(jnp.sum(~jnp.isfinite(x)))
+        if bad:
+            raise ValueError(f"{fn}: {name} contains {bad} NaN/Inf values of {x.size}, expected finite values")
+
+
+def check_range(fn: str, name: str, x, lo: int, hi: int) -> None:
+    """Reject integers outside [lo, hi] in a concrete array."""
+    if is_concrete(x) and x.size:
+        x_min, x_max = int(jnp.min(x)), int(jnp.max(x))
+        if x_min < lo or x_max > hi:
+            raise ValueError(f"{fn}: {name} has values in [{x_min}, {x_max}], expected values in [{lo}, {hi}]")

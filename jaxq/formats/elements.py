@@ -1,0 +1,105 @@
+"""Element codecs: FP4 E2M1 codes, saturating FP8 E4M3, E8M0 exponent bytes, 4-bit packing into bytes.
+
+All functions are pure jnp, shape-agnostic and jit-safe. Exponent arithmetic is done on float32 bit
+patterns, so every power of two is exact on every backend (no exp2/log2 approximations).
+"""
+
+import jax
+import jax.numpy as jnp
+
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E8M0_BIAS = 127
+
+#: Value of each 4-bit E2M1 code; code = sign * 8 + index into the magnitudes (0, .5, 1, 1.5, 2, 3, 4, 6).
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+# Midpoints between consecutive magnitudes: a magnitude's index is the number of midpoints below it.
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+# Midpoints whose upper neighbour (1.0, 2.0, 4.0) has the even mantissa, where half-to-even rounds up.
+_E2M1_TIES_UP = (0.75, 1.75, 3.5)
+
+_F32_EXP_SHIFT = 23
+_F32_SUBNORMAL_2M127 = 0x00400000  # float32 bits of 2**-127 (a subnormal: E8M0 byte 0)
+
+
+def encode_e2m1(x, *, ties: str = "even"):
+    """Round x (any float dtype) to the nearest E2M1 value and return its 4-bit code as uint8.
+
+    code = 8 * (x < 0) + i, where i indexes (0, .5, 1, 1.5, 2, 3, 4, 6); |x| > 5 saturates to 6.
+    ties="even": exact midpoints round half to even (0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2,
+      3.5->4, 5->4): ModelOpt NVFP4 `_cast_fp4`, compressed-tensors, and hardware conversion.
+    ties="down": exact midpoints round toward the smaller magnitude (0.75->0.5, 2.5->2, 5->4): ModelOpt
+      MXFP4 (its index counts the midpoints strictly below |x|).
+    Negative values that round to zero keep the sign bit (code 8 = -0), as ModelOpt NVFP4 writes them;
+    a zero of either sign encodes as code 0. NaN encodes as 0 (callers validate inputs first).
+    """
+    if ties not in ("even", "down"):
+        raise ValueError(f"encode_e2m1: ties={ties!r}, expected 'even' or 'down'")
+    a = jnp.abs(x.astype(jnp.float32))
+    idx = sum((a > m).astype(jnp.uint8) for m in _E2M1_MIDPOINTS)
+    if ties == "even":
+        idx = idx + sum((a == m).astype(jnp.uint8) for m in _E2M1_TIES_UP)
+    return idx + jnp.where(x < 0, 8, 0).astype(jnp.uint8)
+
+
+def decode_e2m1(codes, dtype=jnp.float32):
+    """4-bit E2M1 codes (uint8, 0..15) -> values E2M1_VALUES[code] in dtype (exact in every float dtype)."""
+    return jnp.asarray(E2M1_VALUES, dtype)[codes.astype(jnp.int32) & 0xF]
+
+
+def to_e4m3(x):
+    """Saturating cast to float8_e4m3fn: clip to [-448, 448], then round to nearest even.
+
+    A plain astype is not saturating (overflow gives NaN); producers and TRT-LLM kernels saturate.
+    """
+    return jnp.clip(x.astype(jnp.float32), -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+
+
+def exp2_int(e):
+    """Exact 2.0**e as float32 for integer e in [-126, 127] (built from the exponent bits)."""
+    bits = (e.astype(jnp.int32) + E8M0_BIAS) << _F32_EXP_SHIFT
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def encode_e8m0(x):
+    """Smallest power of two >= x, as an E8M0 byte u (value 2**(u - 127)), for x >= 0.
+
+    u = clip(ceil(log2 x), -127, 127) + 127, computed exactly from the float32 bits (ModelOpt/
+    compressed-tensors MXFP4 and DeepSeek "ue8m0" scales use this ceil rule). x = 0 (or anything
+    <= 2**-127) gives u = 0; x > 2**127 saturates to u = 254; NaN/Inf give u = 255 (E8M0 NaN).
+    """
+    bits = jax.lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.uint32)
+    biased = (bits >> _F32_EXP_SHIFT).astype(jnp.int32)
+    mantissa = bits & 0x7FFFFF
+    # Normal numbers: ceil(log2 x) = unbiased exponent, + 1 unless x is an exact power of two.
+    u = biased + (mantissa != 0).astype(jnp.int32)
+    # Subnormals (biased == 0): only those above 2**-127 round up to 2**-126 (u = 1).
+    u = jnp.where(biased == 0, (mantissa > _F32_SUBNORMAL_2M127).astype(jnp.int32), u)
+    u = jnp.clip(u, 0, 254)
+    return jnp.where(biased == 255, 255, u).astype(jnp.uint8)
+
+
+def decode_e8m0(u, dtype=jnp.float32):
+    """E8M0 byte u -> 2**(u - 127) exactly (u = 0 -> 2**-127, a float32 subnormal); u = 255 -> NaN."""
+    u32 = u.astype(jnp.uint32)
+    bits = jnp.where(u32 == 0, jnp.uint32(_F32_SUBNORMAL_2M127), u32 << _F32_EXP_SHIFT)
+    value = jnp.where(u32 == 255, jnp.nan, jax.lax.bitcast_convert_type(bits, jnp.float32))
+    return value.astype(dtype)
+
+
+def pack_nibbles(codes, axis: int = -1):
+    """Pack 4-bit codes (uint8, 0..15) pairwise along `axis` (even length) into bytes.
+
+    byte[j] = codes[2j] | codes[2j + 1] << 4: the low nibble holds the even index.
+    """
+    c = jnp.moveaxis(codes.astype(jnp.uint8), axis, -1)
+    packed = (c[..., 0::2] & 0xF) | (c[..., 1::2] << 4)
+    return jnp.moveaxis(packed, -1, axis)
+
+
+def unpack_nibbles(packed, axis: int = -1):
+    """Inverse of pack_nibbles: uint8 bytes -> codes (uint8, 0..15), twice as long along `axis`."""
+    p = jnp.moveaxis(packed.astype(jnp.uint8), axis, -1)
+    codes = jnp.stack([p & 0xF, p >> 4], axis=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
+    return jnp.moveaxis(codes, -1, axis)
