@@ -1,0 +1,60 @@
+"""Plumbing every decoder-only causal LM shares: token positions, masks, cache bookkeeping, logit rows.
+
+The models' call contract (models/llama.py, models/gemma3.py):
+  logits, cache = module.apply({"params": params}, tokens, cache=None, num_new=None,
+                               attention_mask=None, logits_index=None)
+- no cache: causal forward over positions 0..T-1; attention_mask [B, T] (1 valid, 0 pad; right padding).
+- cache: positions = cache.lengths[:, None] + arange(T); new k/v are written there, queries see keys at
+  positions <= their own; the returned cache has lengths += num_new ([B] int32, default T). attention_mask
+  is refused with a cache: right-padded rows need no mask, their pads land past the row's length and are
+  overwritten by later tokens.
+"""
+import jax
+import jax.numpy as jnp
+
+from jaxq.nn.attention import causal_mask
+from jaxq.nn.kv_cache import KVCache, LayerKV
+
+
+def attention_masks(
+    tokens: jax.Array,
+    cache: KVCache | None,
+    attention_mask: jax.Array | None,
+    sliding_windows: set[int | None],
+) -> tuple[jax.Array, dict[int | None, jax.Array]]:
+    """(positions [B, T] int32 of the new tokens, {sliding window or None: mask [B, T, S]}).
+
+    S is T without a cache and S_max with one; one mask is built per distinct window, not per layer.
+    """
+    b, t = tokens.shape
+    if cache is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        kv_positions = positions
+    else:
+        if attention_mask is not None:
+            raise ValueError(
+                "attention_mask is only for the no-cache forward; with a KV cache, right-padded rows need no "
+                "mask (pass num_new = the real token counts instead)"
+            )
+        positions = cache.positions(t)
+        kv_positions = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
+    masks = {w: causal_mask(positions, kv_positions, attention_mask, w) for w in sliding_windows}
+    return positions, masks
+
+
+def select_rows(h: jax.Array, logits_index: jax.Array | None) -> jax.Array:
+    """h [B, T, H] -> h[b, logits_index[b]] as [B, 1, H] when logits_index ([B] int32) is given, else h."""
+    if logits_index is None:
+        return h
+    return h[jnp.arange(h.shape[0]), logits_index][:, None, :]
+
+
+def advance_cache(
+    cache: KVCache | None, layers: list[LayerKV], num_new: jax.Array | None, num_tokens: int
+) -> KVCache | None:
+    """The cache after a forward that wrote `layers`; lengths grow by num_new (default: all T tokens)."""
+    if cache is None:
+        return None
+    if num_new is None:
+        num_new = jnp.full(cache.lengths.shape, num_tokens, jnp.int32)
+    return cache.advance(layers, num_new)
