@@ -1,0 +1,72 @@
+"""Model families keyed by Hugging Face `architectures`, so the API reaches models without import cycles.
+
+    family = get_model_family(hf_config["architectures"])
+    config = family.config_class.from_hf_config(hf_config)
+    module = family.module_class(config)                   # dtype=None: compute in the params' dtype
+    params = family.hf_to_params(tensors, config, dtype)   # {HF name: array} -> params
+    cache = family.init_kv_cache(config, batch, max_len, jnp.bfloat16)
+"""
+import dataclasses
+from functools import partial
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from jaxq.nn.kv_cache import KVCache
+from models import gemma3, llama
+from models.hf_interop import ParamsBuilder, WeightMap, expected_shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """How one HF architecture maps onto jaxq: config class, Flax module, HF-name -> params table."""
+
+    name: str
+    config_class: type
+    module_class: type
+    weight_map: Callable[[Any], WeightMap]
+
+    def hf_to_params(self, tensors: Mapping[str, Any], config, dtype) -> dict:
+        """params from in-memory {HF name: array} (e.g. a dequantized GGUF renamed to HF names)."""
+        builder = ParamsBuilder(self.weight_map(config), expected_shapes(self.module_class(config)), dtype)
+        for name, array in tensors.items():
+            builder.add(name, np.shape(array), lambda a=array: a, "<in-memory tensors>")
+        return builder.finish("<in-memory tensors>")
+
+    def init_kv_cache(self, config, batch: int, max_len: int, dtype, k_scale=None, v_scale=None) -> KVCache:
+        """An empty KVCache: per layer [batch, max_len, H_kv, head_dim] in dtype (compute dtype or FP8 E4M3);
+        k_scale/v_scale ([L] or scalar, ModelOpt's amax / 448) only matter for FP8."""
+        return KVCache.create(
+            config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim, dtype,
+            k_scale, v_scale,
+        )
+
+
+_LLAMA = ModelFamily("llama", llama.LlamaConfig, llama.LlamaForCausalLM, llama.weight_map)
+_GEMMA3 = ModelFamily("gemma3", gemma3.Gemma3Config, gemma3.Gemma3ForCausalLM, gemma3.weight_map)
+_GEMMA3_MULTIMODAL = dataclasses.replace(
+    _GEMMA3, name="gemma3_multimodal", weight_map=partial(gemma3.weight_map, multimodal=True)
+)
+
+_FAMILIES: dict[str, ModelFamily] = {
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "Qwen2ForCausalLM": _LLAMA,
+    "Qwen3ForCausalLM": _LLAMA,
+    "Gemma3ForCausalLM": _GEMMA3,
+    "Gemma3ForConditionalGeneration": _GEMMA3_MULTIMODAL,
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def get_model_family(architectures: list[str]) -> ModelFamily:
+    """The family of the first supported entry of config.json's `architectures`; ValueError otherwise."""
+    for arch in architectures:
+        if arch in _FAMILIES:
+            return _FAMILIES[arch]
+    raise ValueError(
+        f"unsupported architecture(s) {list(architectures)}; jaxq supports {supported_architectures()}"
+    )
