@@ -10,8 +10,9 @@ A GGUF file carries the model's hyper-parameters as `<arch>.*` metadata, the tok
      llama.cpp's interleaved-pair layout; we permute them back.
    * Gemma 3: every RMSNorm weight is stored as `1 + w` (HF keeps `w` and computes `x * (1 + w)`);
      we subtract the 1 again.
-3. hands those HF tensors to the model family's own HF -> params converter (`load_gguf_params`), so
-   each model has a single name map.
+3. feeds those HF tensors, one at a time, to the model family's own HF -> params builder
+   (`load_gguf_params`), so each model has a single name map and the host never holds the whole
+   dequantised model.
 
 The weights arrive dequantised (bf16 by default): GGUF's block formats are a storage format here,
 not a jaxq recipe.
@@ -20,17 +21,17 @@ not a jaxq recipe.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import pathlib
 import re
 import tempfile
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxq.io import model_cache
-
-log = logging.getLogger(__name__)
+from models.hf_interop import ParamsBuilder, default_convert, expected_shapes
+from models.registry import get_model_family
 
 # GGUF architecture -> (HF `architectures` entry, HF `model_type`).
 _ARCHITECTURES = {
@@ -79,8 +80,7 @@ def _field(reader, key, default=None):
     field = reader.fields.get(key)
     if field is None:
         return default
-    value = field.contents()
-    return value
+    return field.contents()
 
 
 def _architecture(reader, path) -> str:
@@ -195,19 +195,45 @@ def _hf_name(arch: str, gguf_name: str) -> str:
 
 
 def gguf_hf_tensors(reader, config: dict, path="<gguf>"):
-    """Yield (HF name, float32 numpy array in HF orientation) for every tensor in the GGUF file."""
+    """Yield (HF name, HF shape, read) for every tensor in the GGUF file, where read() dequantises it to a
+    float32 numpy array in HF orientation ([out, in] for linear weights). The shape comes from the header,
+    so a mismatch is reported before any tensor is dequantised."""
     import gguf
 
     arch = _architecture(reader, path)
-    for tensor in reader.tensors:
-        name = _hf_name(arch, tensor.name)
+
+    def read(tensor, name):
         w = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             w = _unpermute_rope_rows(w, heads)
         if arch == "gemma3" and name.endswith("norm.weight"):
             w = w - 1.0
-        yield name, w
+        return w
+
+    for tensor in reader.tensors:
+        name = _hf_name(arch, tensor.name)
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims fastest-first
+        yield name, shape, lambda tensor=tensor, name=name: read(tensor, name)
+
+
+def load_gguf_params(path, dtype=jnp.bfloat16, convert=default_convert):
+    """(family, config, params, hf_config, eos_token_ids) from a GGUF file (Llama or Gemma 3).
+
+    Tensors are dequantised one at a time and handed to the family's ParamsBuilder (the same name map and
+    shape checks as the safetensors loader), then cast to dtype on the device.
+    """
+    path = pathlib.Path(path)
+    reader = _reader(path)
+    hf_config = gguf_hf_config(reader, path)
+    family = get_model_family(hf_config["architectures"])
+    config = family.config_class.from_hf_config(hf_config)
+    builder = ParamsBuilder(
+        family.weight_map(config), expected_shapes(family.module_class(config)), jnp.dtype(dtype), convert
+    )
+    for name, shape, read in gguf_hf_tensors(reader, hf_config, path):
+        builder.add(name, shape, read, str(path))
+    return family, config, builder.finish(str(path)), hf_config, gguf_eos_token_ids(reader)
 
 
 def gguf_eos_token_ids(reader) -> tuple[int, ...]:

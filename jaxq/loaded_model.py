@@ -1,0 +1,136 @@
+"""`LoadedModel`, what `jaxq.load` returns, and `load` itself: one object that carries everything generation,
+evaluation and (later) quantization need, so the public functions take a single argument.
+
+    model = jaxq.load("smollm2-135m")            # an embedded model name
+    model = jaxq.load("path/to/hf_checkpoint")   # a directory with config.json + safetensors
+    model = jaxq.load("path/to/model.gguf")      # a GGUF file, or a directory holding exactly one
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxq.io import gguf_checkpoint, hf_checkpoint, model_cache
+from models.registry import ModelFamily
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to run.
+
+    params: the params pytree (HF names, see models/hf_interop.py), in `dtype`.
+    config: the family's frozen config (models/<family>.py); hf_config: the config.json dict it came from.
+    module: the Flax module, `module.apply({"params": params}, tokens, cache=..., ...)` (jaxq/nn/decoder.py).
+    tokenizer: a transformers tokenizer, or None (random-weight models): then only token ids work.
+    eos_token_ids: generation stops on any of them. pad_token_id: filler for right-padded prompts.
+    kv_scales: (k_scale [L], v_scale [L]) float32 FP8 KV dequant multipliers (ModelOpt's amax / 448), from the
+      checkpoint or `jaxq.calibrate_kv_scales`; None when unknown (an FP8 cache then uses 1.0 and warns).
+    quantization: the weight quantization recipe the params carry; None for unquantized params.
+    source: where the model came from (for messages).
+    """
+
+    params: Any
+    config: Any
+    hf_config: dict
+    family: ModelFamily
+    module: Any
+    tokenizer: Any
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    dtype: Any
+    kv_scales: tuple[jax.Array, jax.Array] | None = None
+    quantization: Any = None
+    source: str = ""
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence (prompt + generated tokens) the model's positions allow."""
+        return int(self.config.max_position_embeddings)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def replace(self, **changes) -> "LoadedModel":
+        return dataclasses.replace(self, **changes)
+
+
+def from_params(family: ModelFamily, config, params, hf_config: dict, *, tokenizer=None,
+                eos_token_ids=(), pad_token_id=None, source="<params>") -> LoadedModel:
+    """A LoadedModel around params already in memory (random weights in tests and benchmarks, converters).
+
+    eos_token_ids default to hf_config's eos_token_id (int or list); pad_token_id to hf_config's, else the
+    first eos id, else 0. The dtype is read from the params' embedding table.
+    """
+    if not eos_token_ids:
+        eos = hf_config.get("eos_token_id")
+        eos_token_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+    if pad_token_id is None:
+        pad_token_id = hf_config.get("pad_token_id")
+    if pad_token_id is None:
+        pad_token_id = eos_token_ids[0] if eos_token_ids else 0
+    dtype = params["model"]["embed_tokens"]["weight"].dtype
+    return LoadedModel(
+        params=params, config=config, hf_config=hf_config, family=family, module=family.module_class(config),
+        tokenizer=tokenizer, eos_token_ids=tuple(int(i) for i in eos_token_ids), pad_token_id=int(pad_token_id),
+        dtype=jnp.dtype(dtype), source=source,
+    )
+
+
+def load(path: str | pathlib.Path, dtype: Any = "bfloat16") -> LoadedModel:
+    """Load a model for generation and evaluation.
+
+    path: an embedded model name (`jaxq.io.model_cache.EMBEDDED_MODELS`: "smollm2-135m", "gemma3-270m";
+      fetched on first use), a Hugging Face checkpoint directory (config.json + safetensors), a .gguf file
+      or a directory that holds exactly one .gguf file.
+    dtype: the params' and compute dtype ("bfloat16", "float32", ...). GGUF weights are dequantised into it.
+    """
+    dtype = jnp.dtype(dtype)
+    if isinstance(path, str) and path in model_cache.EMBEDDED_MODELS:
+        return _load_gguf(model_cache.embedded_model_path(path), dtype)
+    path = pathlib.Path(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return _load_hf(path, dtype)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _load_gguf(ggufs[0], dtype)
+        if len(ggufs) > 1:
+            raise ValueError(f"{path} holds {len(ggufs)} GGUF files {[g.name for g in ggufs]}; pass one file")
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, dtype)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist and is not an embedded model name ({sorted(model_cache.EMBEDDED_MODELS)})"
+        )
+    raise ValueError(
+        f"{path}: not a checkpoint jaxq can load; pass a directory with config.json + *.safetensors, a .gguf "
+        f"file, or one of {sorted(model_cache.EMBEDDED_MODELS)}"
+    )
+
+
+def _load_gguf(path: pathlib.Path, dtype) -> LoadedModel:
+    family, config, params, hf_config, eos_ids = gguf_checkpoint.load_gguf_params(path, dtype)
+    tokenizer = gguf_checkpoint.load_gguf_tokenizer(path)
+    return from_params(family, config, params, hf_config, tokenizer=tokenizer, eos_token_ids=eos_ids,
+                       source=str(path))
+
+
+def _load_hf(path: pathlib.Path, dtype) -> LoadedModel:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    family, config, params = hf_checkpoint.load_hf_params(path, dtype)
+    hf_config = hf_checkpoint.read_hf_config(path)
+    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    eos_ids = ()
+    if (path / "generation_config.json").exists():  # chat models list their end-of-turn ids here
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+    return from_params(family, config, params, hf_config, tokenizer=tokenizer, eos_token_ids=eos_ids,
+                       source=str(path))
