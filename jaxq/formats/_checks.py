@@ -53,6 +53,12 @@ def check_finite(fn: str, name: str, x) -> None:
             raise ValueError(f"{fn}: {name} contains {bad} NaN/Inf values of {x.size}, expected finite values")
 
 
+def check_positive(fn: str, name: str, x) -> None:
+    """Reject zero, negative or non-finite values in a concrete array of scales."""
+    if is_concrete(x) and x.size and not bool(jnp.all((x > 0) & jnp.isfinite(x))):
+        raise ValueError(f"{fn}: {name} has values in [{float(jnp.min(x))}, {float(jnp.max(x))}], expected finite values > 0")
+
+
 def check_range(fn: str, name: str, x, lo: int, hi: int) -> None:
     """Reject integers outside [lo, hi] in a concrete array."""
     if is_concrete(x) and x.size:

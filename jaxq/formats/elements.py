@@ -1,4 +1,5 @@
-"""Element codecs: FP4 E2M1 codes, saturating FP8 E4M3, E8M0 exponent bytes, 4-bit packing into bytes.
+"""Element codecs: FP4 E2M1 codes, saturating FP8 E4M3, E8M0 exponent bytes, 4-bit packing into bytes,
+and the correctly rounded division that bit-exact quantization needs.
 
 All functions are pure jnp, shape-agnostic and jit-safe. Exponent arithmetic is done on float32 bit
 patterns, so every power of two is exact on every backend (no exp2/log2 approximations).
@@ -21,6 +22,19 @@ _E2M1_TIES_UP = (0.75, 1.75, 3.5)
 
 _F32_EXP_SHIFT = 23
 _F32_SUBNORMAL_2M127 = 0x00400000  # float32 bits of 2**-127 (a subnormal: E8M0 byte 0)
+
+
+def exact_divide(a, b):
+    """a / b correctly rounded (IEEE), as NumPy and torch compute it, broadcasting a and b.
+
+    XLA rewrites a division by a broadcast (a scalar constant such as 448 included, or an operand
+    that vmap broadcasts) into a multiplication by the reciprocal, and folds chains such as
+    1 / (448 / amax); both change the last bit for many inputs. Producers divide, so bit-exact scales
+    and codes must too. The operands go through an optimization barrier (no constant folding) and the
+    divisor takes a's shape through data (b + 0 * a), so the divisor is never a broadcast.
+    """
+    a, b = jax.lax.optimization_barrier((jnp.asarray(a), jnp.asarray(b)))
+    return a / (b + a * 0)
 
 
 def encode_e2m1(x, *, ties: str = "even"):
