@@ -48,7 +48,7 @@ def check_choice(fn: str, name: str, value, choices) -> None:
 def check_finite(fn: str, name: str, x) -> None:
     """Reject NaN/Inf in a concrete array (a quantizer would silently turn them into garbage codes)."""
     if is_concrete(x):
-        bad = int(jnp.sum(~jnp.isfinite(x)))
+        bad = int(_count_nonfinite(x))
         if bad:
             raise ValueError(f"{fn}: {name} contains {bad} NaN/Inf values of {x.size}, expected finite values")
 
@@ -57,6 +57,11 @@ def check_positive(fn: str, name: str, x) -> None:
     """Reject zero, negative or non-finite values in a concrete array of scales."""
     if is_concrete(x) and x.size and not bool(jnp.all((x > 0) & jnp.isfinite(x))):
         raise ValueError(f"{fn}: {name} has values in [{float(jnp.min(x))}, {float(jnp.max(x))}], expected finite values > 0")
+
+
+@jax.jit
+def _count_nonfinite(x):
+    return jnp.sum(~jnp.isfinite(x))
 
 
 def check_range(fn: str, name: str, x, lo: int, hi: int) -> None:

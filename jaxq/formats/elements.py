@@ -5,6 +5,8 @@ All functions are pure jnp, shape-agnostic and jit-safe. Exponent arithmetic is 
 patterns, so every power of two is exact on every backend (no exp2/log2 approximations).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -50,6 +52,11 @@ def encode_e2m1(x, *, ties: str = "even"):
     """
     if ties not in ("even", "down"):
         raise ValueError(f"encode_e2m1: ties={ties!r}, expected 'even' or 'down'")
+    return _encode_e2m1(x, ties)
+
+
+@functools.partial(jax.jit, static_argnames="ties")
+def _encode_e2m1(x, ties):
     a = jnp.abs(x.astype(jnp.float32))
     idx = sum((a > m).astype(jnp.uint8) for m in _E2M1_MIDPOINTS)
     if ties == "even":
@@ -57,11 +64,13 @@ def encode_e2m1(x, *, ties: str = "even"):
     return idx + jnp.where(x < 0, 8, 0).astype(jnp.uint8)
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def decode_e2m1(codes, dtype=jnp.float32):
     """4-bit E2M1 codes (uint8, 0..15) -> values E2M1_VALUES[code] in dtype (exact in every float dtype)."""
     return jnp.asarray(E2M1_VALUES, dtype)[codes.astype(jnp.int32) & 0xF]
 
 
+@jax.jit
 def to_e4m3(x):
     """Saturating cast to float8_e4m3fn: clip to [-448, 448], then round to nearest even.
 
@@ -70,12 +79,14 @@ def to_e4m3(x):
     return jnp.clip(x.astype(jnp.float32), -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
 
 
+@jax.jit
 def exp2_int(e):
     """Exact 2.0**e as float32 for integer e in [-126, 127] (built from the exponent bits)."""
     bits = (e.astype(jnp.int32) + E8M0_BIAS) << _F32_EXP_SHIFT
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
+@jax.jit
 def encode_e8m0(x):
     """Smallest power of two >= x, as an E8M0 byte u (value 2**(u - 127)), for x >= 0.
 
@@ -94,6 +105,7 @@ def encode_e8m0(x):
     return jnp.where(biased == 255, 255, u).astype(jnp.uint8)
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def decode_e8m0(u, dtype=jnp.float32):
     """E8M0 byte u -> 2**(u - 127) exactly (u = 0 -> 2**-127, a float32 subnormal); u = 255 -> NaN."""
     u32 = u.astype(jnp.uint32)
@@ -102,6 +114,7 @@ def decode_e8m0(u, dtype=jnp.float32):
     return value.astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def pack_nibbles(codes, axis: int = -1):
     """Pack 4-bit codes (uint8, 0..15) pairwise along `axis` (even length) into bytes.
 
@@ -112,6 +125,7 @@ def pack_nibbles(codes, axis: int = -1):
     return jnp.moveaxis(packed, -1, axis)
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def unpack_nibbles(packed, axis: int = -1):
     """Inverse of pack_nibbles: uint8 bytes -> codes (uint8, 0..15), twice as long along `axis`."""
     p = jnp.moveaxis(packed.astype(jnp.uint8), axis, -1)

@@ -45,6 +45,7 @@ class FP8Tensor:
     def shape(self):
         return self.data.shape
 
+    @functools.partial(jax.jit, static_argnames="dtype")
     def dequantize(self, dtype=jnp.float32):
         """f32(data) * scale broadcast to data's shape, cast to dtype."""
         x = self.data.astype(jnp.float32)
@@ -130,8 +131,13 @@ def fake_quant_fp8_static(x, scale, dtype=None):
     """
     x = jnp.asarray(x)
     _checks.check_floating("fake_quant_fp8_static", "x", x)
-    amax = jnp.asarray(scale, jnp.float32) * E4M3_MAX
+    return _fake_quant_fp8_static(x, jnp.asarray(scale, jnp.float32), dtype=dtype or x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _fake_quant_fp8_static(x, scale, *, dtype):
+    amax = scale * E4M3_MAX
     amax = jnp.where(amax <= _TINY_AMAX, 1.0, amax)
     s = exact_divide(E4M3_MAX, amax)
     x_hat = to_e4m3(x.astype(jnp.float32) * s).astype(jnp.float32) * exact_divide(1.0, s)
-    return x_hat.astype(dtype or x.dtype)
+    return x_hat.astype(dtype)
