@@ -75,11 +75,13 @@ class Gemma3Config:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> "Gemma3Config":
-        """From Gemma3TextConfig's config.json, or Gemma3Config's (its text_config is used)."""
+        """From Gemma3TextConfig's config.json, or Gemma3Config's (its text_config, as transformers'
+        Gemma3ForConditionalGeneration runs it: without final logit softcapping)."""
         if "text_config" in hf:
             text = dict(hf["text_config"] or {})
             text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", True))
-            hf = text
+            # transformers' Gemma3ForConditionalGeneration head never applies final_logit_softcapping.
+            hf = {**text, "final_logit_softcapping": None}
         if hf.get("use_bidirectional_attention"):
             raise ValueError("Gemma 3 with use_bidirectional_attention is not supported (encoder use)")
         max_pos = hf.get("max_position_embeddings", cls.max_position_embeddings)

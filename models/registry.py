@@ -7,13 +7,12 @@
     cache = family.init_kv_cache(config, batch, max_len, jnp.bfloat16)
 """
 import dataclasses
-from functools import partial
+import functools
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from jaxq.nn.kv_cache import KVCache
-from models import gemma3, llama
 from models.hf_interop import ParamsBuilder, WeightMap, expected_shapes
 
 
@@ -42,31 +41,36 @@ class ModelFamily:
         )
 
 
-_LLAMA = ModelFamily("llama", llama.LlamaConfig, llama.LlamaForCausalLM, llama.weight_map)
-_GEMMA3 = ModelFamily("gemma3", gemma3.Gemma3Config, gemma3.Gemma3ForCausalLM, gemma3.weight_map)
-_GEMMA3_MULTIMODAL = dataclasses.replace(
-    _GEMMA3, name="gemma3_multimodal", weight_map=partial(gemma3.weight_map, multimodal=True)
-)
+@functools.cache
+def _families() -> dict[str, ModelFamily]:
+    # Imported on first use: the model modules import jaxq.nn, whose package __init__ imports the jaxq API,
+    # which imports this registry; top-level imports here would make that a cycle.
+    from models import gemma3, llama
 
-_FAMILIES: dict[str, ModelFamily] = {
-    "LlamaForCausalLM": _LLAMA,
-    "MistralForCausalLM": _LLAMA,
-    "Qwen2ForCausalLM": _LLAMA,
-    "Qwen3ForCausalLM": _LLAMA,
-    "Gemma3ForCausalLM": _GEMMA3,
-    "Gemma3ForConditionalGeneration": _GEMMA3_MULTIMODAL,
-}
+    llama_family = ModelFamily("llama", llama.LlamaConfig, llama.LlamaForCausalLM, llama.weight_map)
+    gemma3_family = ModelFamily("gemma3", gemma3.Gemma3Config, gemma3.Gemma3ForCausalLM, gemma3.weight_map)
+    gemma3_multimodal = dataclasses.replace(
+        gemma3_family, name="gemma3_multimodal", weight_map=functools.partial(gemma3.weight_map, multimodal=True)
+    )
+    return {
+        "LlamaForCausalLM": llama_family,
+        "MistralForCausalLM": llama_family,
+        "Qwen2ForCausalLM": llama_family,
+        "Qwen3ForCausalLM": llama_family,
+        "Gemma3ForCausalLM": gemma3_family,
+        "Gemma3ForConditionalGeneration": gemma3_multimodal,
+    }
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_FAMILIES)
+    return sorted(_families())
 
 
 def get_model_family(architectures: list[str]) -> ModelFamily:
     """The family of the first supported entry of config.json's `architectures`; ValueError otherwise."""
     for arch in architectures:
-        if arch in _FAMILIES:
-            return _FAMILIES[arch]
+        if arch in _families():
+            return _families()[arch]
     raise ValueError(
         f"unsupported architecture(s) {list(architectures)}; jaxq supports {supported_architectures()}"
     )

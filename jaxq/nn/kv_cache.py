@@ -11,7 +11,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-_E4M3_MAX = 448.0
+from jaxq.formats.elements import E4M3_MAX, to_e4m3
 
 
 def _is_fp8(dtype: Any) -> bool:
@@ -20,12 +20,7 @@ def _is_fp8(dtype: Any) -> bool:
 
 def _fp8_multiplier(scale: jax.Array) -> jax.Array:
     # ModelOpt's op order: amax = scale * 448, s = 448 / amax (not 1 / scale: that rounds differently).
-    return _E4M3_MAX / (scale.astype(jnp.float32) * _E4M3_MAX)
-
-
-def _to_e4m3_saturating(x: jax.Array) -> jax.Array:
-    # The clamp makes the cast saturate: float8_e4m3fn has no inf, so an overflow would become NaN.
-    return jnp.clip(x, -_E4M3_MAX, _E4M3_MAX).astype(jnp.float8_e4m3fn)
+    return E4M3_MAX / (scale.astype(jnp.float32) * E4M3_MAX)
 
 
 @flax.struct.dataclass
@@ -55,7 +50,7 @@ class LayerKV:
 
 def _encode(x: jax.Array, dtype: Any, scale: jax.Array) -> jax.Array:
     if _is_fp8(dtype):
-        return _to_e4m3_saturating(x.astype(jnp.float32) * _fp8_multiplier(scale))
+        return to_e4m3(x.astype(jnp.float32) * _fp8_multiplier(scale))  # saturating: clamp to +-448
     return x.astype(dtype)
 
 
