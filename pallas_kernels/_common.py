@@ -1,0 +1,108 @@
+"""Helpers shared by the GEMM kernels: Triton compiler params, tiling arithmetic, nibble unpacking,
+and the activation-quantization functions whose numerics the kernels and references share."""
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+E4M3_MAX = 448.0
+# Hopper SXM (H100/H200) multiprocessors: the split-K heuristics aim for a few programs per SM.
+NUM_SMS = 132
+
+
+def triton_params(num_warps: int, num_stages: int) -> pltriton.CompilerParams:
+    """Selects the Triton lowering (without compiler params a GPU pallas_call goes to Mosaic GPU)."""
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def is_pow2(v: int) -> bool:
+    return v >= 1 and (v & (v - 1)) == 0
+
+
+def pow2_floor(v: int) -> int:
+    return 1 << max(int(math.floor(math.log2(max(v, 1)))), 0)
+
+
+def pow2_ceil(v: int) -> int:
+    return 1 << max(int(math.ceil(math.log2(max(v, 1)))), 0)
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def unpack_nibbles(packed: jax.Array) -> jax.Array:
+    """uint8 [..., K/2] -> uint8 codes [..., K]; the low nibble holds the even k (the canonical layout)."""
+    codes = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def pack_nibbles(codes: jax.Array) -> jax.Array:
+    """uint8 codes [..., K] in [0, 15] -> uint8 [..., K/2], low nibble = even k."""
+    pairs = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def cast_e4m3_saturating(v: jax.Array) -> jax.Array:
+    """f32 -> float8_e4m3fn, round to nearest even, clipped to +-448 (ml_dtypes casts overflow to NaN)."""
+    return jnp.clip(v, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+
+
+def quantize_fp8_static(x: jax.Array, input_scale: jax.Array) -> jax.Array:
+    """Static per-tensor FP8 activations: x_q = e4m3_sat(x / input_scale), computed in f32."""
+    return cast_e4m3_saturating(x.astype(jnp.float32) / jnp.asarray(input_scale, jnp.float32))
+
+
+def split_even_odd(x: jax.Array) -> jax.Array:
+    """x [M, K] -> [2, M, K/2]: x[:, 0::2] then x[:, 1::2], the operands of the low and high nibbles."""
+    m, k = x.shape
+    return jnp.moveaxis(x.reshape(m, k // 2, 2), -1, 0)
+
+
+def masked_load(ref, idx, mask):
+    """ref[idx] where mask is None (the tile is known to be in bounds), else a load that reads zeros
+    where mask is False."""
+    if mask is None:
+        return ref[idx]
+    return pltriton.load(ref.at[idx], mask=mask, other=jnp.zeros((), ref.dtype))
+
+
+def masked_store(ref, idx, value, mask):
+    if mask is None:
+        ref[idx] = value
+    else:
+        pltriton.store(ref.at[idx], value, mask=mask)
+
+
+def range_mask(start, size: int, limit: int, needed: bool):
+    """Bool [size]: start + i < limit, or None when the caller proved the range is in bounds."""
+    if not needed:
+        return None
+    return start + jnp.arange(size) < limit
+
+
+def and_masks(a, b):
+    """Outer AND of two optional [p] and [q] masks -> optional [p, q]."""
+    if a is None and b is None:
+        return None
+    if a is None:
+        return b[None, :]
+    if b is None:
+        return a[:, None]
+    return a[:, None] & b[None, :]
+
+
+def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [P, R] . b [Q, R]^T -> f32 [P, Q] (both operands K-contiguous: the layout fp8 wgmma wants)."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def multiple_of(v, m: int):
+    return pl.multiple_of(v, m) if isinstance(v, jax.Array) else v

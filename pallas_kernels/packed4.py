@@ -1,0 +1,273 @@
+"""The one GEMM skeleton behind every packed 4-bit weight format: y[M, N] = x[M, K] @ W[N, K]^T.
+
+W arrives as uint8 [N, K/2] (low nibble = even k, the canonical layout of jaxq.formats), with per-group
+scales along K. Formats plug in a decoder (W4A16 INT4, NVFP4, MXFP4, W4A8); the tiling, split-K and
+masking live here once.
+
+Shape of the computation (swap-AB: the weights are the MMA's M side, so M=1 still fills a 64-row wgmma
+and the freshly decoded weights can stay in registers as its A operand):
+  program (pm, pn, ps) owns out rows [pm*bm, +bm), columns [pn*bn, +bn), and K chunks
+  [ps*per_split, +per_split) of bk elements each;
+  per chunk: bytes [bn, bk/2] -> lo nibbles (even k) and hi nibbles (odd k), each [bn, bk/2];
+             x chunk [bm, bk] -> even and odd columns, each [bm, bk/2];
+             acc[bn, bm] += dot(lo, x_even^T) + dot(hi, x_odd^T), with the format's scaling.
+  split_k > 1 writes f32 partials [split_k, M, N] that one XLA fusion sums and casts.
+
+Two scaling modes:
+  * post-scale (INT4 formats): one group covers the whole chunk (group % bk == 0), the weights enter the
+    MMA as exact small integers (plus a constant offset c that the decoder's bit trick leaves in), and
+    acc += s[n] * (dot - c[n] * sum_k x[m, k]) per chunk: one FMA per output per group, not per weight.
+  * pre-scale (FP4 formats, 16/32-element blocks): decoded values times their block scale are exact in
+    bf16 (E2M1 x E4M3/E8M0 has at most 6 significant bits), so the scaled weights enter the MMA directly.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _common as cm
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed4Config:
+    """Static tuning knobs of `packed4_matmul` (all block sizes powers of two).
+
+    block_m: activation rows per program (the MMA's N side, >= 16).
+    block_n: output channels per program (the MMA's M side, >= 16; 64 fills one warpgroup's wgmma).
+    block_k: K elements per chunk; INT4 formats need group % block_k == 0, FP4 block_k % block == 0;
+      block_k/2 >= 16 for bf16 and >= 32 for fp8 activations (minimum MMA depth).
+    split_k: programs along K (split-K, so all SMs stay busy when M and N are small).
+    presplit_x: split x into even/odd columns once in XLA ([2, M, K/2]) instead of in every program;
+      pays at large M, where the in-kernel split would touch as many x elements as weights.
+    num_warps, num_stages: Triton's warps per program and software-pipelining depth.
+    """
+
+    block_m: int = 16
+    block_n: int = 128
+    block_k: int = 128
+    split_k: int = 1
+    presplit_x: bool = False
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed4Format:
+    """Static description of one weight format.
+
+    kind: 'int4' (codes u, value (u - zero) * scale, zero 8 when symmetric), 'nvfp4' (E2M1 x E4M3 block
+      scale) or 'mxfp4' (E2M1 x E8M0 block scale).
+    group: K elements per scale.
+    act: dtype the MMA runs in: 'bf16' or 'fp8' (x given as float8_e4m3fn).
+    asym: INT4 with an explicit zero tensor [N, K/group].
+    has_global: a f32 [1] scalar multiplies the result (NVFP4 global scale, W4A8 input scale).
+    """
+
+    kind: str
+    group: int
+    act: str = "bf16"
+    asym: bool = False
+    has_global: bool = False
+
+    @property
+    def post_scale(self) -> bool:
+        return self.kind == "int4"
+
+
+def config_is_valid(fmt: Packed4Format, cfg: Packed4Config) -> bool:
+    blocks = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k)
+    if not all(cm.is_pow2(b) for b in blocks) or min(cfg.block_m, cfg.block_n) < 16:
+        return False
+    min_depth = 32 if fmt.act == "fp8" else 16
+    if cfg.block_k // 2 < min_depth:
+        return False
+    if fmt.post_scale:
+        return fmt.group % cfg.block_k == 0
+    return cfg.block_k % fmt.group == 0
+
+
+def shape_is_supported(fmt: Packed4Format, m: int, n: int, k: int) -> bool:
+    return m >= 1 and n >= 1 and k % fmt.group == 0 and k % 2 == 0 and cm.is_pow2(fmt.group)
+
+
+def default_config(fmt: Packed4Format, m: int, n: int, k: int) -> Packed4Config:
+    """Heuristic: bm the smallest MMA width covering M; bn 128; split K until the grid holds about
+    two programs per SM; deeper pipelining when each program streams only weights."""
+    bm = min(max(cm.pow2_ceil(m), 16), 128)
+    bn = 128 if n >= 128 else max(cm.pow2_ceil(n), 16)
+    bk = 128
+    if fmt.post_scale:
+        bk = min(bk, fmt.group)
+    if fmt.act == "fp8":
+        bk = max(bk, 64)
+    chunks = cm.cdiv(k, bk)
+    progs = cm.cdiv(m, bm) * cm.cdiv(n, bn)
+    split = 1
+    while progs * split < 2 * cm.NUM_SMS and split * 2 <= chunks // 4 and chunks % (split * 2) == 0:
+        split *= 2
+    warps = 4 if bm <= 64 else 8
+    stages = 4 if bm <= 64 else 3
+    return Packed4Config(bm, bn, bk, split, presplit_x=m > 64, num_warps=warps, num_stages=stages)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoders: uint8 bytes [bn, bk/2] -> (lo, hi) MMA operands [bn, bk/2] for the even and odd k.
+
+
+def _int4_offset_bf16(wb):
+    """bf16 bits 0x4300 | u are exactly 128 + u: two integer ops per nibble, no int->float convert.
+    The constant 128 is removed after the MMA through the x row sums."""
+    w16 = wb.astype(jnp.int16)
+    lo = lax.bitcast_convert_type((w16 & 0xF) | 0x4300, jnp.bfloat16)
+    hi = lax.bitcast_convert_type((w16 >> 4) | 0x4300, jnp.bfloat16)
+    return lo, hi
+
+
+def _int4_signed_fp8(wb):
+    """f16 bits 0x6400 | u are exactly 1024 + u; minus 1032 gives u - 8 in [-8, 7], exact in E4M3."""
+    w16 = wb.astype(jnp.int16)
+
+    def one(nib):
+        v = lax.bitcast_convert_type(nib | 0x6400, jnp.float16) - jnp.float16(1032.0)
+        return v.astype(jnp.float8_e4m3fn)
+
+    return one(w16 & 0xF), one(w16 >> 4)
+
+
+def _e2m1_scaled_f32(codes, scale_x64):
+    """E2M1 codes (uint8 in [0, 15]) -> code value * scale, f32.
+
+    Placing the 3 magnitude bits as E4M3 bits ((c & 7) << 2, sign to bit 7) gives exactly
+    value * 2^-6, subnormals included (both formats have one mantissa bit for c's low bit); the hardware
+    E4M3 -> f16/f32 conversion then does the decoding, and the 2^6 is folded into the scale."""
+    bits = ((codes & 7) << 2) | ((codes & 8) << 4)
+    v = lax.bitcast_convert_type(bits, jnp.float8_e4m3fn).astype(jnp.float32)
+    return v * scale_x64
+
+
+def _block_scales_x64(fmt, s_ref, n_rows, n_mask, chunk, bk, k, ragged):
+    """Scales of K chunk `chunk`, expanded to one per byte: f32 [bn, bk/2], times 64 (see
+    _e2m1_scaled_f32)."""
+    bn = n_rows.size
+    per = bk // fmt.group                               # scales in the chunk
+    s0 = chunk * per
+    kmask = cm.range_mask(s0, per, k // fmt.group, ragged)
+    raw = cm.masked_load(s_ref, (n_rows, pl.ds(s0, per)), cm.and_masks(n_mask, kmask))  # [bn, per]
+    if fmt.kind == "nvfp4":                             # E4M3
+        s = raw.astype(jnp.float32) * 64.0
+    else:                                               # E8M0 u: 2^(u - 127) * 2^6 built as f32 bits
+        s = lax.bitcast_convert_type((raw.astype(jnp.int32) + 6) << 23, jnp.float32)
+    half = fmt.group // 2                               # bytes per scale
+    return jnp.broadcast_to(s[:, :, None], (bn, per, half)).reshape(bn, per * half)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def packed4_matmul_kernel(*refs, fmt: Packed4Format, cfg: Packed4Config, m: int, n: int, k: int):
+    """One program of the skeleton above.
+
+    refs, in order:
+      x_ref  [M, K] bf16 / e4m3, or [2, M, K/2] when cfg.presplit_x (even columns, then odd)
+      w_ref  [N, K/2] uint8
+      s_ref  [N, K/group] scales (int4: any float; nvfp4: e4m3; mxfp4: uint8 E8M0)
+      z_ref  [N, K/group] zeros (only fmt.asym)
+      g_ref  [1] f32 global multiplier (only fmt.has_global)
+      o_ref  [M, N] out dtype, or [split_k, M, N] f32 partials when cfg.split_k > 1
+    """
+    x_ref, w_ref, s_ref, *rest = refs
+    z_ref = rest.pop(0) if fmt.asym else None
+    g_ref = rest.pop(0) if fmt.has_global else None
+    (o_ref,) = rest
+    bm, bn, bk, split = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
+    pm, pn, ps = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m0, n0 = pm * bm, pn * bn
+    chunks = cm.cdiv(k, bk)
+    per_split = cm.cdiv(chunks, split)
+    k_ragged = k % bk != 0 or chunks % split != 0
+    m_mask = cm.range_mask(m0, bm, m, m % bm != 0)
+    n_mask = cm.range_mask(n0, bn, n, n % bn != 0)
+    n_rows = pl.ds(n0, bn)
+    half = bk // 2
+
+    def body(i, acc):                                   # acc: f32 [bn, bm]
+        chunk = ps * per_split + i
+        k0 = cm.multiple_of(chunk * bk, bk)
+        kb0 = cm.multiple_of(chunk * half, half)
+        kb_mask = cm.range_mask(kb0, half, k // 2, k_ragged)
+        wb = cm.masked_load(w_ref, (n_rows, pl.ds(kb0, half)), cm.and_masks(n_mask, kb_mask))  # u8 [bn, bk/2]
+        x_mask = cm.and_masks(m_mask, kb_mask)
+        if cfg.presplit_x:
+            xe = cm.masked_load(x_ref, (jnp.int32(0), pl.ds(m0, bm), pl.ds(kb0, half)), x_mask)   # [bm, bk/2]
+            xo = cm.masked_load(x_ref, (jnp.int32(1), pl.ds(m0, bm), pl.ds(kb0, half)), x_mask)   # [bm, bk/2]
+        else:
+            full_mask = cm.and_masks(m_mask, cm.range_mask(k0, bk, k, k_ragged))
+            xv = cm.masked_load(x_ref, (pl.ds(m0, bm), pl.ds(k0, bk)), full_mask)      # [bm, bk]
+            xe, xo = jnp.unstack(xv.reshape(bm, half, 2), axis=-1)                    # [bm, bk/2] each
+        if fmt.post_scale:
+            lo, hi = _int4_signed_fp8(wb) if fmt.act == "fp8" else _int4_offset_bf16(wb)
+            d = cm.dot_nt(lo, xe) + cm.dot_nt(hi, xo)                                 # [bn, bm]
+            g = chunk // (fmt.group // bk)
+            g_mask = n_mask
+            if k_ragged:                                # a whole chunk past K: its group index is OOB
+                ok = jnp.full((bn,), k0 < k)
+                g_mask = ok if n_mask is None else n_mask & ok
+            s = cm.masked_load(s_ref, (n_rows, g), g_mask).astype(jnp.float32)        # [bn]
+            if fmt.act == "fp8":                        # exact u - 8: no offset to remove
+                return acc + s[:, None] * d
+            xsum = jnp.sum(xe.astype(jnp.float32) + xo.astype(jnp.float32), axis=1)   # [bm]
+            if fmt.asym:
+                z = cm.masked_load(z_ref, (n_rows, g), g_mask).astype(jnp.float32)    # [bn]
+                c = (128.0 + z)[:, None]
+            else:
+                c = 136.0
+            return acc + s[:, None] * (d - c * xsum[None, :])
+        sc = _block_scales_x64(fmt, s_ref, n_rows, n_mask, chunk, bk, k, k_ragged)    # [bn, bk/2]
+        wdt = jnp.bfloat16
+        lo = _e2m1_scaled_f32(wb & 0xF, sc).astype(wdt)
+        hi = _e2m1_scaled_f32(wb >> 4, sc).astype(wdt)
+        return acc + cm.dot_nt(lo, xe) + cm.dot_nt(hi, xo)
+
+    acc = lax.fori_loop(0, per_split, body, jnp.zeros((bn, bm), jnp.float32))
+    if g_ref is not None:
+        acc = acc * g_ref[0]
+    out = acc.T.astype(o_ref.dtype)                     # [bm, bn]
+    idx = (pl.ds(m0, bm), n_rows) if split == 1 else (ps, pl.ds(m0, bm), n_rows)
+    cm.masked_store(o_ref, idx, out, cm.and_masks(m_mask, n_mask))
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "config", "out_dtype", "interpret"))
+def packed4_matmul(x, packed, scale, zero=None, global_scale=None, *, fmt: Packed4Format,
+                   config: Packed4Config, out_dtype=jnp.bfloat16, interpret: bool = False):
+    """y = x @ W^T for the packed 4-bit format `fmt`; inputs as in packed4_matmul_kernel (x unsplit).
+
+    The caller (a format's wrapper) has checked shape_is_supported and config_is_valid."""
+    m, k = x.shape
+    n = packed.shape[0]
+    cfg = config
+    xin = cm.split_even_odd(x) if cfg.presplit_x else x
+    args = [xin, packed, scale]
+    if fmt.asym:
+        args.append(zero)
+    if fmt.has_global:
+        args.append(jnp.reshape(global_scale, (1,)).astype(jnp.float32))
+    split = cfg.split_k
+    if split == 1:
+        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+    else:
+        out_shape = jax.ShapeDtypeStruct((split, m, n), jnp.float32)
+    kernel = functools.partial(packed4_matmul_kernel, fmt=fmt, cfg=cfg, m=m, n=n, k=k)
+    y = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(cm.cdiv(m, cfg.block_m), cm.cdiv(n, cfg.block_n), split),
+        compiler_params=cm.triton_params(cfg.num_warps, cfg.num_stages),
+        interpret=interpret,
+        name=f"packed4_{fmt.kind}_{fmt.act}",
+    )(*args)
+    if split > 1:
+        y = jnp.sum(y, axis=0).astype(out_dtype)
+    return y
