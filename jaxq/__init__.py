@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 from jaxq.api import LLM, generate, logits
 from jaxq.eval import perplexity
-from jaxq.generate import calibrate_kv_scales
+from jaxq.kv_scales import calibrate_kv_scales
 from jaxq.loaded_model import LoadedModel, load
 
 __all__ = ["LLM", "LoadedModel", "calibrate_kv_scales", "generate", "load", "logits", "perplexity"]

@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq import eval as _eval
-from jaxq import generate as _gen
+from jaxq.eval import perplexity
+# Names, not the module: after `import jaxq`, the attribute jaxq.generate is this file's generate function.
+from jaxq.generate import Sampling, generate_ids, resolve_kv_dtype
+from jaxq.kv_scales import calibrate_kv_scales
 from jaxq.loaded_model import LoadedModel, load
 
 
@@ -52,7 +54,7 @@ def generate(
     kv_cache_dtype: "bf16", "fp32" or "fp8" (E4M3 with the model's kv_scales, see jaxq.calibrate_kv_scales).
     stream(step, tokens [B] int32): called once per generated position, -1 for rows that already stopped.
     """
-    sampling = _gen.Sampling(temperature, top_k, top_p)
+    sampling = Sampling(temperature, top_k, top_p)
     if len(prompt) == 0:
         raise ValueError("prompt is empty: give a str, a list of str or token ids")
     # One prompt: a str, or ids whose first element is a number (not a str, not a row of ids).
@@ -60,7 +62,7 @@ def generate(
     prompts = [prompt] if single else list(prompt)
     texts = isinstance(prompts[0], str)
     ids = [_encode(model, p, chat) for p in prompts] if texts else [[int(t) for t in p] for p in prompts]
-    new = _gen.generate(model, ids, max_new_tokens, sampling, seed, kv_cache_dtype, stream)
+    new = generate_ids(model, ids, max_new_tokens, sampling, seed, kv_cache_dtype, stream)
     if texts:
         new = [model.tokenizer.decode(n, skip_special_tokens=True) for n in new]
     return new[0] if single else new
@@ -95,7 +97,7 @@ class LLM:
     """
 
     def __init__(self, path, kv_cache_dtype: str = "bf16", dtype: Any = "bfloat16"):
-        _gen.kv_cache_dtype(kv_cache_dtype)  # reject a bad name before loading
+        resolve_kv_dtype(kv_cache_dtype)  # reject a bad name before loading
         self.model = path if isinstance(path, LoadedModel) else load(path, dtype)
         self.kv_cache_dtype = kv_cache_dtype
 
@@ -107,11 +109,12 @@ class LLM:
 
     def calibrate_kv_scales(self, text_or_ids, window: int = 512, max_windows: int = 8) -> "LLM":
         """Record FP8 KV scales from text (see jaxq.calibrate_kv_scales); returns self."""
-        self.model = _gen.calibrate_kv_scales(self.model, text_or_ids, window, max_windows)
+        self.model = calibrate_kv_scales(self.model, text_or_ids, window, max_windows)
         return self
 
     def logits(self, token_ids):
         return logits(self.model, token_ids)
 
     def perplexity(self, text, window: int = 512, max_windows: int | None = None) -> float:
-        return _eval.perplexity(self.model, text, window, max_windows)
+        """jaxq.perplexity with this LLM's model, through its KV-cache dtype."""
+        return perplexity(self.model, text, window, max_windows, self.kv_cache_dtype)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.generate import new_cache
 from jaxq.loaded_model import LoadedModel
 
 
@@ -41,19 +42,24 @@ def token_windows(ids: np.ndarray, window: int, max_windows: int | None = None) 
 
 
 @functools.partial(jax.jit, static_argnames=("module",))
-def _window_nll_sum(module, params, tokens):
-    """Sum over the batch of windows tokens [B, W] of -log p(tokens[:, t+1] | tokens[:, :t+1]), float32."""
-    logits, _ = module.apply({"params": params}, tokens)  # [B, W, V] float32
+def _window_nll_sum(module, params, tokens, cache):
+    """Sum over the windows tokens [B, W] of -log p(tokens[:, t+1] | tokens[:, :t+1]), float32. With an
+    (empty) cache, attention reads the keys and values back from it, so FP8 KV rounding is included."""
+    logits, _ = module.apply({"params": params}, tokens, cache=cache)  # [B, W, V] float32
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
 
 def perplexity(model: LoadedModel, text: str | Sequence[int], window: int = 512,
-               max_windows: int | None = None) -> float:
+               max_windows: int | None = None, kv_cache_dtype: str | None = None) -> float:
     """exp(mean NLL) of the model over `text` (a str or token ids), windows as in the module docstring.
 
+    kv_cache_dtype: None runs a plain forward; "bf16" / "fp32" / "fp8" runs each window through a KV cache of
+    that dtype (FP8 with the model's kv_scales), to measure what KV-cache quantization costs.
     Windows run one at a time (one compile per window length); the logits of a window never leave the device.
     """
     windows = token_windows(text_token_ids(model, text), window, max_windows)
-    sums = [_window_nll_sum(model.module, model.params, jnp.asarray(row[None])) for row in windows]
+    # One empty cache serves every window: the jitted forward returns a new cache and leaves this one as is.
+    cache = None if kv_cache_dtype is None else new_cache(model, 1, window, kv_cache_dtype)
+    sums = [_window_nll_sum(model.module, model.params, jnp.asarray(row[None]), cache) for row in windows]
     return math.exp(float(sum(sums)) / (windows.shape[0] * (window - 1)))

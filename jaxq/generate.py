@@ -1,5 +1,5 @@
-"""Autoregressive generation: `sample`, jitted `prefill` and `decode_step` over a donated static-shape KV
-cache, and the host loop `generate`.
+"""Autoregressive generation on token ids: `sample`, jitted `prefill` and `decode_step` over a donated
+static-shape KV cache, and the host loop `generate_ids` (jaxq.generate, in api.py, adds text in and out).
 
 Shapes are kept few so compiles are few: prompts are right-padded to a power-of-two bucket (at least 16),
 each row's real length travels as `num_new`, and the cache length is the bucket plus max_new_tokens rounded
@@ -18,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq.eval import text_token_ids, token_windows
-from jaxq.formats.elements import E4M3_MAX
 from jaxq.loaded_model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -111,7 +109,7 @@ def cache_length(prompt_bucket: int, max_new_tokens: int, max_positions: int) ->
     return min(-(-need // _CACHE_ROUND) * _CACHE_ROUND, max_positions)
 
 
-def kv_cache_dtype(name: str):
+def resolve_kv_dtype(name: str):
     """"bf16" | "fp32" | "fp8" (E4M3) -> the dtype the cache stores."""
     if name not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype {name!r} is not supported; choose one of {sorted(KV_CACHE_DTYPES)}")
@@ -121,7 +119,7 @@ def kv_cache_dtype(name: str):
 def new_cache(model: LoadedModel, batch: int, max_len: int, kv_dtype: str = "bf16"):
     """An empty KV cache for `model`: [batch, max_len] per layer, with FP8 scales when kv_dtype is "fp8"
     (the model's `kv_scales`, else 1.0 with a warning: unscaled E4M3 saturates at 448 and loses small values)."""
-    dtype = kv_cache_dtype(kv_dtype)
+    dtype = resolve_kv_dtype(kv_dtype)
     k_scale = v_scale = None
     if dtype == jnp.float8_e4m3fn:
         if model.kv_scales is None:
@@ -156,7 +154,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> t
     return tokens, np.array([len(p) for p in prompts], np.int32)
 
 
-def generate(
+def generate_ids(
     model: LoadedModel,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int = 64,
@@ -207,27 +205,3 @@ def generate(
         consume(max_new_tokens - 1, next_tokens)
     return out
 
-
-@functools.partial(jax.jit, static_argnames=("module", "family", "config"))
-def _kv_amax(module, family, config, params, tokens):
-    """Per-layer amax of |k after RoPE| and |v| over tokens [B, T]: run them through a float32 cache of length T
-    (the cache holds exactly the keys/values attention uses) and reduce it. Returns ([L], [L]) float32."""
-    cache = family.init_kv_cache(config, tokens.shape[0], tokens.shape[1], jnp.float32)
-    _, cache = module.apply({"params": params}, tokens, cache=cache,
-                            logits_index=jnp.zeros(tokens.shape[0], jnp.int32))  # skip the [B, T, V] logits
-    amax = lambda xs: jnp.stack([jnp.max(jnp.abs(x)) for x in xs])
-    return amax(cache.k), amax(cache.v)
-
-
-def calibrate_kv_scales(model: LoadedModel, text_or_ids, window: int = 512, max_windows: int = 8) -> LoadedModel:
-    """The model with FP8 KV scales calibrated on text (or token ids): per layer k_scale = amax(k after RoPE)
-    / 448 and v_scale = amax(v) / 448 over up to max_windows windows of `window` tokens (ModelOpt's max
-    calibration of its k/v bmm quantizers, exported as k_scale / v_scale)."""
-    windows = token_windows(text_token_ids(model, text_or_ids), window, max_windows)
-    k_amax = v_amax = jnp.zeros((model.num_layers,), jnp.float32)
-    for row in windows:
-        k, v = _kv_amax(model.module, model.family, model.config, model.params, jnp.asarray(row[None]))
-        k_amax, v_amax = jnp.maximum(k_amax, k), jnp.maximum(v_amax, v)
-    # A layer whose keys or values are all zero would get scale 0 and divide by it; the tiny floor avoids that.
-    tiny = jnp.finfo(jnp.float32).tiny
-    return model.replace(kv_scales=(jnp.maximum(k_amax / E4M3_MAX, tiny), jnp.maximum(v_amax / E4M3_MAX, tiny)))

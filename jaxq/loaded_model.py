@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxq.io import gguf_checkpoint, hf_checkpoint, model_cache
-from models.registry import ModelFamily
+from models.registry import ModelFamily, get_model_family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +80,18 @@ def from_params(family: ModelFamily, config, params, hf_config: dict, *, tokeniz
         tokenizer=tokenizer, eos_token_ids=tuple(int(i) for i in eos_token_ids), pad_token_id=int(pad_token_id),
         dtype=jnp.dtype(dtype), source=source,
     )
+
+
+def random_model(hf_config: dict, dtype: Any = "bfloat16", seed: int = 0) -> LoadedModel:
+    """A model of hf_config's architecture and sizes with random weights (the family's own initialisers),
+    created directly in dtype on the default device: for tests and for benchmarks of real shapes
+    (Llama-3.1-8B-sized params need 16 GB in bf16). No tokenizer: prompts must be token ids."""
+    family = get_model_family(hf_config["architectures"])
+    config = family.config_class.from_hf_config(hf_config)
+    module = family.module_class(config)
+    init = jax.jit(lambda key: jax.tree.map(lambda p: p.astype(dtype),
+                                            module.init(key, jnp.zeros((1, 1), jnp.int32))["params"]))
+    return from_params(family, config, init(jax.random.key(seed)), hf_config, source=f"<random {family.name}>")
 
 
 def load(path: str | pathlib.Path, dtype: Any = "bfloat16") -> LoadedModel:

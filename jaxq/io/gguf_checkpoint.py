@@ -95,9 +95,8 @@ def _architecture(reader, path) -> str:
 def gguf_hf_config(reader, path="<gguf>") -> dict:
     """The HF config.json dict equivalent to a GGUF file's metadata (Llama or Gemma 3).
 
-    Fields llama.cpp does not store take the value llama.cpp itself assumes (Gemma 3: local RoPE base
-    10000, every sixth layer global, query scale 1/sqrt(head_dim), except 1/sqrt(hidden/heads) for the
-    62-layer 27B model).
+    Fields a GGUF may lack take the value llama.cpp itself assumes (Gemma 3: local RoPE base 10000, every
+    sixth layer global, query scale 1/sqrt(head_dim), except 1/sqrt(hidden/heads) for the 62-layer 27B model).
     """
     arch = _architecture(reader, path)
     hf_arch, model_type = _ARCHITECTURES[arch]
@@ -147,15 +146,22 @@ def gguf_hf_config(reader, path="<gguf>") -> dict:
         sliding = get("attention.sliding_window")
         config.update(
             hidden_activation="gelu_pytorch_tanh",
-            rope_local_base_freq=10000.0,
+            rope_local_base_freq=float(get("rope.freq_base_swa", 10000.0)),
             sliding_window=None if sliding is None else int(sliding),
-            layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
-                         for i in range(layers)],
+            layer_types=_gemma3_layer_types(get("attention.sliding_window_pattern", 6), layers),
             query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
             final_logit_softcapping=None,
             attn_logit_softcapping=None,
         )
     return config
+
+
+def _gemma3_layer_types(pattern, layers: int) -> list[str]:
+    """Per-layer attention kinds from `attention.sliding_window_pattern`: an int n (every n-th layer is
+    global) or one bool per layer (True = sliding)."""
+    if isinstance(pattern, list):
+        return ["sliding_attention" if swa else "full_attention" for swa in pattern]
+    return ["full_attention" if (i + 1) % int(pattern) == 0 else "sliding_attention" for i in range(layers)]
 
 
 def _rope_scaling(get) -> dict | None:
