@@ -40,6 +40,28 @@ def check_shape(fn: str, name: str, x, expected: tuple, why: str) -> None:
         raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}, expected {tuple(expected)} ({why})")
 
 
+def check_packed_fp4(fn: str, packed_name: str, packed, scale_name: str, scale, scale_dtype, block: int) -> None:
+    """Packed FP4 parts: packed uint8 [..., N, K/2] and one scale of scale_dtype per block of K."""
+    check_dtype(fn, packed_name, packed, jnp.uint8)
+    check_rank(fn, packed_name, packed, 2)
+    check_dtype(fn, scale_name, scale, scale_dtype)
+    k = 2 * packed.shape[-1]
+    check_multiple(fn, packed_name, "K", k, block, f"block size, K = 2 * {packed_name}.shape[-1]")
+    check_shape(fn, scale_name, scale, (*packed.shape[:-1], k // block), f"one scale per {block} elements of K={k}")
+
+
+def per_matrix_scale(fn: str, name: str, scale, packed):
+    """A checkpoint's per-tensor scale as float32 of shape packed.shape[:-2] (one per trailing [N, K]
+    matrix); a size-1 scale ([] or [1]) of a 2-D tensor becomes []."""
+    scale = jnp.asarray(scale)
+    check_floating(fn, name, scale)
+    batch = tuple(packed.shape[:-2])
+    if scale.size == 1 and not batch:
+        return scale.reshape(()).astype(jnp.float32)
+    check_shape(fn, name, scale, batch, "one scale per trailing [N, K] matrix")
+    return scale.astype(jnp.float32)
+
+
 def check_choice(fn: str, name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{fn}: {name}={value!r}, expected one of {tuple(choices)}")
