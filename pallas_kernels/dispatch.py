@@ -1,0 +1,155 @@
+"""Pick the fastest correct GEMM path per (recipe, M bucket, shape), with tuning knobs per bucket.
+
+Paths:
+  'pallas'       the recipe's Pallas Triton kernel with a tuned config
+  'xla_dequant'  dequantise the weights once per call to bf16, then XLA's cuBLAS dot (large M, where the
+                 GEMM is compute-bound and cuBLAS beats the Pallas kernel by more than the dequant pass)
+  'xla'          XLA's own FP8 cuBLASLt path (per-tensor and rowwise FP8)
+The crossovers and configs come from benchmarks/gemm.py runs (benchmarks/results/, card named there);
+`default heuristic` = packed4.default_config / fp8.fp8_default_config for shapes the table lacks.
+
+Weights per recipe (the canonical layouts of each kernel module):
+  w4a16:       packed [N, K/2] u8, scale [N, K/G], zero None | [N, K/G], perm None | [K]
+  nvfp4:       packed, block_scale e4m3 [N, K/16], global_scale f32 []
+  mxfp4:       packed, scale u8 [N, K/32]
+  w4a8:        packed, weight_scale [N, K/G], input_scale f32 []
+  fp8_block:   wq e4m3 [N, K], w_scale f32 [ceil(N/128), ceil(K/128)]
+  fp8:         wq e4m3 [N, K], w_scale f32 [], input_scale f32 [] (static activation scale)
+  fp8_rowwise: wq e4m3 [N, K], w_scale f32 [N] (activations quantized per token, dynamically)
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import _common as cm
+from pallas_kernels import fp4, fp8, packed4, w4a8, w4a16
+from pallas_kernels.fp8 import Fp8Config
+from pallas_kernels.packed4 import Packed4Config
+
+RECIPES = ("w4a16", "nvfp4", "mxfp4", "w4a8", "fp8_block", "fp8", "fp8_rowwise")
+M_BUCKETS = (1, 16, 64, 256, 1024, 4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    path: str                                           # 'pallas' | 'xla_dequant' | 'xla'
+    config: Packed4Config | Fp8Config | None = None
+
+
+def m_bucket(m: int) -> int:
+    """The smallest bucket >= m (the largest bucket for anything above it)."""
+    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+
+
+# Smallest M bucket from which 'xla_dequant' beats the recipe's Pallas kernel (measured; absent = never).
+XLA_DEQUANT_FROM: dict[str, int] = {}
+
+# Tile shapes per (kernel family, M bucket); split_k is then recomputed per shape to fill the SMs.
+PACKED4_TILES: dict[tuple[str, int], Packed4Config] = {}
+FP8_TILES: dict[int, Fp8Config] = {}
+
+
+def _fill_split(progs: int, chunks: int, target: int) -> int:
+    split = 1
+    while progs * split < target and split * 2 <= max(chunks // 4, 1) and chunks % (split * 2) == 0:
+        split *= 2
+    return split
+
+
+def packed4_config(fmt: packed4.Packed4Format, m: int, n: int, k: int) -> Packed4Config:
+    """Tuned tiles for the bucket of m (if measured), with split_k chosen for this (n, k)."""
+    family = "int4" if fmt.act == "bf16" and fmt.kind == "int4" else ("w4a8" if fmt.act == "fp8" else "fp4")
+    tiles = PACKED4_TILES.get((family, m_bucket(m)))
+    if tiles is None:
+        return packed4.default_config(fmt, m, n, k)
+    progs = cm.cdiv(m, tiles.block_m) * cm.cdiv(n, tiles.block_n)
+    if tiles.split_k == 1:                              # the bucket asked for no split
+        return tiles
+    split = _fill_split(progs, cm.cdiv(k, tiles.block_k), tiles.split_k * cm.NUM_SMS)
+    return dataclasses.replace(tiles, split_k=split)
+
+
+def plan(recipe: str, m: int, n: int, k: int, group: int = 128) -> Plan:
+    """The path and config for one GEMM; shapes are static, so this runs at trace time."""
+    if recipe in ("fp8", "fp8_rowwise"):
+        return Plan("xla")
+    if m_bucket(m) >= XLA_DEQUANT_FROM.get(recipe, 1 << 30):
+        return Plan("xla_dequant")
+    if recipe == "fp8_block":
+        return Plan("pallas", FP8_TILES.get(m_bucket(m)) or fp8.fp8_default_config(m, n, k))
+    fmt = {
+        "w4a16": packed4.Packed4Format("int4", group),
+        "nvfp4": fp4.NVFP4,
+        "mxfp4": fp4.MXFP4,
+        "w4a8": packed4.Packed4Format("int4", group, act="fp8", has_global=True),
+    }[recipe]
+    return Plan("pallas", packed4_config(fmt, m, n, k))
+
+
+def _xla_dot(x, w):
+    """x [M, K] @ w[N, K]^T on cuBLAS, no transpose ("TN"), f32 accumulation, x.dtype out."""
+    return lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def dequantize_bf16(recipe: str, **w) -> jax.Array:
+    """The recipe's weights as bf16 [N, K] (the 'xla_dequant' path; one fused XLA pass)."""
+    if recipe == "w4a16":
+        deq = w4a16.w4a16_dequantize(w["packed"], w["scale"], w.get("zero"))
+    elif recipe == "nvfp4":
+        deq = fp4.nvfp4_dequantize(w["packed"], w["block_scale"], w["global_scale"])
+    elif recipe == "mxfp4":
+        deq = fp4.mxfp4_dequantize(w["packed"], w["scale"])
+    elif recipe == "w4a8":
+        deq = w4a16.w4a16_dequantize(w["packed"], w["weight_scale"])
+    else:
+        sw = jnp.repeat(jnp.repeat(w["w_scale"], 128, axis=0), 128, axis=1)
+        n, k = w["wq"].shape
+        deq = w["wq"].astype(jnp.float32) * sw[:n, :k]
+    return deq.astype(jnp.bfloat16)
+
+
+@functools.partial(jax.jit, static_argnames=("recipe", "plan_override", "interpret"))
+def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None = None,
+                     interpret: bool = False) -> jax.Array:
+    """y [M, N] = x [M, K] @ W^T for any recipe, through the planned path. weights: the dict of the
+    recipe's arrays named as in the module docstring."""
+    w = weights
+    m, k = x.shape
+    n = (w.get("packed") if "packed" in w else w["wq"]).shape[0]
+    group = k // w["scale" if "scale" in w else "weight_scale"].shape[1] if recipe in ("w4a16", "w4a8") else 128
+    p = plan_override or plan(recipe, m, n, k, group)
+    if p.path == "xla":
+        if recipe == "fp8":
+            xq = cm.quantize_fp8_static(x, w["input_scale"])
+            return fp8.fp8_matmul_xla(xq, w["input_scale"], w["wq"], w["w_scale"], out_dtype=x.dtype)
+        xq, sx = fp8.quantize_fp8_rowwise(x)
+        return fp8.fp8_matmul_xla(xq, sx, w["wq"], w["w_scale"], out_dtype=x.dtype)
+    if p.path == "xla_dequant":
+        if recipe == "w4a16" and w.get("perm") is not None:
+            x = jnp.take(x, w["perm"], axis=1)
+        if recipe == "w4a8":                            # W4A8 numerics up to the bf16 weight rounding
+            xq = cm.quantize_fp8_static(x, w["input_scale"]).astype(x.dtype)
+            y = _xla_dot(xq, dequantize_bf16(recipe, **w)).astype(jnp.float32)
+            return (y * w["input_scale"]).astype(x.dtype)
+        if recipe == "fp8_block":
+            xq, sx = fp8.quantize_fp8_1x128(x)
+            xd = (xq.astype(jnp.float32) * jnp.repeat(sx, 128, axis=1)[:, :k]).astype(x.dtype)
+            return _xla_dot(xd, dequantize_bf16(recipe, **w))
+        return _xla_dot(x, dequantize_bf16(recipe, **w))
+    cfg = p.config
+    if recipe == "w4a16":
+        return w4a16.w4a16_matmul(x, w["packed"], w["scale"], w.get("zero"), w.get("perm"), config=cfg,
+                                  interpret=interpret)
+    if recipe == "nvfp4":
+        return fp4.nvfp4_matmul(x, w["packed"], w["block_scale"], w["global_scale"], config=cfg,
+                                interpret=interpret)
+    if recipe == "mxfp4":
+        return fp4.mxfp4_matmul(x, w["packed"], w["scale"], config=cfg, interpret=interpret)
+    if recipe == "w4a8":
+        return w4a8.w4a8_matmul(x, w["packed"], w["weight_scale"], w["input_scale"], config=cfg,
+                                interpret=interpret)
+    return fp8.fp8_block_matmul(x, w["wq"], w["w_scale"], config=cfg, interpret=interpret)
