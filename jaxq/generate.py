@@ -125,8 +125,8 @@ def new_cache(model: LoadedModel, batch: int, max_len: int, kv_dtype: str = "bf1
         if model.kv_scales is None:
             log.warning("FP8 KV cache for %s without k/v scales: using 1.0. Calibrate them with "
                         "jaxq.calibrate_kv_scales(model, text) for accuracy.", model.source)
-        else:
-            k_scale, v_scale = model.kv_scales
+        else:  # copies: KVCache.create keeps the arrays it gets, and prefill/decode donate the cache
+            k_scale, v_scale = (jnp.array(s, copy=True) for s in model.kv_scales)
     return model.family.init_kv_cache(model.config, batch, max_len, dtype, k_scale, v_scale)
 
 
