@@ -82,6 +82,11 @@ def check_positive(fn: str, name: str, x) -> None:
 
 
 @jax.jit
+def _min_max(x):
+    return jnp.min(x), jnp.max(x)
+
+
+@jax.jit
 def _count_nonfinite(x):
     return jnp.sum(~jnp.isfinite(x))
 
@@ -89,6 +94,6 @@ def _count_nonfinite(x):
 def check_range(fn: str, name: str, x, lo: int, hi: int) -> None:
     """Reject integers outside [lo, hi] in a concrete array."""
     if is_concrete(x) and x.size:
-        x_min, x_max = int(jnp.min(x)), int(jnp.max(x))
+        x_min, x_max = (int(v) for v in _min_max(x))
         if x_min < lo or x_max > hi:
             raise ValueError(f"{fn}: {name} has values in [{x_min}, {x_max}], expected values in [{lo}, {hi}]")
