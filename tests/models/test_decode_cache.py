@@ -1,5 +1,8 @@
 """The KV-cache path (chunked prefill of right-padded prompts, then one-token decode) reproduces the
 no-cache full-sequence logits; FP8 caches run and take half the bytes of bf16 ones."""
+import functools
+
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +10,7 @@ import pytest
 
 from hf_reference import right_padded_batch
 from models.gemma3 import Gemma3Config
+from models.hf_interop import expected_shapes
 from models.llama import LlamaConfig
 from models.registry import get_model_family
 
@@ -23,15 +27,22 @@ LENGTHS = (10, 8)  # real sequence length per row
 CHUNKS = ((4, 3), (2, 4))  # two 4-wide prefill chunks: real tokens per row (the rest are right pads)
 
 
+@functools.cache  # one model per architecture for the whole module
 def _random_model(arch):
+    """Random params from the module's eval_shape, drawn with NumPy (no JAX init to compile)."""
     config = MODELS[arch]
     family = get_model_family([arch])
     module = family.module_class(config)
-    params = module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    rng = np.random.RandomState(0)
+    shapes = expected_shapes(module)
+    params = flax.traverse_util.unflatten_dict(
+        {path: jnp.asarray(0.3 * rng.randn(*shape), jnp.float32) for path, shape in shapes.items()}
+    )
     return family, config, module, params
+
+
+def _full_forward(module, params, tokens, mask):
+    return jax.jit(module.apply)({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
 
 
 def _cached_logits(family, config, module, params, tokens, cache_dtype):
@@ -70,7 +81,7 @@ def test_cache_path_matches_full_forward(arch, cache_dtype, tol):
     """f32 cache: the same maths, so ~1e-6. bf16 cache: only k/v are rounded to bf16 (2^-9 relative)."""
     family, config, module, params = _random_model(arch)
     tokens, mask = right_padded_batch(config.vocab_size, LENGTHS, seed=1)
-    ref, _ = module.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    ref, _ = _full_forward(module, params, tokens, mask)
     got, cache = _cached_logits(family, config, module, params, tokens, cache_dtype)
     valid = mask.astype(bool)
     err = np.abs(got - np.asarray(ref))[valid].max()
@@ -81,7 +92,7 @@ def test_cache_path_matches_full_forward(arch, cache_dtype, tol):
 def test_fp8_cache_runs_and_halves_memory():
     family, config, module, params = _random_model("Gemma3ForCausalLM")
     tokens, mask = right_padded_batch(config.vocab_size, LENGTHS, seed=1)
-    ref, _ = module.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    ref, _ = _full_forward(module, params, tokens, mask)
     got, cache = _cached_logits(family, config, module, params, tokens, jnp.float8_e4m3fn)
     bf16 = family.init_kv_cache(config, len(LENGTHS), 16, jnp.bfloat16)
     assert cache.k[0].dtype == jnp.float8_e4m3fn and 2 * cache.nbytes() == bf16.nbytes()
@@ -94,10 +105,10 @@ def test_fp8_cache_runs_and_halves_memory():
 def test_logits_index_selects_rows():
     family, config, module, params = _random_model("Gemma3ForCausalLM")
     tokens, mask = right_padded_batch(config.vocab_size, LENGTHS, seed=2)
-    full, _ = module.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    full, _ = _full_forward(module, params, tokens, mask)
     last = jnp.asarray(LENGTHS, jnp.int32) - 1
-    picked, _ = module.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(mask),
-                             logits_index=last)
+    picked, _ = jax.jit(module.apply)({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(mask),
+                                      logits_index=last)
     assert picked.shape == (2, 1, config.vocab_size)
     np.testing.assert_allclose(picked[:, 0], full[jnp.arange(2), last], atol=1e-6)
 
