@@ -102,9 +102,12 @@ class ParamsBuilder:
 
     def __init__(self, weight_map: WeightMap, shapes: Mapping[Path, tuple[int, ...]], dtype: Any,
                  convert: Callable[[str, np.ndarray, Any], Any] = default_convert):
-        unmapped = set(shapes) - {e.path for e in weight_map.entries.values()}
-        if unmapped:  # a family bug, not a checkpoint problem
-            raise RuntimeError(f"weight map has no HF name for params {sorted(unmapped)}")
+        mapped = {e.path for e in weight_map.entries.values()}
+        if mapped != set(shapes):  # a family bug, not a checkpoint problem
+            raise RuntimeError(
+                f"weight map and module disagree: params without an HF name {sorted(set(shapes) - mapped)}, "
+                f"HF names without a param {sorted(mapped - set(shapes))}"
+            )
         self._map, self._shapes, self._dtype, self._convert = weight_map, shapes, dtype, convert
         self._params: dict[Path, Any] = {}
         self._sources: dict[str, str] = {}

@@ -32,6 +32,8 @@ def _safetensors_files(root: Path) -> list[Path]:
         if absent:
             raise FileNotFoundError(f"{index} lists shard(s) that do not exist: {absent}")
         return files
+    if (root / "model.safetensors").exists():  # preferred over other *.safetensors (e.g. Mistral's consolidated)
+        return [root / "model.safetensors"]
     files = sorted(root.glob("*.safetensors"))
     if files:
         return files
@@ -76,7 +78,7 @@ def load_hf_params(
         method = hf["quantization_config"].get("quant_method", "?")
         raise ValueError(
             f"{root} is a quantized checkpoint (quant_method {method!r}); load_hf_params reads unquantized "
-            "checkpoints only"
+            "checkpoints only (quantized checkpoint loading is not implemented yet)"
         )
     family = get_model_family(hf.get("architectures") or [])
     config = family.config_class.from_hf_config(hf)
