@@ -62,6 +62,15 @@ def per_matrix_scale(fn: str, name: str, scale, packed):
     return scale.astype(jnp.float32)
 
 
+def check_quantizer_input(fn: str, name: str, x, min_ndim: int, block: int = 1, what: str = "") -> None:
+    """What every quantizer needs: a finite floating array of at least min_ndim dims whose last axis (K)
+    is a multiple of `block` (`what` names the block in the message)."""
+    check_floating(fn, name, x)
+    check_rank(fn, name, x, min_ndim)
+    check_multiple(fn, name, "K", x.shape[-1], block, what)
+    check_finite(fn, name, x)
+
+
 def check_choice(fn: str, name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{fn}: {name}={value!r}, expected one of {tuple(choices)}")

@@ -76,9 +76,7 @@ def quantize_fp8(x, granularity: str, *, block_size: int = 128, scale=None, pow2
     fn = "quantize_fp8"
     x = jnp.asarray(x)
     _checks.check_choice(fn, "granularity", granularity, GRANULARITIES)
-    _checks.check_floating(fn, "x", x)
-    _checks.check_rank(fn, "x", x, 2 if granularity in ("channel", "token", "block") else 1)
-    _checks.check_finite(fn, "x", x)
+    _checks.check_quantizer_input(fn, "x", x, 2 if granularity in ("channel", "token", "block") else 1)
     if scale is not None:
         if granularity != "tensor":
             raise ValueError(f"quantize_fp8: a given scale needs granularity 'tensor', got {granularity!r}")

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxq.formats import _checks
-from jaxq.formats.elements import exact_divide, pack_nibbles, unpack_nibbles
+from jaxq.formats._packed import Packed4
+from jaxq.formats.elements import exact_divide, pack_nibbles
 
 SYMMETRIC_ZERO = 8
 SCHEMES = ("modelopt", "compressed_tensors", "compressed_tensors_asym", "autoawq", "gptq", "gptq_asym")
@@ -20,7 +21,7 @@ _F32_EPS = float(jnp.finfo(jnp.float32).eps)
 
 
 @struct.dataclass
-class Int4Tensor:
+class Int4Tensor(Packed4):
     """INT4 weight [..., N, K]: W[..., n, k] = (u[..., n, k] - z[..., n, g(k)]) * scale[..., n, g(k)].
 
     packed:     uint8 [..., N, K/2], unsigned codes u in [0, 15], byte j = u[2j] | u[2j+1] << 4
@@ -38,14 +39,6 @@ class Int4Tensor:
     group_size: int = struct.field(pytree_node=False)
     zero: jax.Array | None = None
     g_idx: jax.Array | None = None
-
-    @property
-    def shape(self):
-        return (*self.packed.shape[:-1], 2 * self.packed.shape[-1])
-
-    def codes(self):
-        """Unsigned codes u, uint8 [..., N, K]."""
-        return unpack_nibbles(self.packed)
 
     @functools.partial(jax.jit, static_argnames="dtype")
     def dequantize(self, dtype=jnp.float32):
@@ -87,18 +80,15 @@ def quantize_int4(w, group_size: int = 128, *, scheme: str = "modelopt", g_idx=N
     w = jnp.asarray(w)
     _checks.check_choice(fn, "scheme", scheme, SCHEMES)
     _checks.check_choice(fn, "scale_dtype", jnp.dtype(scale_dtype), [jnp.dtype(d) for d in SCALE_DTYPES])
-    _checks.check_floating(fn, "w", w)
-    _checks.check_rank(fn, "w", w, 1)
+    _checks.check_quantizer_input(fn, "w", w, 1, 2, "two INT4 codes per byte")
     k = w.shape[-1]
     group_size = k if group_size == -1 else group_size
     if group_size <= 0:
         raise ValueError(f"quantize_int4: group_size={group_size}, expected a positive size or -1 (per channel)")
-    _checks.check_multiple(fn, "w", "K", k, 2, "two INT4 codes per byte")
     _checks.check_multiple(fn, "w", "K", k, group_size, "group size")
-    _checks.check_finite(fn, "w", w)
     if g_idx is not None:
-        g_idx = jnp.asarray(g_idx)
-        _check_g_idx(fn, g_idx, k, group_size)
+        g_idx = check_g_idx(fn, "g_idx", g_idx, k, k // group_size)
+        _check_full_groups(fn, g_idx, group_size)
     return _quantize_int4(w, g_idx, group_size=group_size, scheme=scheme, scale_dtype=jnp.dtype(scale_dtype))
 
 
@@ -202,21 +192,27 @@ def sort_by_g_idx(t: Int4Tensor):
     """
     if t.g_idx is None:
         raise ValueError("sort_by_g_idx: t has no g_idx (groups are already contiguous)")
-    _check_g_idx("sort_by_g_idx", t.g_idx, t.shape[-1], t.group_size)
+    _check_full_groups("sort_by_g_idx", t.g_idx, t.group_size)
     perm = perm_from_g_idx(t.g_idx)
     packed = pack_nibbles(jnp.take(t.codes(), perm, axis=-1))
     return t.replace(packed=packed, g_idx=None), perm
 
 
-def _check_g_idx(fn, g_idx, k, group_size):
-    """g_idx must be [K] integers in [0, K/G) with exactly group_size channels in every group."""
-    _checks.check_shape(fn, "g_idx", g_idx, (k,), "one group index per input channel")
+def check_g_idx(fn: str, name: str, g_idx, k: int, n_groups: int):
+    """A group index per input channel: integers [K] in [0, n_groups) (values checked when concrete).
+    Returns it as int32."""
+    g_idx = jnp.asarray(g_idx)
+    _checks.check_shape(fn, name, g_idx, (k,), "one group index per input channel")
     if not jnp.issubdtype(g_idx.dtype, jnp.integer):
-        raise ValueError(f"{fn}: g_idx has dtype {g_idx.dtype}, expected an integer dtype")
-    n_groups = k // group_size
-    _checks.check_range(fn, "g_idx", g_idx, 0, n_groups - 1)
+        raise ValueError(f"{fn}: {name} has dtype {g_idx.dtype}, expected an integer dtype")
+    _checks.check_range(fn, name, g_idx, 0, n_groups - 1)
+    return g_idx.astype(jnp.int32)
+
+
+def _check_full_groups(fn, g_idx, group_size):
+    """Quantizing or sorting by g_idx needs exactly group_size channels in every group (checked when concrete)."""
     if _checks.is_concrete(g_idx):
-        counts = jnp.bincount(g_idx.astype(jnp.int32), length=n_groups)
+        counts = jnp.bincount(g_idx, length=g_idx.shape[0] // group_size)
         bad = jnp.nonzero(counts != group_size)[0]
         if bad.size:
             j = int(bad[0])

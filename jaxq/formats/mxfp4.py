@@ -10,15 +10,16 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxq.formats import _checks
+from jaxq.formats._packed import Packed4
 from jaxq.formats._blocking import from_blocks, to_blocks
 from jaxq.formats.elements import (E2M1_MAX, E8M0_BIAS, decode_e2m1, decode_e8m0, encode_e2m1, encode_e8m0,
-                                   exact_divide, exp2_int, pack_nibbles, unpack_nibbles)
+                                   exact_divide, exp2_int, pack_nibbles)
 
 BLOCK = 32
 
 
 @struct.dataclass
-class MXFP4Tensor:
+class MXFP4Tensor(Packed4):
     """MXFP4 array: W[..., n, k] = e2m1(code[..., n, k]) * 2**(scale[..., n, k // 32] - 127).
 
     packed: uint8 [..., N, K/2], byte j = code[2j] | code[2j+1] << 4 (low nibble = even k).
@@ -27,14 +28,6 @@ class MXFP4Tensor:
 
     packed: jax.Array
     scale: jax.Array
-
-    @property
-    def shape(self):
-        return (*self.packed.shape[:-1], 2 * self.packed.shape[-1])
-
-    def codes(self):
-        """E2M1 codes, uint8 [..., N, K]."""
-        return unpack_nibbles(self.packed)
 
     @functools.partial(jax.jit, static_argnames="dtype")
     def dequantize(self, dtype=jnp.float32):
@@ -56,10 +49,7 @@ def quantize_mxfp4(w) -> MXFP4Tensor:
     """
     fn = "quantize_mxfp4"
     w = jnp.asarray(w)
-    _checks.check_floating(fn, "w", w)
-    _checks.check_rank(fn, "w", w, 1)
-    _checks.check_multiple(fn, "w", "K", w.shape[-1], BLOCK, "MXFP4 block size")
-    _checks.check_finite(fn, "w", w)
+    _checks.check_quantizer_input(fn, "w", w, 1, BLOCK, "MXFP4 block size")
     return _quantize_mxfp4(w)
 
 

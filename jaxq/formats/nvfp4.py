@@ -11,16 +11,17 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxq.formats import _checks
+from jaxq.formats._packed import Packed4
 from jaxq.formats._blocking import expand_trailing, from_blocks, matrix_axes, to_blocks
 from jaxq.formats.elements import (E2M1_MAX, E4M3_MAX, decode_e2m1, encode_e2m1, exact_divide, pack_nibbles,
-                                   to_e4m3, unpack_nibbles)
+                                   to_e4m3)
 
 BLOCK = 16
 _GLOBAL_MAX = E2M1_MAX * E4M3_MAX  # 2688: largest |value| a block scale * element can reach per global unit
 
 
 @struct.dataclass
-class NVFP4Tensor:
+class NVFP4Tensor(Packed4):
     """NVFP4 array: W[..., n, k] = e2m1(code[..., n, k]) * f32(block_scale[..., n, k // 16]) * global_scale[...].
 
     packed:       uint8 [..., N, K/2], byte j = code[2j] | code[2j+1] << 4 (low nibble = even k);
@@ -34,14 +35,6 @@ class NVFP4Tensor:
     packed: jax.Array
     block_scale: jax.Array
     global_scale: jax.Array
-
-    @property
-    def shape(self):
-        return (*self.packed.shape[:-1], 2 * self.packed.shape[-1])
-
-    def codes(self):
-        """E2M1 codes, uint8 [..., N, K]."""
-        return unpack_nibbles(self.packed)
 
     @functools.partial(jax.jit, static_argnames="dtype")
     def dequantize(self, dtype=jnp.float32):
@@ -72,10 +65,7 @@ def quantize_nvfp4(w, global_amax=None) -> NVFP4Tensor:
     """
     fn = "quantize_nvfp4"
     w = jnp.asarray(w)
-    _checks.check_floating(fn, "w", w)
-    _checks.check_rank(fn, "w", w, 1)
-    _checks.check_multiple(fn, "w", "K", w.shape[-1], BLOCK, "NVFP4 block size")
-    _checks.check_finite(fn, "w", w)
+    _checks.check_quantizer_input(fn, "w", w, 1, BLOCK, "NVFP4 block size")
     if global_amax is not None:
         global_amax = jnp.broadcast_to(jnp.asarray(global_amax, jnp.float32), w.shape[:-2])
         _checks.check_finite(fn, "global_amax", global_amax)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxq.formats import _checks
 from jaxq.formats._blocking import ceil_div, pad_to_multiple
 from jaxq.formats.elements import E2M1_MAX, E4M3_MAX, exact_divide, pack_nibbles
-from jaxq.formats.int4 import Int4Tensor
+from jaxq.formats.int4 import Int4Tensor, check_g_idx
 from jaxq.formats.layouts._words import pack_int32_nibbles, unpack_int32_nibbles, zero_codes
 from jaxq.formats.nvfp4 import BLOCK as NVFP4_BLOCK
 from jaxq.formats.nvfp4 import NVFP4Tensor
@@ -44,12 +44,7 @@ def from_compressed_tensors_int4(weight_packed, weight_scale, weight_shape=None,
         _checks.check_shape(fn, "weight_zero_point", weight_zero_point,
                             (*weight_scale.shape[:-2], ceil_div(n, 8), n_groups), "[ceil(N/8), K/G], packed along N")
         zero = unpack_int32_nibbles(weight_zero_point, axis=-2)[..., :n, :]
-    g_idx = None
-    if weight_g_idx is not None:
-        g_idx = jnp.asarray(weight_g_idx)
-        _checks.check_shape(fn, "weight_g_idx", g_idx, (k,), "one group index per input channel")
-        _checks.check_range(fn, "weight_g_idx", g_idx, 0, n_groups - 1)
-        g_idx = g_idx.astype(jnp.int32)
+    g_idx = None if weight_g_idx is None else check_g_idx(fn, "weight_g_idx", weight_g_idx, k, n_groups)
     return Int4Tensor(packed=pack_nibbles(u), scale=weight_scale, group_size=k // n_groups, zero=zero, g_idx=g_idx)
 
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 
 from jaxq.formats import _checks
 from jaxq.formats.elements import pack_nibbles
-from jaxq.formats.int4 import SYMMETRIC_ZERO, Int4Tensor
+from jaxq.formats.int4 import SYMMETRIC_ZERO, Int4Tensor, check_g_idx
 from jaxq.formats.layouts._words import pack_int32_nibbles, unpack_int32_nibbles, zero_codes
 
 
@@ -37,10 +37,7 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, version: int = 1, sym: boo
         _checks.check_range(fn, "zero points of qzeros (sym=True)", z, SYMMETRIC_ZERO, SYMMETRIC_ZERO)
         z = None
     if g_idx is not None:
-        g_idx = jnp.asarray(g_idx)
-        _checks.check_shape(fn, "g_idx", g_idx, (k,), "one group index per input channel")
-        _checks.check_range(fn, "g_idx", g_idx, 0, n_groups - 1)
-        g_idx = g_idx.astype(jnp.int32)
+        g_idx = check_g_idx(fn, "g_idx", g_idx, k, n_groups)
         if _checks.is_concrete(g_idx) and bool(jnp.all(g_idx == jnp.arange(k) // group_size)):
             g_idx = None
     return Int4Tensor(packed=pack_nibbles(u), scale=jnp.swapaxes(scales, -1, -2), group_size=group_size,
