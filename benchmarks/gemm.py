@@ -285,22 +285,36 @@ def step_check(results):
 
 
 def packed4_candidates(m: int, n: int, k: int, family: str):
-    bms = [16] if m <= 16 else ([32, 64] if m <= 64 else [64, 128] if m <= 256 else [128])
-    bns = [64, 128, 256] if m <= 64 else [128, 256]
-    bks = [128] if family != "w4a8" else [128]
+    """Tile candidates per M: the GEMV path (block_m 1) and MMA tiles, each with split-K for 1-2 waves."""
     out = []
-    for bm in bms:
-        for bn in bns:
+
+    def add(bm, bn, bk, warps, stages, waves, presplit=False):
+        progs = cm.cdiv(m, bm) * cm.cdiv(n, bn)
+        chunks = cm.cdiv(k, bk)
+        for split in sorted({dispatch._fill_split(progs, chunks, w * cm.NUM_SMS) if w else 1 for w in waves}):
+            out.append(Packed4Config(bm, bn, bk, split, presplit, warps, stages))
+
+    bks = (64, 128) if family != "w4a8" else (64, 128)
+    if m == 1:
+        for bn in (16, 32, 64):
             for bk in bks:
-                progs = cm.cdiv(m, bm) * cm.cdiv(n, bn)
-                chunks = cm.cdiv(k, bk)
-                splits = sorted({dispatch._fill_split(progs, chunks, t * cm.NUM_SMS) for t in (1, 2, 4)})
-                for split in splits:
-                    for warps in ((4,) if bn <= 64 else (4, 8) if bn == 128 else (8,)):
-                        for stages in ((3, 5) if m <= 64 else (3, 4)):
-                            out.append(Packed4Config(bm, bn, bk, split, presplit_x=m > 64,
-                                                     num_warps=warps, num_stages=stages))
-    return out
+                for warps in (2, 4):
+                    add(1, bn, bk, warps, 3, (0, 1))
+    if m <= 16:
+        for bn in (64, 128):
+            for bk in bks:
+                for warps in (2, 4):
+                    add(16, bn, bk, warps, 3, (1, 2))
+    elif m <= 64:
+        for bm in (32, 64):
+            for bn in (64, 128):
+                for warps in (4, 8):
+                    add(bm, bn, 128, warps, 3, (1, 2))
+    else:
+        for bm, bn, warps in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (256, 128, 8)):
+            for stages in (3, 4):
+                add(bm, bn, 128, warps, stages, (0,), presplit=True)
+    return list(dict.fromkeys(out))
 
 
 def fp8_candidates(m: int, n: int, k: int):

@@ -35,7 +35,8 @@ from pallas_kernels import _common as cm
 class Packed4Config:
     """Static tuning knobs of `packed4_matmul` (all block sizes powers of two).
 
-    block_m: activation rows per program (the MMA's N side, >= 16).
+    block_m: activation rows per program (the MMA's N side, >= 16); 1 selects the GEMV path for M=1:
+      no MMA, products and a row reduction on the CUDA cores (fewer registers, more programs per SM).
     block_n: output channels per program (the MMA's M side, >= 16; 64 fills one warpgroup's wgmma).
     block_k: K elements per chunk; INT4 formats need group % block_k == 0, FP4 block_k % block == 0;
       block_k/2 >= 16 for bf16 and >= 32 for fp8 activations (minimum MMA depth).
@@ -79,7 +80,7 @@ class Packed4Format:
 
 def config_is_valid(fmt: Packed4Format, cfg: Packed4Config) -> bool:
     blocks = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k)
-    if not all(cm.is_pow2(b) for b in blocks) or min(cfg.block_m, cfg.block_n) < 16:
+    if not all(cm.is_pow2(b) for b in blocks) or cfg.block_n < 16 or 1 < cfg.block_m < 16:
         return False
     min_depth = 32 if fmt.act == "fp8" else 16
     if cfg.block_k // 2 < min_depth:
@@ -164,6 +165,13 @@ def _block_scales_x64(fmt, s_ref, n_rows, n_mask, chunk, bk, k, ragged):
     return jnp.broadcast_to(s[:, :, None], (bn, per, half)).reshape(bn, per * half)
 
 
+def _mac(w, x):
+    """w [bn, d] . x [bm, d]^T -> f32 [bn, bm]: the MMA, or for bm == 1 products and a row sum."""
+    if x.shape[0] == 1:
+        return jnp.sum(w.astype(jnp.float32) * x.astype(jnp.float32), axis=1, keepdims=True)
+    return cm.dot_nt(w, x)
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -209,7 +217,7 @@ def packed4_matmul_kernel(*refs, fmt: Packed4Format, cfg: Packed4Config, m: int,
             xe, xo = jnp.unstack(xv.reshape(bm, half, 2), axis=-1)                    # [bm, bk/2] each
         if fmt.post_scale:
             lo, hi = _int4_signed_fp8(wb) if fmt.act == "fp8" else _int4_offset_bf16(wb)
-            d = cm.dot_nt(lo, xe) + cm.dot_nt(hi, xo)                                 # [bn, bm]
+            d = _mac(lo, xe) + _mac(hi, xo)                                           # [bn, bm]
             g = chunk // (fmt.group // bk)
             g_mask = n_mask
             if k_ragged:                                # a whole chunk past K: its group index is OOB
@@ -229,7 +237,7 @@ def packed4_matmul_kernel(*refs, fmt: Packed4Format, cfg: Packed4Config, m: int,
         wdt = jnp.bfloat16
         lo = _e2m1_scaled_f32(wb & 0xF, sc).astype(wdt)
         hi = _e2m1_scaled_f32(wb >> 4, sc).astype(wdt)
-        return acc + cm.dot_nt(lo, xe) + cm.dot_nt(hi, xo)
+        return acc + _mac(lo, xe) + _mac(hi, xo)
 
     acc = lax.fori_loop(0, per_split, body, jnp.zeros((bn, bm), jnp.float32))
     if g_ref is not None:

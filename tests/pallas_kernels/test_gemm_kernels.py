@@ -34,6 +34,7 @@ def test_interpret_outputs_start_poisoned():
 W4A16_CASES = [
     # m, n, k, group, asym, config
     (1, 40, 384, 128, False, Packed4Config(16, 32, 128, split_k=2)),            # ragged N, ragged split
+    (1, 40, 384, 64, True, Packed4Config(1, 16, 64, split_k=2)),                 # GEMV path
     (3, 64, 256, 64, True, Packed4Config(16, 32, 64, split_k=4, num_warps=2)),
     (17, 48, 256, 32, False, Packed4Config(32, 16, 32, presplit_x=True)),
     (17, 40, 512, 128, True, Packed4Config(16, 64, 64, split_k=2, presplit_x=True)),
@@ -87,6 +88,7 @@ def test_w4a16_unsupported_falls_back_to_reference():
 
 FP4_CASES = [
     (1, 40, 384, Packed4Config(16, 32, 128, split_k=2)),
+    (1, 40, 384, Packed4Config(1, 16, 64)),
     (17, 48, 256, Packed4Config(32, 16, 32, presplit_x=True)),
     (3, 24, 192, Packed4Config(16, 16, 64, split_k=2, num_warps=2)),            # K not a multiple of 128
 ]
@@ -121,6 +123,7 @@ def test_mxfp4_kernel_matches_reference(m, n, k, cfg):
 
 W4A8_CASES = [
     (1, 40, 384, 128, Packed4Config(16, 32, 128, split_k=2)),
+    (1, 40, 384, 128, Packed4Config(1, 16, 128, split_k=2)),
     (17, 48, 256, 64, Packed4Config(32, 16, 64, presplit_x=True)),
     (3, 64, 512, 128, Packed4Config(16, 32, 64, split_k=4)),
 ]
@@ -194,7 +197,8 @@ def test_kernels_lower_to_triton_ir():
     sds = jax.ShapeDtypeStruct
     m, n, k = 17, 40, 384
     x, packed = sds((m, k), jnp.bfloat16), sds((n, k // 2), jnp.uint8)
-    for cfg in (Packed4Config(16, 32, 128, split_k=2), Packed4Config(32, 64, 64, presplit_x=True)):
+    for cfg in (Packed4Config(16, 32, 128, split_k=2), Packed4Config(32, 64, 64, presplit_x=True),
+                Packed4Config(1, 32, 128)):
         _lowers_for_cuda(lambda x, p, s, z: w4a16.w4a16_matmul(x, p, s, z, config=cfg),
                          x, packed, sds((n, k // 128), jnp.bfloat16), sds((n, k // 128), jnp.uint8))
         _lowers_for_cuda(lambda x, p, s: fp4.nvfp4_matmul(x, p, s, 0.5, config=cfg),
