@@ -2,8 +2,10 @@
 
 Weights are kept in Hugging Face orientation, [N, K] = [out_features, in_features], so checkpoints load
 without transposes and quantized layouts (packed along K or N, with per-group scales) keep the shapes their
-producers document.
+producers document. A quantized layer holds a `QuantizedWeight` (jaxq/nn/quantized_weight.py) in its
+"weight" param: the weight in its jaxq.formats layout with its scales, plus the activation-side scales.
 """
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -11,24 +13,93 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxq.formats import fake_quant_fp8_static
+from jaxq.nn import kernel_dispatch
+from jaxq.nn.activation_quant import STATIC_MODES, apply_pre_quant_scale, fake_quant_activation
+from jaxq.nn.quantized_weight import QuantizedWeight
 
-def qmatmul(x: jax.Array, weight: Any) -> jax.Array:
-    """y = x @ weight^T, accumulated in float32, returned in x.dtype.
 
-    x: [..., K]. weight: a plain [N, K] array today. This function is THE extension point for quantized
-    weights: the quantization issue makes it accept the quantized-array pytrees of jaxq.formats (and pick a
-    kernel or the reference path); callers must not look inside `weight` themselves.
+def qmatmul(x: jax.Array, weight: Any, name: str = "") -> jax.Array:
+    """y = x @ W^T for x [..., K] and W [N, K], accumulated in float32, returned in x.dtype.
+
+    weight: a plain array, or a QuantizedWeight. For the latter, a Pallas kernel registered for
+    (recipe, backend, M) in jaxq.nn.kernel_dispatch runs when one is usable (GPU only by default);
+    otherwise `quantized_matmul_reference`. name: the layer, for error messages.
     """
-    w = weight.astype(x.dtype)
-    y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    if not isinstance(weight, QuantizedWeight):
+        w = weight.astype(x.dtype)
+        y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return y.astype(x.dtype)
+    check_quantized_weight(x, weight, name)
+    x2 = x.reshape(-1, x.shape[-1])
+    kernel = kernel_dispatch.select_kernel(x2, weight)
+    if kernel is not None:
+        return kernel.fn(x2, weight).reshape(*x.shape[:-1], weight.shape[0])
+    return quantized_matmul_reference(x, weight)
+
+
+def quantized_matmul_reference(x: jax.Array, weight: QuantizedWeight) -> jax.Array:
+    """The producers' fake-quant numerics, all in float32, then one rounding to x.dtype:
+
+        x1    = f32(x) * f32(pre_quant_scale)                     (AWQ smoothing, when present)
+        x_hat = fake_quant_activation(x1, recipe.activation, input_scale)   (jaxq.nn.activation_quant)
+        W     = weight.dequantize(f32), then for W4A8 (weight_scale_2 set) ModelOpt's second stage
+                W = fake_quant_fp8_static(W, weight_scale_2)
+        y     = x_hat @ W^T  (float32, full precision), cast to x.dtype
+
+    Per recipe (spec/formats.md section 2; the fixtures README's "Numerics a loader must reproduce"):
+      fp8          x: static FP8 (ModelOpt op order) ; W = f32(e4m3) * weight_scale
+      fp8_rowwise  x: FP8 per token, llm-compressor  ; W = f32(e4m3) * weight_scale[n]
+      fp8_block    x: FP8 1x128 groups (DeepSeek)    ; W = f32(e4m3) * weight_scale[n // 128, k // 128]
+      nvfp4        x: NVFP4 16-blocks (ModelOpt), or none (weight-only) ; W = e2m1 * f32(e4m3 block) * ws2
+      mxfp4        x: none, or static FP8            ; W = e2m1 * 2**(e8m0 - 127)
+      w4a16_*      x: none                           ; W = (u - zero) * scale[n, g(k)]
+      w4a8_*       x: static FP8                     ; W = fake_quant_fp8_static(int4 W, weight_scale_2)
+    Exactly reproducible in NumPy: every step is elementwise float32 except the matmul (summation order).
+    """
+    x_hat = fake_quant_activation(apply_pre_quant_scale(x, weight.pre_quant_scale), weight.recipe.activation,
+                                  weight.input_scale)
+    y = lax.dot_general(x_hat, dequantized_weight(weight), (((x.ndim - 1,), (1,)), ((), ())),
+                        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
+
+
+def dequantized_weight(weight: QuantizedWeight) -> jax.Array:
+    """W [N, K] float32 as the reference matmul uses it (including W4A8's FP8 stage)."""
+    w = weight.weight.dequantize(jnp.float32)
+    if weight.weight_scale_2 is not None:
+        w = fake_quant_fp8_static(w, weight.weight_scale_2)
+    return w
+
+
+def check_quantized_weight(x: jax.Array, weight: QuantizedWeight, name: str = "") -> None:
+    """ValueError naming the layer when x does not fit the weight or a static recipe lacks its input_scale."""
+    where = f"layer {name}: " if name else ""
+    k = weight.shape[-1]
+    if x.shape[-1] != k:
+        raise ValueError(f"{where}input has K={x.shape[-1]} features, but the {weight.recipe.name} weight "
+                         f"{type(weight.weight).__name__} {tuple(weight.shape)} expects K={k}")
+    if weight.recipe.activation in STATIC_MODES and weight.input_scale is None:
+        raise ValueError(f"{where}recipe {weight.recipe.name!r} quantizes activations with a static scale "
+                         f"({weight.recipe.activation}) but input_scale is None; calibrate it "
+                         "(jaxq.quantize(..., calib_data=...)) or load it from the checkpoint")
+    if weight.pre_quant_scale is not None and weight.pre_quant_scale.shape != (k,):
+        raise ValueError(f"{where}pre_quant_scale has shape {tuple(weight.pre_quant_scale.shape)}, "
+                         f"expected ({k},)")
+
+
+def module_name(path: tuple[str, ...]) -> str:
+    """Flax module path -> dotted HF module name: ("model", "layers_0", "mlp", "up_proj") ->
+    "model.layers.0.mlp.up_proj" (the inverse of models.hf_interop.hf_path)."""
+    return ".".join(re.sub(r"_(\d+)$", r".\1", part) for part in path)
 
 
 class QDense(nn.Module):
     """Linear layer y = x @ W^T (+ b) with params "weight" [features, K] and, if use_bias, "bias" [features].
 
-    dtype: compute dtype (x is cast to it); None keeps x.dtype. The "weight" param may be any pytree that
-    `qmatmul` understands, so this module never reads its shape: `features` gives the output size.
+    dtype: compute dtype (x is cast to it); None keeps x.dtype. The "weight" param is a plain array or a
+    QuantizedWeight (anything `qmatmul` understands), so this module never reads its shape: `features`
+    gives the output size. The bias stays in the model dtype and is added after the matmul.
     """
 
     features: int
@@ -39,8 +110,10 @@ class QDense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.dtype is not None:
             x = x.astype(self.dtype)
-        weight = self.param("weight", nn.initializers.normal(0.02), (self.features, x.shape[-1]), x.dtype)
-        y = qmatmul(x, weight)
+        weight = self.get_variable("params", "weight")
+        if not isinstance(weight, QuantizedWeight):  # flax's shape check compares only a pytree's first leaf
+            weight = self.param("weight", nn.initializers.normal(0.02), (self.features, x.shape[-1]), x.dtype)
+        y = qmatmul(x, weight, module_name(self.scope.path))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
             y = y + bias.astype(y.dtype)

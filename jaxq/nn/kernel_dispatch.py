@@ -1,0 +1,166 @@
+"""Which kernel runs a quantized matmul: a small registry that `qmatmul` consults at trace time.
+
+A `Kernel` claims QuantizedWeights by a predicate (recipe, weight layout), one backend and a range of M
+(rows of x, static at trace time); `can_use` checks the exact shapes and dtypes. `select_kernel` returns
+the most recently registered kernel that claims a call, or None, and `qmatmul` then runs its float32
+reference (jaxq.nn.qdense.quantized_matmul_reference). The built-in entries below wire the Pallas/XLA
+GEMMs of pallas_kernels (imported only when a kernel runs) for backend "gpu", so a CPU always takes the
+reference path.
+
+Kernel numerics against the reference (stated per entry; all accumulate in float32):
+  w4a16, nvfp4 / mxfp4 weight-only, fp8_block, fp8_rowwise: the reference's, up to summation order
+    (fp8_rowwise's kernel floors a token's amax at 1e-4 instead of the scale at eps: all-but-zero rows only).
+  fp8 (static): x_q = e4m3(x / input_scale), the TRT-LLM/vLLM run-time order, not ModelOpt's
+    x * (448 / amax): rare one-step FP8 differences.
+  nvfp4 W4A4, mxfp4 with FP8 input: the activation fake quant runs in float32 and is rounded to x.dtype
+    (bf16) for the W4A16-style kernel (Hopper has no FP4 tensor cores).
+  w4a8: pallas_kernels.w4a8 keeps the INT4 weights exact and rescales per group (its docstring), so it
+    skips the reference's FP8 rounding of W with weight_scale_2 and quantizes x as x / input_scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+
+from jaxq.formats import FP8Tensor, Int4Tensor, MXFP4Tensor, NVFP4Tensor
+from jaxq.nn.activation_quant import apply_pre_quant_scale, fake_quant_activation, quantize_activation_fp8
+from jaxq.nn.quantized_weight import QuantizedWeight
+
+KernelFn = Callable[[jax.Array, QuantizedWeight], jax.Array]  # (x [M, K], weight) -> y [M, N] in x.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One registered GEMM. matches(weight) picks the recipes/layouts it serves; can_use(x, weight)
+    checks shapes and dtypes (the kernel module's can_use_*); fn computes y [M, N] in x.dtype."""
+
+    name: str
+    matches: Callable[[QuantizedWeight], bool]
+    fn: KernelFn
+    backend: str = "gpu"
+    min_m: int = 1
+    max_m: int | None = None
+    can_use: Callable[[jax.Array, QuantizedWeight], bool] = lambda x, w: True  # noqa: E731
+
+    def claims(self, x: jax.Array, weight: QuantizedWeight, backend: str) -> bool:
+        m = x.shape[0]
+        in_range = self.min_m <= m and (self.max_m is None or m <= self.max_m)
+        return self.backend == backend and in_range and self.matches(weight) and self.can_use(x, weight)
+
+
+_KERNELS: list[Kernel] = []
+
+
+def register_kernel(name: str, matches: Callable[[QuantizedWeight], bool], fn: KernelFn, *,
+                    backend: str = "gpu", min_m: int = 1, max_m: int | None = None,
+                    can_use: Callable[[jax.Array, QuantizedWeight], bool] | None = None) -> Kernel:
+    """Register a kernel (a later registration wins over earlier ones that claim the same call);
+    re-registering a name replaces it. Returns the Kernel (pass it to `unregister_kernel`)."""
+    unregister_kernel(name)
+    kernel = Kernel(name, matches, fn, backend, min_m, max_m, *([can_use] if can_use else []))
+    _KERNELS.append(kernel)
+    return kernel
+
+
+def unregister_kernel(name: str) -> None:
+    _KERNELS[:] = [k for k in _KERNELS if k.name != name]
+
+
+def registered_kernels() -> tuple[Kernel, ...]:
+    return tuple(_KERNELS)
+
+
+def select_kernel(x: jax.Array, weight: QuantizedWeight, backend: str | None = None) -> Kernel | None:
+    """The kernel for x [M, K] @ weight^T on `backend` (default: jax.default_backend()), or None."""
+    backend = backend or jax.default_backend()
+    return next((k for k in reversed(_KERNELS) if k.claims(x, weight, backend)), None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Built-in GPU kernels (pallas_kernels). Each wrapper hands the kernel the canonical arrays it documents.
+
+
+def _bf16_input(x, w: QuantizedWeight):
+    """x after smoothing and the recipe's activation fake quant, in x.dtype (input of a bf16-MMA kernel)."""
+    return fake_quant_activation(apply_pre_quant_scale(x, w.pre_quant_scale), w.recipe.activation,
+                                 w.input_scale).astype(x.dtype)
+
+
+def _w4a16(x, w):
+    from pallas_kernels.w4a16 import w4a16_matmul
+    t = w.weight
+    return w4a16_matmul(_bf16_input(x, w), t.packed, t.scale, t.zero)
+
+
+def _w4a16_ok(x, w):
+    from pallas_kernels.w4a16 import can_use_w4a16_matmul
+    t = w.weight
+    return can_use_w4a16_matmul(x, t.packed, t.scale, t.zero)
+
+
+def _fp4(x, w):
+    from pallas_kernels.fp4 import mxfp4_matmul, nvfp4_matmul
+    t = w.weight
+    if isinstance(t, NVFP4Tensor):
+        return nvfp4_matmul(_bf16_input(x, w), t.packed, t.block_scale, t.global_scale)
+    return mxfp4_matmul(_bf16_input(x, w), t.packed, t.scale)
+
+
+def _fp4_ok(x, w):
+    from pallas_kernels.fp4 import MXFP4, NVFP4, can_use_fp4_matmul
+    t = w.weight
+    if isinstance(t, NVFP4Tensor):
+        return t.global_scale.ndim == 0 and can_use_fp4_matmul(NVFP4, x, t.packed, t.block_scale)
+    return can_use_fp4_matmul(MXFP4, x, t.packed, t.scale)
+
+
+def _w4a8(x, w):
+    from pallas_kernels.w4a8 import w4a8_matmul
+    xs = apply_pre_quant_scale(x, w.pre_quant_scale, x.dtype)
+    return w4a8_matmul(xs, w.weight.packed, w.weight.scale, w.input_scale)
+
+
+def _w4a8_ok(x, w):
+    from pallas_kernels.w4a8 import can_use_w4a8_matmul
+    t = w.weight
+    return t.zero is None and can_use_w4a8_matmul(x, t.packed, t.scale)
+
+
+def _fp8_codes(x, w) -> FP8Tensor:
+    return quantize_activation_fp8(apply_pre_quant_scale(x, w.pre_quant_scale), w.recipe.activation,
+                                   w.input_scale)
+
+
+def _fp8_block(x, w):
+    from pallas_kernels.fp8 import fp8_matmul
+    xq = _fp8_codes(x, w)
+    return fp8_matmul(xq.data, xq.scale, w.weight.data, w.weight.scale, mode="block", out_dtype=x.dtype)
+
+
+def _fp8_xla(x, w):
+    from pallas_kernels.fp8 import fp8_matmul_xla
+    xq = _fp8_codes(x, w)
+    return fp8_matmul_xla(xq.data, xq.scale, w.weight.data, w.weight.scale, out_dtype=x.dtype)
+
+
+def _fp8_weight(granularity: str, activation: str):
+    def matches(w):
+        t = w.weight
+        return (isinstance(t, FP8Tensor) and t.granularity == granularity and t.data.ndim == 2
+                and w.recipe.activation == activation and (granularity != "block" or t.block_size == 128))
+    return matches
+
+
+register_kernel("pallas_w4a16", lambda w: isinstance(w.weight, Int4Tensor) and w.weight.g_idx is None
+                and w.recipe.activation == "none", _w4a16, can_use=_w4a16_ok)
+register_kernel("pallas_fp4", lambda w: isinstance(w.weight, (NVFP4Tensor, MXFP4Tensor))
+                and w.recipe.activation in ("none", "nvfp4", "fp8_static"), _fp4,
+                can_use=_fp4_ok)
+register_kernel("pallas_w4a8", lambda w: isinstance(w.weight, Int4Tensor) and w.weight.g_idx is None
+                and w.recipe.activation == "fp8_static", _w4a8, can_use=_w4a8_ok)
+register_kernel("pallas_fp8_block", _fp8_weight("block", "fp8_group"), _fp8_block)
+register_kernel("xla_fp8", _fp8_weight("tensor", "fp8_static"), _fp8_xla)
+register_kernel("xla_fp8_rowwise", _fp8_weight("channel", "fp8_token"), _fp8_xla)
