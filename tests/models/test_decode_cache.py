@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_reference import right_padded_batch
+from .hf_reference import right_padded_batch
 from models.gemma3 import Gemma3Config
 from models.hf_interop import expected_shapes
 from models.llama import LlamaConfig

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import transformers as tf
 
-from hf_reference import hf_logits, right_padded_batch, save_random_hf_model
+from .hf_reference import hf_logits, right_padded_batch, save_random_hf_model
 from jaxq.io.hf_checkpoint import load_hf_params
 
 _SIZES = dict(
