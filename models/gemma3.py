@@ -16,12 +16,11 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxq.nn.attention import Attention, softcap
-from jaxq.nn.decoder import advance_cache, attention_masks, select_rows
+from jaxq.nn.attention import Attention
+from jaxq.nn.decoder import causal_lm_forward, run_layers
 from jaxq.nn.embed import Embed
 from jaxq.nn.kv_cache import KVCache
 from jaxq.nn.mlp import GatedMLP, activation
-from jaxq.nn.qdense import QDense
 from jaxq.nn.rms_norm import RMSNorm
 from jaxq.nn.rope import RopeConfig, inv_frequencies, rope_tables
 from models.hf_interop import WeightEntry, WeightMap, config_from_hf, hf_path
@@ -160,12 +159,9 @@ class Gemma3TextModel(nn.Module):
             if kind in cfg.layer_types:
                 inv_freq, scaling = inv_frequencies(rope, cfg.head_dim, cfg.max_position_embeddings, seq_len)
                 tables[kind] = rope_tables(positions, inv_freq, scaling, h.dtype)
-        written = []
-        for i, layer in enumerate(self.layers):  # unrolled: scanning stacked weights made XLA copy slices
-            kv = None if cache is None else cache.layer(i)
-            cos, sin = tables[cfg.layer_types[i]]
-            h, kv = layer(h, cos, sin, masks[cfg.layer_windows[i]], kv, positions)
-            written.append(kv)
+        rope = [tables[kind] for kind in cfg.layer_types]
+        masks = [masks[w] for w in cfg.layer_windows]
+        h, written = run_layers(self.layers, h, rope, masks, cache, positions)
         return self.norm(h), written
 
 
@@ -182,17 +178,10 @@ class Gemma3ForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, cache: KVCache | None = None, num_new=None, attention_mask=None, logits_index=None):
-        cfg = self.config
-        positions, masks = attention_masks(tokens, cache, attention_mask, set(cfg.layer_windows))
-        model = Gemma3TextModel(cfg, self.dtype, name="model")
-        h, written = model(tokens, positions, masks, cache)
-        h = select_rows(h, logits_index)
-        if cfg.tie_word_embeddings:
-            logits = model.embed_tokens.attend(h)
-        else:
-            logits = QDense(cfg.vocab_size, dtype=self.dtype, name="lm_head")(h)
-        logits = softcap(logits.astype(jnp.float32), cfg.final_logit_softcapping)
-        return logits, advance_cache(cache, written, num_new, tokens.shape[1])
+        return causal_lm_forward(
+            Gemma3TextModel(self.config, self.dtype, name="model"), self.config, self.dtype,
+            tokens, cache, num_new, attention_mask, logits_index, self.config.final_logit_softcapping,
+        )
 
 
 def weight_map(config: Gemma3Config, multimodal: bool = False) -> WeightMap:

@@ -9,11 +9,15 @@ The models' call contract (models/llama.py, models/gemma3.py):
   is refused with a cache: right-padded rows need no mask, their pads land past the row's length and are
   overwritten by later tokens.
 """
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxq.nn.attention import causal_mask
+from jaxq.nn.attention import causal_mask, softcap
 from jaxq.nn.kv_cache import KVCache, LayerKV
+from jaxq.nn.qdense import QDense
 
 
 def attention_masks(
@@ -58,3 +62,44 @@ def advance_cache(
     if num_new is None:
         num_new = jnp.full(cache.lengths.shape, num_tokens, jnp.int32)
     return cache.advance(layers, num_new)
+
+
+def run_layers(
+    layers: Sequence[nn.Module],
+    h: jax.Array,
+    rope: Sequence[tuple[jax.Array, jax.Array]],
+    masks: Sequence[jax.Array],
+    cache: KVCache | None,
+    positions: jax.Array,
+) -> tuple[jax.Array, list[LayerKV | None]]:
+    """h through the decoder layers, unrolled (scanning stacked weights made XLA copy each layer's slice).
+
+    Layer i gets rope[i] = (cos, sin), masks[i] and, with a cache, its LayerKV; returns h and what they wrote.
+    """
+    written = []
+    for i, layer in enumerate(layers):
+        kv = None if cache is None else cache.layer(i)
+        h, kv = layer(h, *rope[i], masks[i], kv, positions)
+        written.append(kv)
+    return h, written
+
+
+def causal_lm_forward(
+    backbone: Callable, config: Any, dtype: Any, tokens: jax.Array, cache: KVCache | None, num_new: jax.Array | None,
+    attention_mask: jax.Array | None, logits_index: jax.Array | None, final_logit_softcapping: float | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """The models' __call__ (contract above): masks, backbone, row selection, LM head, cache bookkeeping.
+
+    backbone(tokens, positions, {window: mask}, cache) -> (final-normed h [B, T, hidden], written LayerKVs), a
+    bound submodule named "model" with an `embed_tokens` Embed. config needs layer_windows, vocab_size and
+    tie_word_embeddings; without tying, the head is a QDense named "lm_head" in the calling module.
+    """
+    positions, masks = attention_masks(tokens, cache, attention_mask, set(config.layer_windows))
+    h, written = backbone(tokens, positions, masks, cache)
+    h = select_rows(h, logits_index)
+    if config.tie_word_embeddings:
+        logits = backbone.embed_tokens.attend(h)
+    else:
+        logits = QDense(config.vocab_size, dtype=dtype, name="lm_head")(h)
+    logits = softcap(logits.astype(jnp.float32), final_logit_softcapping)
+    return logits, advance_cache(cache, written, num_new, tokens.shape[1])
