@@ -1,7 +1,4 @@
-"""Tiny random transformers models saved as safetensors checkpoints: the float32 torch reference.
-
-(No __init__.py in tests/models: a `models` test package would shadow the real `models` package.)
-"""
+"""Tiny random transformers models saved as safetensors checkpoints: the float32 torch reference."""
 import numpy as np
 import torch
 
