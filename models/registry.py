@@ -43,7 +43,7 @@ class ModelFamily:
 
 @functools.cache
 def _families() -> dict[str, ModelFamily]:
-    # Imported on first use: the model modules import jaxq.nn, whose package __init__ imports the jaxq API,
+    # Imported on first use: the model modules import jaxq.nn, and importing jaxq (jaxq/__init__) imports the API,
     # which imports this registry; top-level imports here would make that a cycle.
     from models import gemma3, llama
 
