@@ -285,35 +285,35 @@ def step_check(results):
 
 
 def packed4_candidates(m: int, n: int, k: int, family: str):
-    """Tile candidates per M: the GEMV path (block_m 1) and MMA tiles, each with split-K for 1-2 waves."""
+    """Tile candidates per M: the GEMV path (block_m 1) and MMA tiles, with unrolled K chunks and split-K
+    for about one or two waves."""
     out = []
 
-    def add(bm, bn, bk, warps, stages, waves, presplit=False):
+    def add(bm, bn, warps, waves, unroll=1, stages=3, presplit=False, bk=128):
         progs = cm.cdiv(m, bm) * cm.cdiv(n, bn)
-        chunks = cm.cdiv(k, bk)
+        chunks = cm.cdiv(k, bk) // unroll
         for split in sorted({dispatch._fill_split(progs, chunks, w * cm.NUM_SMS) if w else 1 for w in waves}):
-            out.append(Packed4Config(bm, bn, bk, split, presplit, warps, stages))
+            out.append(Packed4Config(bm, bn, bk, split, presplit, warps, stages, unroll))
 
-    bks = (64, 128) if family != "w4a8" else (64, 128)
     if m == 1:
         for bn in (16, 32, 64):
-            for bk in bks:
+            for unroll in (2, 4, 8):
                 for warps in (2, 4):
-                    add(1, bn, bk, warps, 3, (0, 1))
+                    add(1, bn, warps, (0, 1), unroll)
     if m <= 16:
         for bn in (64, 128):
-            for bk in bks:
+            for unroll in (1, 2, 4):
                 for warps in (2, 4):
-                    add(16, bn, bk, warps, 3, (1, 2))
+                    add(16, bn, warps, (1,) if m == 1 else (1, 2), unroll)
     elif m <= 64:
         for bm in (32, 64):
             for bn in (64, 128):
-                for warps in (4, 8):
-                    add(bm, bn, 128, warps, 3, (1, 2))
+                for unroll in (1, 2):
+                    add(bm, bn, 4, (1, 2), unroll)
     else:
         for bm, bn, warps in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (256, 128, 8)):
             for stages in (3, 4):
-                add(bm, bn, 128, warps, stages, (0,), presplit=True)
+                add(bm, bn, warps, (0,), 1, stages, presplit=True)
     return list(dict.fromkeys(out))
 
 

@@ -44,6 +44,8 @@ class Packed4Config:
     presplit_x: split x into even/odd columns once in XLA ([2, M, K/2]) instead of in every program;
       pays at large M, where the in-kernel split would touch as many x elements as weights.
     num_warps, num_stages: Triton's warps per program and software-pipelining depth.
+    unroll: K chunks per loop iteration, all their loads issued before their math (memory-level
+      parallelism where Triton's pipeliner does not apply, e.g. the GEMV path).
     """
 
     block_m: int = 16
@@ -53,6 +55,7 @@ class Packed4Config:
     presplit_x: bool = False
     num_warps: int = 4
     num_stages: int = 3
+    unroll: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +82,7 @@ class Packed4Format:
 
 
 def config_is_valid(fmt: Packed4Format, cfg: Packed4Config) -> bool:
-    blocks = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k)
+    blocks = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.unroll)
     if not all(cm.is_pow2(b) for b in blocks) or cfg.block_n < 16 or 1 < cfg.block_m < 16:
         return False
     min_depth = 32 if fmt.act == "fp8" else 16
@@ -190,56 +193,70 @@ def packed4_matmul_kernel(*refs, fmt: Packed4Format, cfg: Packed4Config, m: int,
     z_ref = rest.pop(0) if fmt.asym else None
     g_ref = rest.pop(0) if fmt.has_global else None
     (o_ref,) = rest
-    bm, bn, bk, split = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
+    bm, bn, bk, split, unroll = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.unroll
     pm, pn, ps = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0, n0 = pm * bm, pn * bn
     chunks = cm.cdiv(k, bk)
-    per_split = cm.cdiv(chunks, split)
-    k_ragged = k % bk != 0 or chunks % split != 0
+    per_split = cm.cdiv(cm.cdiv(chunks, split), unroll) * unroll   # chunks per split, whole iterations
+    k_ragged = k % bk != 0 or chunks != per_split * split          # some chunk reaches past K
     m_mask = cm.range_mask(m0, bm, m, m % bm != 0)
     n_mask = cm.range_mask(n0, bn, n, n % bn != 0)
     n_rows = pl.ds(n0, bn)
     half = bk // 2
 
-    def body(i, acc):                                   # acc: f32 [bn, bm]
-        chunk = ps * per_split + i
+    def load(chunk):
+        """Every global load of one K chunk (issued for all unrolled chunks before any math)."""
         k0 = cm.multiple_of(chunk * bk, bk)
         kb0 = cm.multiple_of(chunk * half, half)
         kb_mask = cm.range_mask(kb0, half, k // 2, k_ragged)
-        wb = cm.masked_load(w_ref, (n_rows, pl.ds(kb0, half)), cm.and_masks(n_mask, kb_mask))  # u8 [bn, bk/2]
+        t = {"k0": k0, "chunk": chunk}
+        t["wb"] = cm.masked_load(w_ref, (n_rows, pl.ds(kb0, half)), cm.and_masks(n_mask, kb_mask))  # u8 [bn, bk/2]
         x_mask = cm.and_masks(m_mask, kb_mask)
         if cfg.presplit_x:
-            xe = cm.masked_load(x_ref, (jnp.int32(0), pl.ds(m0, bm), pl.ds(kb0, half)), x_mask)   # [bm, bk/2]
-            xo = cm.masked_load(x_ref, (jnp.int32(1), pl.ds(m0, bm), pl.ds(kb0, half)), x_mask)   # [bm, bk/2]
+            t["xe"] = cm.masked_load(x_ref, (jnp.int32(0), pl.ds(m0, bm), pl.ds(kb0, half)), x_mask)  # [bm, bk/2]
+            t["xo"] = cm.masked_load(x_ref, (jnp.int32(1), pl.ds(m0, bm), pl.ds(kb0, half)), x_mask)  # [bm, bk/2]
         else:
             full_mask = cm.and_masks(m_mask, cm.range_mask(k0, bk, k, k_ragged))
-            xv = cm.masked_load(x_ref, (pl.ds(m0, bm), pl.ds(k0, bk)), full_mask)      # [bm, bk]
-            xe, xo = jnp.unstack(xv.reshape(bm, half, 2), axis=-1)                    # [bm, bk/2] each
+            t["xv"] = cm.masked_load(x_ref, (pl.ds(m0, bm), pl.ds(k0, bk)), full_mask)               # [bm, bk]
         if fmt.post_scale:
-            lo, hi = _int4_signed_fp8(wb) if fmt.act == "fp8" else _int4_offset_bf16(wb)
-            d = _mac(lo, xe) + _mac(hi, xo)                                           # [bn, bm]
             g = chunk // (fmt.group // bk)
             g_mask = n_mask
             if k_ragged:                                # a whole chunk past K: its group index is OOB
                 ok = jnp.full((bn,), k0 < k)
                 g_mask = ok if n_mask is None else n_mask & ok
-            s = cm.masked_load(s_ref, (n_rows, g), g_mask).astype(jnp.float32)        # [bn]
-            if fmt.act == "fp8":                        # exact u - 8: no offset to remove
-                return acc + s[:, None] * d
-            xsum = jnp.sum(xe.astype(jnp.float32) + xo.astype(jnp.float32), axis=1)   # [bm]
+            t["s"] = cm.masked_load(s_ref, (n_rows, g), g_mask)                                      # [bn]
             if fmt.asym:
-                z = cm.masked_load(z_ref, (n_rows, g), g_mask).astype(jnp.float32)    # [bn]
-                c = (128.0 + z)[:, None]
-            else:
-                c = 136.0
-            return acc + s[:, None] * (d - c * xsum[None, :])
-        sc = _block_scales_x64(fmt, s_ref, n_rows, n_mask, chunk, bk, k, k_ragged)    # [bn, bk/2]
-        wdt = jnp.bfloat16
-        lo = _e2m1_scaled_f32(wb & 0xF, sc).astype(wdt)
-        hi = _e2m1_scaled_f32(wb >> 4, sc).astype(wdt)
+                t["z"] = cm.masked_load(z_ref, (n_rows, g), g_mask)                                  # [bn]
+        else:
+            t["sc"] = _block_scales_x64(fmt, s_ref, n_rows, n_mask, chunk, bk, k, k_ragged)         # [bn, bk/2]
+        return t
+
+    def accumulate(acc, t):                             # acc: f32 [bn, bm]
+        wb = t["wb"]
+        if cfg.presplit_x:
+            xe, xo = t["xe"], t["xo"]
+        else:
+            xe, xo = jnp.unstack(t["xv"].reshape(bm, half, 2), axis=-1)              # [bm, bk/2] each
+        if fmt.post_scale:
+            lo, hi = _int4_signed_fp8(wb) if fmt.act == "fp8" else _int4_offset_bf16(wb)
+            d = _mac(lo, xe) + _mac(hi, xo)                                           # [bn, bm]
+            s = t["s"].astype(jnp.float32)[:, None]
+            if fmt.act == "fp8":                        # exact u - 8: no offset to remove
+                return acc + s * d
+            xsum = jnp.sum(xe.astype(jnp.float32) + xo.astype(jnp.float32), axis=1)   # [bm]
+            c = (128.0 + t["z"].astype(jnp.float32))[:, None] if fmt.asym else 136.0
+            return acc + s * (d - c * xsum[None, :])
+        lo = _e2m1_scaled_f32(wb & 0xF, t["sc"]).astype(jnp.bfloat16)
+        hi = _e2m1_scaled_f32(wb >> 4, t["sc"]).astype(jnp.bfloat16)
         return acc + _mac(lo, xe) + _mac(hi, xo)
 
-    acc = lax.fori_loop(0, per_split, body, jnp.zeros((bn, bm), jnp.float32))
+    def body(i, acc):
+        tiles = [load(ps * per_split + i * unroll + u) for u in range(unroll)]
+        for t in tiles:
+            acc = accumulate(acc, t)
+        return acc
+
+    acc = lax.fori_loop(0, per_split // unroll, body, jnp.zeros((bn, bm), jnp.float32))
     if g_ref is not None:
         acc = acc * g_ref[0]
     out = acc.T.astype(o_ref.dtype)                     # [bm, bn]

@@ -53,13 +53,18 @@ def can_use_w4a16_matmul(x, packed, scale, zero=None, config: Packed4Config | No
 
 
 def w4a16_dequantize(packed, scale, zero=None, g_idx=None) -> jax.Array:
-    """W [N, K] f32 = (u - zero[group]) * scale[group]; group = k // G, or g_idx[k] under act-order."""
+    """W [N, K] f32 = (u - zero[group]) * scale[group]; group = k // G, or g_idx[k] under act-order.
+    Without g_idx the scales broadcast over [N, K/G, G] (no gather: one streaming XLA fusion)."""
     u = cm.unpack_nibbles(packed).astype(jnp.float32)                          # [N, K]
-    k = u.shape[1]
-    groups = jnp.arange(k) // (k // scale.shape[1]) if g_idx is None else g_idx
-    s = jnp.take(scale.astype(jnp.float32), groups, axis=1)                    # [N, K]
-    z = 8.0 if zero is None else jnp.take(zero.astype(jnp.float32), groups, axis=1)
-    return (u - z) * s
+    n, k = u.shape
+    if g_idx is not None:
+        s = jnp.take(scale.astype(jnp.float32), g_idx, axis=1)                 # [N, K]
+        z = 8.0 if zero is None else jnp.take(zero.astype(jnp.float32), g_idx, axis=1)
+        return (u - z) * s
+    ng = scale.shape[1]
+    z = 8.0 if zero is None else zero.astype(jnp.float32)[:, :, None]
+    w = (u.reshape(n, ng, k // ng) - z) * scale.astype(jnp.float32)[:, :, None]  # [N, K/G, G]
+    return w.reshape(n, k)
 
 
 def w4a16_matmul_reference(x, packed, scale, zero=None, g_idx=None) -> jax.Array:

@@ -36,6 +36,7 @@ W4A16_CASES = [
     (1, 40, 384, 128, False, Packed4Config(16, 32, 128, split_k=2)),            # ragged N, ragged split
     (1, 40, 384, 64, True, Packed4Config(1, 16, 64, split_k=2)),                 # GEMV path
     (3, 64, 256, 64, True, Packed4Config(16, 32, 64, split_k=4, num_warps=2)),
+    (1, 40, 640, 128, False, Packed4Config(1, 16, 64, split_k=2, unroll=4)),     # unroll, ragged
     (17, 48, 256, 32, False, Packed4Config(32, 16, 32, presplit_x=True)),
     (17, 40, 512, 128, True, Packed4Config(16, 64, 64, split_k=2, presplit_x=True)),
     (5, 24, 128, 128, False, None),                                              # default heuristic
@@ -91,6 +92,7 @@ FP4_CASES = [
     (1, 40, 384, Packed4Config(1, 16, 64)),
     (17, 48, 256, Packed4Config(32, 16, 32, presplit_x=True)),
     (3, 24, 192, Packed4Config(16, 16, 64, split_k=2, num_warps=2)),            # K not a multiple of 128
+    (1, 24, 320, Packed4Config(1, 16, 64, unroll=2)),
 ]
 
 
