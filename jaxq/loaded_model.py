@@ -2,7 +2,8 @@
 evaluation and (later) quantization need, so the public functions take a single argument.
 
     model = jaxq.load("smollm2-135m")            # an embedded model name
-    model = jaxq.load("path/to/hf_checkpoint")   # a directory with config.json + safetensors
+    model = jaxq.load("path/to/hf_checkpoint")   # a directory with config.json + safetensors, plain or
+                                                 # pre-quantized (ModelOpt, compressed-tensors, AutoAWQ, GPTQ, FP8)
     model = jaxq.load("path/to/model.gguf")      # a GGUF file, or a directory holding exactly one
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxq.io import gguf_checkpoint, hf_checkpoint, model_cache
+from jaxq.io import check, gguf_checkpoint, hf_checkpoint, model_cache
 from models.registry import ModelFamily, get_model_family
 
 
@@ -30,7 +31,8 @@ class LoadedModel:
     eos_token_ids: generation stops on any of them. pad_token_id: filler for right-padded prompts.
     kv_scales: (k_scale [L], v_scale [L]) float32 FP8 KV dequant multipliers (ModelOpt's amax / 448), from the
       checkpoint or `jaxq.calibrate_kv_scales`; None when unknown (an FP8 cache then uses 1.0 and warns).
-    quantization: the weight quantization recipe the params carry; None for unquantized params.
+    quantization: the weight quantization the params carry (a jaxq.recipes.QuantConfig for a pre-quantized
+      checkpoint: which module has which recipe); None for unquantized params.
     source: where the model came from (for messages).
     """
 
@@ -99,7 +101,9 @@ def load(path: str | pathlib.Path, dtype: Any = "bfloat16") -> LoadedModel:
 
     path: an embedded model name (`jaxq.io.model_cache.EMBEDDED_MODELS`: "smollm2-135m", "gemma3-270m";
       fetched on first use), a Hugging Face checkpoint directory (config.json + safetensors), a .gguf file
-      or a directory that holds exactly one .gguf file.
+      or a directory that holds exactly one .gguf file. A checkpoint directory is validated first, as
+      `jaxq check` does (jaxq.io.check), and refused with every problem listed (CheckpointError); a
+      pre-quantized one loads its quantized linears as QuantizedWeight params and its FP8 KV scales.
     dtype: the params' and compute dtype ("bfloat16", "float32", ...). GGUF weights are dequantised into it.
     """
     dtype = jnp.dtype(dtype)
@@ -136,13 +140,18 @@ def _load_gguf(path: pathlib.Path, dtype) -> LoadedModel:
 def _load_hf(path: pathlib.Path, dtype) -> LoadedModel:
     from transformers import AutoTokenizer, GenerationConfig
 
-    family, config, params = hf_checkpoint.load_hf_params(path, dtype)
+    inspection = check.inspect(path)
+    if inspection.problems:
+        raise check.CheckpointError(path, inspection.problems)
+    plan = inspection.plan
+    family, config, params = hf_checkpoint.load_hf_params(path, dtype, modules=plan)
     hf_config = hf_checkpoint.read_hf_config(path)
     has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False) if has_tokenizer else None
     eos_ids = ()
     if (path / "generation_config.json").exists():  # chat models list their end-of-turn ids here
         eos = GenerationConfig.from_pretrained(path).eos_token_id
         eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
-    return from_params(family, config, params, hf_config, tokenizer=tokenizer, eos_token_ids=eos_ids,
-                       source=str(path))
+    model = from_params(family, config, params, hf_config, tokenizer=tokenizer, eos_token_ids=eos_ids,
+                        source=str(path))
+    return model if plan is None else model.replace(kv_scales=plan.kv_scales(), quantization=plan.quant_config())

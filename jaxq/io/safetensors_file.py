@@ -2,8 +2,9 @@
 
 Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin,
 end]}, "__metadata__": {str: str}}, then the data section; offsets are relative to the data section. The
-whole header is validated (size bound, dtypes, shapes, offsets inside the file, no overlaps) before any
-tensor is read, so a corrupt or hostile file fails with a message instead of a huge allocation.
+whole header is validated (size bound, dtypes, shapes, offsets inside the file and tiling the data section
+exactly, as the safetensors library requires) before any tensor is read, so a corrupt or hostile file fails
+with a message instead of a huge allocation.
 """
 import json
 import math
@@ -32,6 +33,7 @@ DTYPES: dict[str, np.dtype] = {
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
     "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
 }
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 class SafetensorsFile:
@@ -66,6 +68,14 @@ class SafetensorsFile:
         for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
             if begin < end:
                 raise ValueError(f"{self.path}: tensors {a!r} and {b!r} overlap in the data section")
+            if begin > end:
+                raise ValueError(f"{self.path}: tensor {b!r} starts at byte {begin} of the data section but {a!r} "
+                                 f"ends at {end}; the offsets must tile the data section without gaps")
+        data_end = spans[-1][1] if spans else 0
+        if spans and spans[0][0] != 0 or data_end != size - self._data_start:
+            raise ValueError(f"{self.path}: the tensors cover bytes [{spans[0][0] if spans else 0}, {data_end}) of a "
+                             f"{size - self._data_start}-byte data section; the offsets must tile it exactly (the "
+                             "file is truncated, padded or was edited)")
 
     def _validate(self, name, info, data_size) -> tuple[np.dtype, tuple[int, ...], int, int]:
         where = f"{self.path}: tensor {name!r}"
@@ -94,6 +104,10 @@ class SafetensorsFile:
 
     def dtype(self, name: str) -> np.dtype:
         return self._tensors[name][0]
+
+    def dtype_name(self, name: str) -> str:
+        """The safetensors dtype string ("F8_E4M3", "BF16", ...)."""
+        return _DTYPE_NAMES[self._tensors[name][0]]
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as a fresh numpy array (one tensor's worth of host memory; nothing is kept)."""
