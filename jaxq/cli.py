@@ -1,9 +1,10 @@
 """The `jaxq` console script: `jaxq generate | quantize | eval | check | bench`.
 
-Only `generate` works so far; the others say which issue brings them and exit with status 2.
+`generate` and `check` work so far; the others say which issue brings them and exit with status 2.
 
     jaxq generate --model smollm2-135m --prompt "Hello, my name is" --max-new-tokens 32
     jaxq generate --model DIR_OR_GGUF --prompt "a" --prompt "b" --kv-cache fp8 --calib-text valid.txt
+    jaxq check CHECKPOINT_DIR      # exit 0 when the checkpoint is good, 1 with every problem listed
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import sys
 _NOT_YET = {
     "quantize": "quantization recipes and export",
     "eval": "evaluation beyond jaxq.perplexity",
-    "check": "checkpoint validation",
     "bench": "benchmarks (see benchmarks/ for scripts)",
 }
 
@@ -31,6 +31,16 @@ def _generate(args) -> int:
     for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}{text}" if len(args.prompt) == 1 else f"--- {prompt!r}\n{prompt}{text}")
     return 0
+
+
+def _check(args) -> int:
+    from jaxq.io.check import check  # not `import jaxq`: checking needs no generation machinery
+
+    problems = check(args.path)
+    for problem in problems:
+        print(problem)
+    print(f"{args.path}: {len(problems)} problem(s)" if problems else f"{args.path}: OK")
+    return 1 if problems else 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="bfloat16", help="params and compute dtype")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     gen.set_defaults(run=_generate)
+    chk = sub.add_parser("check", help="validate a checkpoint directory without running it (what jaxq.load checks)")
+    chk.add_argument("path", help="Hugging Face checkpoint directory (plain or pre-quantized)")
+    chk.set_defaults(run=_check)
     for name, what in _NOT_YET.items():
         cmd = sub.add_parser(name, help=f"not yet: {what}")
         cmd.set_defaults(run=lambda args, name=name, what=what: _not_yet(name, what))
