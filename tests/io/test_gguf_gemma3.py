@@ -1,0 +1,40 @@
+"""The embedded Gemma 3 270M (GGUF Q4_K_M joined from four wheels) in jaxq against transformers' GGUF loader:
+real Q4_K / Q5_0 / Q6_K / Q8_0 tensors, the 1 + w norm offset, sliding-window layers and the 262k vocabulary."""
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+import jaxq
+from jaxq.io.model_cache import embedded_model_path
+
+_SPEC = importlib.util.spec_from_file_location(
+    "smollm2_reference", pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "smollm2_reference.py")
+ref = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(ref)
+
+# Two xdist workers share the CPU; more torch threads than one each oversubscribe it.
+torch.set_num_threads(1)
+
+
+@pytest.mark.slow
+def test_gemma3_logits_and_greedy_match_transformers():
+    path = embedded_model_path("gemma3-270m")
+    model = jaxq.load(path, dtype="float32")
+    assert model.config.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",)
+    hf = ref.hf_gguf_model(path)
+    # 600 tokens: past the 512-token sliding window, so local and global layers differ.
+    ids = model.tokenizer(ref.wikitext("test")[:3000]).input_ids[:600]
+    assert len(ids) == 600
+    ours = np.asarray(jaxq.logits(model, [ids]))[0]
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    err = np.abs(ours - theirs).max()
+    assert err < 2e-3 * np.abs(theirs).max(), f"max abs logit diff {err}"
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.99
+
+    prompt = model.tokenizer("The capital of France is").input_ids
+    greedy = jaxq.generate(model, prompt, max_new_tokens=16, kv_cache_dtype="fp32")
+    assert greedy == ref.hf_greedy(hf, prompt, 16, model.eos_token_ids)
