@@ -123,7 +123,8 @@ def _check_plan(plan: CheckpointPlan, headers: dict[str, SafetensorsFile], confi
             if name not in headers:
                 if spec.required:
                     add(name, f"missing: {scheme.description} stores {module} as {linear.recipe.name}, which needs "
-                              f"{role} {spec.why} ({'/'.join(spec.dtypes)}); restore it from the original export")
+                              f"{role} ({spec.why}, {'/'.join(spec.dtypes)}); restore it from the original export, "
+                              "or exclude the module in the quantization config if it is not quantized")
                 continue
             st = headers[name]
             if st.dtype_name(name) not in spec.dtypes:
