@@ -104,12 +104,18 @@ def load(path: str | pathlib.Path, dtype: Any = "bfloat16") -> LoadedModel:
       or a directory that holds exactly one .gguf file. A checkpoint directory is validated first, as
       `jaxq check` does (jaxq.io.check), and refused with every problem listed (CheckpointError); a
       pre-quantized one loads its quantized linears as QuantizedWeight params and its FP8 KV scales.
-    dtype: the params' and compute dtype ("bfloat16", "float32", ...). GGUF weights are dequantised into it.
+      A directory written by `jaxq.save` (jaxq.io.native) restores exactly what was saved.
+    dtype: the params' and compute dtype ("bfloat16", "float32", ...). GGUF weights are dequantised into it;
+      quantized weights keep their formats.
     """
     dtype = jnp.dtype(dtype)
     if isinstance(path, str) and path in model_cache.EMBEDDED_MODELS:
         return _load_gguf(model_cache.embedded_model_path(path), dtype)
     path = pathlib.Path(path)
+    from jaxq.io import native  # here: native builds on this module
+
+    if native.is_native(path):
+        return native.load(path, dtype)
     if path.is_dir() and (path / "config.json").exists():
         return _load_hf(path, dtype)
     if path.is_dir():
