@@ -1,4 +1,5 @@
 """Grouped-query attention against a NumPy reference that repeats k/v per head, and the mask rules."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,8 +28,9 @@ def test_gqa_with_mask_and_softcap_matches_reference():
     mask = np.asarray(causal_mask(jnp.asarray(positions), jnp.asarray(np.tile(np.arange(7), (2, 1))),
                                   jnp.asarray(valid), sliding_window=3))
     for cap in (None, 2.0):
-        got = dot_product_attention(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
-                                    jnp.asarray(v, jnp.float32), jnp.asarray(mask), 0.3, cap)
+        with jax.default_matmul_precision("highest"):  # a GPU's default float32 matmul is TF32-class
+            got = dot_product_attention(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
+                                        jnp.asarray(v, jnp.float32), jnp.asarray(mask), 0.3, cap)
         np.testing.assert_allclose(np.asarray(got), _reference(q, k, v, mask, 0.3, cap), atol=2e-6)
 
 
