@@ -27,16 +27,46 @@ _F32_SUBNORMAL_2M127 = 0x00400000  # float32 bits of 2**-127 (a subnormal: E8M0 
 
 
 def exact_divide(a, b):
-    """a / b correctly rounded (IEEE), as NumPy and torch compute it, broadcasting a and b.
+    """a / b in float32, correctly rounded (IEEE round to nearest even) on every backend.
 
-    XLA rewrites a division by a broadcast (a scalar constant such as 448 included, or an operand
-    that vmap broadcasts) into a multiplication by the reciprocal, and folds chains such as
-    1 / (448 / amax); both change the last bit for many inputs. Producers divide, so bit-exact scales
-    and codes must too. The operands go through an optimization barrier (no constant folding) and the
-    divisor takes a's shape through data (b + 0 * a), so the divisor is never a broadcast.
+    Producers divide (w / scale, amax / 448, ...) and their ties matter: GPTQ's and compressed-tensors'
+    extreme elements sit exactly on x.5 by construction. XLA does not divide exactly: on GPU a float32
+    division is off by 1-2 ulp for about a quarter of all inputs, and on CPU a division by a broadcast
+    becomes a multiplication by the reciprocal. So the significands are divided as integers (restoring
+    long division, 26 quotient bits plus a sticky bit) and rounded once.
+    Like XLA's CPU arithmetic, subnormal inputs count as zero and subnormal results flush to zero;
+    division by zero and non-finite operands give the hardware's inf/NaN.
     """
-    a, b = jax.lax.optimization_barrier((jnp.asarray(a), jnp.asarray(b)))
-    return a / (b + a * 0)
+    a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    ua, ub = (jax.lax.bitcast_convert_type(v, jnp.uint32) for v in (a, b))
+    ea, eb = (ua >> _F32_EXP_SHIFT) & 0xFF, (ub >> _F32_EXP_SHIFT) & 0xFF
+    ma, mb = (ua & 0x7FFFFF) | 0x800000, (ub & 0x7FFFFF) | 0x800000
+    shift = (ma < mb).astype(jnp.uint32)  # make ma >= mb, so the quotient's leading bit is 2**0
+    r, q = (ma << shift) - mb, jnp.ones_like(ma)
+    for _ in range(25):  # q = floor(ma * 2**25 / mb), in [2**25, 2**26); r < mb < 2**24, so 2r fits
+        r = r << 1
+        bit = (r >= mb).astype(jnp.uint32)
+        r, q = r - bit * mb, (q << 1) | bit
+    m = q >> 2  # 24 significant bits; then guard bit, round bit and sticky remainder
+    m = m + (((q >> 1) & 1) & ((q & 1) | (r != 0).astype(jnp.uint32) | (m & 1)))
+    carry = m >> 24  # rounding up 2**24 - 1 carries into the exponent
+    e = ea.astype(jnp.int32) - eb.astype(jnp.int32) - shift.astype(jnp.int32) + carry.astype(jnp.int32) + 127
+    sign = (ua ^ ub) & jnp.uint32(0x80000000)
+    mag = (jnp.clip(e, 0, 255).astype(jnp.uint32) << _F32_EXP_SHIFT) | ((m >> carry) & 0x7FFFFF)
+    mag = jnp.where(e >= 255, jnp.uint32(0x7F800000), jnp.where((e <= 0) | (ea == 0), jnp.uint32(0), mag))
+    quotient = jax.lax.bitcast_convert_type(sign | mag, jnp.float32)
+    special = (eb == 0) | (ea == 255) | (eb == 255)
+    return jnp.where(special, a / jnp.where(eb == 0, 0.0, b), quotient)
+
+
+def round_to(x, dtype):
+    """x rounded to dtype (nearest even), with the rounding kept through later converts.
+
+    XLA allows itself excess precision: it drops a convert pair such as f32 -> e4m3 -> f32 or
+    f32 -> bf16 -> f32 (seen on GPU), which would skip the rounding a producer applied. An optimization
+    barrier after the cast keeps the rounded value.
+    """
+    return jax.lax.optimization_barrier(x.astype(dtype))
 
 
 def encode_e2m1(x, *, ties: str = "even"):
@@ -75,8 +105,9 @@ def to_e4m3(x):
     """Saturating cast to float8_e4m3fn: clip to [-448, 448], then round to nearest even.
 
     A plain astype is not saturating (overflow gives NaN); producers and TRT-LLM kernels saturate.
+    The result survives a later cast back to float32 (see round_to).
     """
-    return jnp.clip(x.astype(jnp.float32), -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    return round_to(jnp.clip(x.astype(jnp.float32), -E4M3_MAX, E4M3_MAX), jnp.float8_e4m3fn)
 
 
 @jax.jit

@@ -12,7 +12,7 @@ from flax import struct
 
 from jaxq.formats import _checks
 from jaxq.formats._packed import Packed4
-from jaxq.formats.elements import exact_divide, pack_nibbles
+from jaxq.formats.elements import exact_divide, pack_nibbles, round_to
 
 SYMMETRIC_ZERO = 8
 SCHEMES = ("modelopt", "compressed_tensors", "compressed_tensors_asym", "autoawq", "gptq", "gptq_asym")
@@ -109,7 +109,7 @@ def _quantize_int4(w, g_idx, *, group_size, scheme, scale_dtype):
 
 def _stored(scale, scale_dtype):
     """The scale's value after it is written in scale_dtype (codes are computed against this value)."""
-    return scale.astype(scale_dtype).astype(jnp.float32)
+    return round_to(scale, scale_dtype).astype(jnp.float32)
 
 
 def _ratio(wg, scale):

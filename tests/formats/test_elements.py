@@ -94,3 +94,28 @@ def test_codecs_under_jit():
     x = jnp.asarray(_e2m1_inputs(7))
     f = jax.jit(lambda v: el.unpack_nibbles(el.pack_nibbles(el.encode_e2m1(v))))
     np.testing.assert_array_equal(np.asarray(f(x)), np_ref.e2m1_even(np.asarray(x)))
+
+
+def test_exact_divide_is_correctly_rounded():
+    rng = np.random.default_rng(8)
+    a = (rng.standard_normal(200_000) * np.exp(rng.uniform(-40, 40, 200_000))).astype(np.float32)
+    b = (rng.standard_normal(200_000) * np.exp(rng.uniform(-40, 40, 200_000))).astype(np.float32)
+    b[:1000] = 448.0  # a division by a broadcast constant, which XLA would turn into a reciprocal multiply
+    with np.errstate(over="ignore", under="ignore"):
+        ref = a / b
+    got = np.asarray(jax.jit(el.exact_divide)(a, b))
+    normal = np.abs(ref) >= np.finfo(np.float32).tiny  # subnormal results flush to zero, as XLA's CPU does
+    np.testing.assert_array_equal(got[normal].view(np.uint32), ref[normal].view(np.uint32))
+    assert (got[~normal & np.isfinite(ref)] == 0).all()
+    # exact ties survive (GPTQ's extreme elements sit on x.5), and the IEEE specials
+    q = el.exact_divide(jnp.asarray([7.5, -1.0, 1.0, 0.0, 6.0, 5.0]), jnp.asarray([1.0, 0.13333334, 448.0, 3.0, 0.0, jnp.inf]))
+    assert np.asarray(q).tolist() == [7.5, np.float32(-1.0) / np.float32(0.13333334), np.float32(1) / np.float32(448),
+                                      0.0, np.inf, 0.0]
+
+
+def test_round_to_keeps_the_rounding_through_a_cast_back():
+    x = np.random.default_rng(9).standard_normal(1000).astype(np.float32)
+    got = jax.jit(lambda v: el.round_to(v, jnp.bfloat16).astype(jnp.float32))(x)
+    np.testing.assert_array_equal(np.asarray(got), x.astype(jnp.bfloat16).astype(np.float32))
+    e4m3 = jax.jit(lambda v: el.to_e4m3(v).astype(jnp.float32))(x * 100)
+    np.testing.assert_array_equal(np.asarray(e4m3), np_ref.f32(np_ref.e4m3(x * 100)))
