@@ -79,6 +79,10 @@ class WeightMap:
             return name, None
         raise KeyError(name)
 
+    def hf_names(self) -> dict[Path, tuple[str, str]]:
+        """The inverse of `entries` for writers: params path -> (canonical HF name, transform name)."""
+        return {entry.path: (name, entry.transform) for name, entry in self.entries.items()}
+
 
 def expected_shapes(module, num_tokens: int = 1) -> dict[Path, tuple[int, ...]]:
     """Param path -> shape from `jax.eval_shape(module.init)`: no memory, so real sizes are cheap."""

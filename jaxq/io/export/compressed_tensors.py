@@ -1,0 +1,160 @@
+"""compressed-tensors checkpoint (spec 5.6): what vLLM (and transformers with the compressed-tensors
+package) loads, written as llm-compressor 0.14 / compressed-tensors 0.19 write it (the llmc-* fixtures).
+
+| in-memory recipe (QuantizedWeight)          | format (config group)  | tensors of `<lin>` besides bias          |
+|---------------------------------------------|------------------------|------------------------------------------|
+| fp8 (per tensor, static input)              | float-quantized        | weight F8_E4M3 [N, K], weight_scale F32 [1], input_scale F32 [1] |
+| fp8_rowwise (channel, dynamic per token)    | float-quantized        | weight F8_E4M3 [N, K], weight_scale F32 [N, 1] |
+| fp8_block (b x b; input none or 1 x b)      | float-quantized        | weight F8_E4M3 [N, K], weight_scale F32 [N/b, K/b] |
+| INT4 W4A16 (sym / asym, groups / channel)   | pack-quantized         | weight_packed I32 [N, K/8] (q + 8 along K), weight_scale [N, K/G], weight_shape I64 [2], weight_zero_point I32 [N/8, K/G] (asym, along N), weight_g_idx I32 [K] (act-order) |
+| nvfp4 (W4A4 or weight-only)                 | nvfp4-pack-quantized   | weight_packed U8 [N, K/2], weight_scale F8_E4M3 [N, K/16], weight_global_scale F32 [1], input_global_scale F32 [1] (W4A4) |
+
+Scales keep their in-memory dtype (float32 from jaxq.quantize; llm-compressor writes bf16 INT4 and channel
+scales, vLLM casts on load), so jaxq.load gives back the same weights. compressed-tensors' own symmetric INT4
+quantizer uses scale = amax / 7.5, but the format stores any scale: jaxq's amax / 7 (AWQ) or GPTQ grids load
+as they are. NVFP4 global scales are stored as reciprocals (448 * 6 / amax): `invertible_reciprocal` picks,
+among the float32 values next to 1 / s, one whose reciprocal is s again, so jaxq.load restores s bit for bit
+(for the few s where no float32 has that property, 1 / s, one ulp away).
+No layout: W4A8 INT4 (FP8 activations with a weight_scale_2 stage), MXFP4 (jaxq does not load
+mxfp4-pack-quantized) and any pre_quant_scale (AWQ smoothing kept apart from the weights): these raise,
+pointing to format="modelopt".
+
+config.json quantization_config, as the llmc fixtures: config_groups {group_i: {format, targets ["Linear"] (or
+the module names, when several groups), weights, input_activations, output_activations}}, format (or
+"mixed-precision"), ignore (unquantized linears), kv_cache_scheme, quant_method "compressed-tensors",
+quantization_status "compressed", sparsity_config {}, transform_config {}, version.
+KV cache FP8: `<attn>.k_scale`, `<attn>.v_scale` F32 [1] (amax / 448; vLLM reads them there).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.formats import (exact_divide, fp8_checkpoint_scale, to_compressed_tensors_int4,
+                          to_compressed_tensors_nvfp4)
+from jaxq.io.export.common import ModelTensors, nonzero_block_scales
+from jaxq.loaded_model import LoadedModel
+from jaxq.nn.quantized_weight import QuantizedWeight
+
+COMPRESSED_TENSORS_VERSION = "0.19.0"
+_E4M3 = "torch.float8_e4m3fn"
+_FP8_STRATEGY = {"tensor": "tensor", "channel": "channel", "block": "block"}
+
+
+def _args(num_bits: int, type_: str, strategy: str, *, group_size=None, block_structure=None, symmetric=True,
+          dynamic: bool | str = False, actorder=None, observer="memoryless_minmax", scale_dtype=None,
+          zp_dtype=None) -> dict:
+    """compressed-tensors QuantizationArgs with every field, as its model_dump writes them."""
+    return {"actorder": actorder, "block_structure": block_structure, "dynamic": dynamic, "group_size": group_size,
+            "num_bits": num_bits, "observer": observer, "observer_kwargs": {}, "scale_dtype": scale_dtype,
+            "strategy": strategy, "symmetric": symmetric, "type": type_, "zp_dtype": zp_dtype}
+
+
+def scheme(module: str, qw: QuantizedWeight) -> tuple[str, dict, dict | None]:
+    """(format, weights args, input_activations args or None) of one quantized linear; ValueError naming the
+    layer when compressed-tensors (as jaxq and vLLM read it) has no layout for it."""
+    r, w = qw.recipe, qw.weight
+    if qw.pre_quant_scale is not None:
+        _unsupported(module, qw, "a pre_quant_scale (AWQ smoothing kept apart from the weights)")
+    act = r.activation
+    if r.weight_format == "fp8":
+        weights = _args(8, "float", _FP8_STRATEGY[w.granularity],
+                        block_structure=[w.block_size] * 2 if w.granularity == "block" else None)
+        inputs = {"none": None,
+                  "fp8_static": _args(8, "float", "tensor", observer="minmax"),
+                  "fp8_token": _args(8, "float", "token", dynamic=True, observer=None)}.get(act)
+        if act == "fp8_group" and w.granularity == "block":
+            inputs = _args(8, "float", "group", group_size=w.block_size, dynamic=True, observer=None)
+        if inputs is not None or act == "none":
+            return "float-quantized", weights, inputs
+    elif r.weight_format == "nvfp4" and act in ("none", "nvfp4"):
+        weights = _args(4, "float", "tensor_group", group_size=16, scale_dtype=_E4M3)
+        inputs = None if act == "none" else _args(4, "float", "tensor_group", group_size=16, dynamic="local",
+                                                  observer=None, scale_dtype=_E4M3)
+        return "nvfp4-pack-quantized", weights, inputs
+    elif r.weight_format == "int4" and act == "none":
+        per_channel = r.group_size == -1
+        weights = _args(4, "int", "channel" if per_channel else "group", group_size=None if per_channel else
+                        w.group_size, symmetric=w.zero is None, actorder="group" if w.g_idx is not None else None,
+                        zp_dtype=None if w.zero is None else "torch.int8")
+        return "pack-quantized", weights, None
+    return _unsupported(module, qw, f"{type(w).__name__} weights with activation {act!r}")
+
+
+def _unsupported(module, qw, what):
+    raise ValueError(f"layer {module}: recipe {qw.recipe.name!r} has {what}, which compressed-tensors cannot "
+                     "store as jaxq and vLLM read it; export it with format='modelopt' (TensorRT-LLM)")
+
+
+def invertible_reciprocal(s) -> jax.Array:
+    """float32 r near 1 / s with 1 / r == s exactly (exact_divide, as the loader computes it), else 1 / s.
+
+    s > 0 and finite. Candidates: 1 / s and the float32 values up to two ulps either side; the first that
+    inverts back wins, so r == 1 / s whenever that already round-trips.
+    """
+    s = jnp.asarray(s, jnp.float32)
+    r0 = exact_divide(1.0, s)
+    bits = jax.lax.bitcast_convert_type(r0, jnp.int32)
+    out = r0
+    for d in (-2, 2, -1, 1, 0):  # applied last = preferred
+        c = jax.lax.bitcast_convert_type(bits + d, jnp.float32)
+        out = jnp.where(exact_divide(1.0, c) == s, c, out)
+    return out
+
+
+def linear_tensors(module: str, qw: QuantizedWeight, dtype) -> dict[str, Any]:
+    """{"<module>.<role>": array} of one quantized linear (table in the module docstring)."""
+    del dtype  # nothing here is stored in the model dtype
+    r, w = qw.recipe, qw.weight
+    if r.weight_format == "fp8":
+        out = {"weight": w.data, "weight_scale": fp8_checkpoint_scale(w, "compressed_tensors")}
+        if r.activation == "fp8_static":
+            out["input_scale"] = jnp.asarray(qw.input_scale, jnp.float32).reshape(1)
+    elif r.weight_format == "nvfp4":
+        w = nonzero_block_scales(w)
+        out = to_compressed_tensors_nvfp4(w)
+        out["weight_global_scale"] = invertible_reciprocal(w.global_scale).reshape(1)
+        if r.activation == "nvfp4":
+            out["input_global_scale"] = invertible_reciprocal(qw.input_scale).reshape(1)
+    else:
+        out = to_compressed_tensors_int4(w)
+        out["weight_shape"] = np.asarray(out["weight_shape"], np.int64)  # llm-compressor writes I64
+    return {f"{module}.{role}": a for role, a in out.items()}
+
+
+def kv_tensors(attention: str, k_scale, v_scale) -> dict[str, Any]:
+    return {f"{attention}.{n}_scale": jnp.asarray(s, jnp.float32).reshape(1) for n, s in (("k", k_scale),
+                                                                                        ("v", v_scale))}
+
+
+def configs(model: LoadedModel, tensors: ModelTensors, kv: bool) -> tuple[dict, dict[str, dict]]:
+    """(config.json quantization_config, {}): one config group per distinct scheme, targets "Linear" when
+    there is one (the unquantized linears in ignore), else the module names of each."""
+    schemes = {m: scheme(m, qw) for m, qw in tensors.quantized.items()}
+    groups: dict[str, dict] = {}
+    for module, (fmt, weights, inputs) in schemes.items():
+        key = json.dumps([fmt, weights, inputs], sort_keys=True)
+        groups.setdefault(key, {"format": fmt, "input_activations": inputs, "output_activations": None,
+                                "targets": [], "weights": weights})["targets"].append(module)
+    if len(groups) == 1:
+        next(iter(groups.values()))["targets"] = ["Linear"]
+    formats = {g["format"] for g in groups.values()}
+    ignore = sorted(set(tensors.unquantized_linears) | ({"lm_head"} if model.config.tie_word_embeddings else set()))
+    config = {
+        "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "global_compression_ratio": None,
+        "ignore": ignore,
+        "kv_cache_scheme": _args(8, "float", "tensor", observer="minmax") if kv else None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": COMPRESSED_TENSORS_VERSION,
+    }
+    return config, {}
