@@ -128,7 +128,8 @@ def _check_plan(plan: CheckpointPlan, headers: dict[str, SafetensorsFile], confi
                 continue
             st = headers[name]
             if st.dtype_name(name) not in spec.dtypes:
-                add(name, f"has dtype {st.dtype_name(name)}, expected {' or '.join(spec.dtypes)} ({scheme.description})")
+                add(name, f"has dtype {st.dtype_name(name)}, expected {' or '.join(spec.dtypes)} "
+                          f"({scheme.description})")
             elif st.shape(name) not in spec.shapes:
                 expected = " or ".join(str(list(s)) for s in spec.shapes)
                 add(name, f"has shape {list(st.shape(name))}, expected {expected} ({spec.why}; weight [N, K] = "
@@ -206,7 +207,8 @@ def _check_params(family, config, plan: CheckpointPlan | None, headers, root) ->
     weight_map = family.weight_map(config)
     builder = ParamsBuilder(weight_map, expected_shapes(family.module_class(config)), None, lambda *_: None)
     # A quantized linear enters as its finished weight; its own tensors and the strays are _check_plan's.
-    skipped = set() if plan is None else {n for n in headers if plan.module_of(n) is not None} | set(_strays(plan, headers))
+    skipped = set() if plan is None else {n for n in headers if plan.module_of(n) is not None}
+    skipped |= set() if plan is None else set(_strays(plan, headers))
     erroneous = set() if plan is None else {m for m, q in plan.quantized.items() if q.error}
     skipped |= {n for n in headers if n.rpartition(".")[0] in erroneous and not n.endswith(".bias")}
     quantized = [] if plan is None else [(f"{m}.weight", q.shape) for m, q in plan.quantized.items()]

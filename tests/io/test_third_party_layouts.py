@@ -43,7 +43,8 @@ def _base_weights(config, seed=0) -> dict[str, np.ndarray]:
     shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
               "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
     w = {"model.embed_tokens.weight": rng.normal(0, 1, (config["vocab_size"], h)),
-         "model.norm.weight": 1 + 0.1 * rng.normal(size=h), "lm_head.weight": rng.normal(0, 0.05, (config["vocab_size"], h))}
+         "model.norm.weight": 1 + 0.1 * rng.normal(size=h),
+         "lm_head.weight": rng.normal(0, 0.05, (config["vocab_size"], h))}
     for layer in range(config["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         w[p + "input_layernorm.weight"] = 1 + 0.1 * rng.normal(size=h)

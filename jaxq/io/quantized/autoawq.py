@@ -19,9 +19,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from jaxq.formats import from_autoawq
-from jaxq.io.quantized.scheme import FLOAT_DTYPES, Scheme, TensorSpec, finite_nonzero
+from jaxq.io.quantized.scheme import FLOAT_DTYPES, Scheme, TensorSpec, finite_nonzero, int4_recipe
 from jaxq.nn.quantized_weight import QuantizedWeight
-from jaxq.recipes import get_recipe
 
 
 class AutoAWQScheme(Scheme):
@@ -36,10 +35,7 @@ class AutoAWQScheme(Scheme):
             raise ValueError(f"{source}.version is {config.get('version')!r}; jaxq loads the 'gemm' layout only "
                              "(re-save with AutoAWQ's GEMM version)")
         group_size = config.get("group_size", config.get("q_group_size", 128))
-        try:
-            self.recipe = get_recipe("w4a16_awq", group_size=group_size, symmetric=False)
-        except ValueError as e:
-            raise ValueError(f"{source}.group_size {group_size!r}: {e}") from None
+        self.recipe = int4_recipe("w4a16_awq", group_size, f"{source}.group_size", symmetric=False)
         self.exclusions = tuple(config.get("modules_to_not_convert") or ())
         self.entries_field = f"{source}.modules_to_not_convert"
         self.description = f"AutoAWQ GEMM w4 g{group_size} ({source.split()[0]})"
@@ -53,10 +49,12 @@ class AutoAWQScheme(Scheme):
     def tensor_specs(self, recipe, n, k):
         g = k if recipe.group_size == -1 else recipe.group_size
         if n % 8 or k % g:
-            raise ValueError(f"[N, K] = [{n}, {k}] does not fit AutoAWQ: N must be a multiple of 8 and K of group_size {g}")
+            raise ValueError(f"[N, K] = [{n}, {k}] does not fit AutoAWQ: N must be a multiple of 8 and K of "
+                             f"group_size {g}")
         return {"qweight": TensorSpec(("I32",), ((k, n // 8),), "[K, N/8], packed along N"),
                 "qzeros": TensorSpec(("I32",), ((k // g, n // 8),), f"[K/G, N/8] with G = {g}"),
                 "scales": TensorSpec(FLOAT_DTYPES, ((k // g, n),), f"[K/G, N] with G = {g}", finite_nonzero)}
 
     def build(self, recipe, tensors, dtype):
-        return QuantizedWeight(recipe=recipe, weight=from_autoawq(tensors["qweight"], tensors["qzeros"], tensors["scales"]))
+        weight = from_autoawq(tensors["qweight"], tensors["qzeros"], tensors["scales"])
+        return QuantizedWeight(recipe=recipe, weight=weight)

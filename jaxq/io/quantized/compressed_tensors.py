@@ -3,13 +3,19 @@
 config.json quantization_config: `config_groups` {name: {targets, weights, input_activations, [format]}},
 `format`, `ignore`, `kv_cache_scheme`, `quantization_status` ("compressed"), `sparsity_config`,
 `transform_config`. Targets and ignore entries are module names, "re:<regex>" (re.match) or the class
-"Linear". Each group's QuantizationArgs map to a jaxq recipe:
+"Linear". Each group's QuantizationArgs map to a jaxq recipe (format: weights, input_activations -> recipe;
+the tensors of `<lin>`):
 
-| format | weights | input_activations | recipe | tensors of `<lin>` |
-|---|---|---|---|---|
-| float-quantized | float 8, tensor / channel / block [b, b] | none, float 8 static tensor, dynamic token or dynamic group b | fp8 / fp8_rowwise / fp8_block with that activation | weight F8_E4M3 [N, K], weight_scale [1] / [N, 1] / [N/b, K/b], input_scale [1] (static) |
-| pack-quantized | int 4, group G or channel, sym or asym, actorder | none | w4a16_gptq (sym, act_order for actorder "group") or w4a16_awq symmetric=False (asym) | weight_packed I32 [N, K/8] (q + 8 along K), weight_scale [N, K/G], weight_shape [2], weight_zero_point I32 [N/8, K/G] (asym, along N), weight_g_idx [K] |
-| nvfp4-pack-quantized | float 4, tensor_group 16 | none (NVFP4A16) or float 4 tensor_group 16 | nvfp4 (activation none or nvfp4) | weight_packed U8 [N, K/2], weight_scale F8_E4M3 [N, K/16], weight_global_scale F32 [1] = 448 * 6 / amax (reciprocal of ModelOpt's weight_scale_2), input_global_scale F32 [1] |
+* float-quantized: float 8 weights per tensor / channel / block [b, b] -> fp8 / fp8_rowwise / fp8_block;
+  activations none, float 8 static per tensor (fp8_static), dynamic per token (fp8_token) or dynamic in
+  groups of b (fp8_group). weight F8_E4M3 [N, K], weight_scale [1] / [N, 1] / [N/b, K/b], input_scale [1].
+* pack-quantized: int 4 weights per group G or channel, no activation quantization -> w4a16_gptq
+  (symmetric; act_order for actorder "group") or w4a16_awq with symmetric=False. weight_packed I32
+  [N, K/8] (q + 8, along K), weight_scale [N, K/G], weight_shape [2] = (N, K), weight_zero_point I32
+  [N/8, K/G] (asymmetric, along N), weight_g_idx [K] (actorder "group").
+* nvfp4-pack-quantized: float 4 tensor_group 16 -> nvfp4; activations none (NVFP4A16) or float 4
+  tensor_group 16. weight_packed U8 [N, K/2], weight_scale F8_E4M3 [N, K/16], weight_global_scale F32 [1]
+  = 448 * 6 / amax (the reciprocal of ModelOpt's weight_scale_2), input_global_scale F32 [1] likewise.
 
 KV cache (`kv_cache_scheme` float 8): k_scale / v_scale per layer on `self_attn` (or ModelOpt's k_proj/v_proj).
 """
@@ -22,11 +28,14 @@ from typing import Any, Mapping
 from jaxq.formats import exact_divide, from_compressed_tensors_int4, from_compressed_tensors_nvfp4
 from jaxq.formats._blocking import ceil_div
 from jaxq.io.quantized.scheme import (FLOAT_DTYPES, Scheme, TensorSpec, equal_to, finite_nonzero, fp8_weight,
-                                      fp8_weight_specs, indices_below, module_matches, scalar, scalar_spec)
+                                      fp8_weight_specs, indices_below, int4_recipe, module_matches, scalar,
+                                      scalar_spec)
 from jaxq.nn.quantized_weight import QuantizedWeight
 from jaxq.recipes import Recipe, get_recipe
 
-_FORMATS = ("float-quantized", "pack-quantized", "nvfp4-pack-quantized")
+# format -> the (type, num_bits) of its weights
+_WEIGHT_KINDS = {"float-quantized": ("float", 8), "pack-quantized": ("int", 4), "nvfp4-pack-quantized": ("float", 4)}
+_FORMATS = tuple(_WEIGHT_KINDS)
 _FP8_WEIGHTS = {"tensor": "fp8", "channel": "fp8_rowwise", "block": "fp8_block"}
 
 
@@ -140,14 +149,15 @@ def _recipe(group: Mapping, fmt: str | None, where: str) -> Recipe:
     if not isinstance(w, Mapping):
         raise ValueError(f"{where}.weights is {w!r}, expected QuantizationArgs")
     kind = (w.get("type"), w.get("num_bits"))
-    expected = {"float-quantized": ("float", 8), "pack-quantized": ("int", 4), "nvfp4-pack-quantized": ("float", 4)}[fmt]
+    expected = _WEIGHT_KINDS[fmt]
     if kind != expected:
         raise ValueError(f"{where}.weights has type {kind[0]!r} with num_bits {kind[1]!r}; format {fmt!r} in jaxq "
                          f"means type {expected[0]!r} with {expected[1]} bits")
     if fmt == "float-quantized":
         strategy = w.get("strategy")
         if strategy not in _FP8_WEIGHTS:
-            raise ValueError(f"{where}.weights.strategy is {strategy!r}; jaxq loads FP8 weights per {list(_FP8_WEIGHTS)}")
+            raise ValueError(f"{where}.weights.strategy is {strategy!r}; jaxq loads FP8 weights per "
+                             f"{list(_FP8_WEIGHTS)}")
         overrides = {}
         if strategy == "block":
             b = w.get("block_structure")
@@ -162,7 +172,7 @@ def _recipe(group: Mapping, fmt: str | None, where: str) -> Recipe:
                              "NVFP4 is tensor_group with group_size 16")
         if a is None:
             return get_recipe("nvfp4", activation="none")
-        if (a.get("type"), a.get("num_bits"), a.get("strategy"), a.get("group_size")) != ("float", 4, "tensor_group", 16):
+        if tuple(a.get(f) for f in ("type", "num_bits", "strategy", "group_size")) != ("float", 4, "tensor_group", 16):
             raise ValueError(f"{where}.input_activations is {dict(a)!r}; jaxq runs NVFP4 weights with no activation "
                              "quantization or NVFP4 (float 4, tensor_group 16) activations")
         return get_recipe("nvfp4")
@@ -175,12 +185,10 @@ def _recipe(group: Mapping, fmt: str | None, where: str) -> Recipe:
     group_size = -1 if strategy == "channel" else group_size
     act_order = w.get("actorder") == "group"  # "static" reorders during GPTQ only: groups stay contiguous
     symmetric = bool(w.get("symmetric", True))
-    try:
-        if symmetric or act_order:
-            return get_recipe("w4a16_gptq", group_size=group_size, symmetric=symmetric, act_order=act_order)
-        return get_recipe("w4a16_awq", group_size=group_size, symmetric=False)
-    except ValueError as e:
-        raise ValueError(f"{where}.weights.group_size {group_size!r}: {e}") from None
+    if symmetric or act_order:
+        return int4_recipe("w4a16_gptq", group_size, f"{where}.weights.group_size", symmetric=symmetric,
+                           act_order=act_order)
+    return int4_recipe("w4a16_awq", group_size, f"{where}.weights.group_size", symmetric=False)
 
 
 def _fp8_activation(a: Mapping | None, weight_recipe: Recipe, where: str) -> str:

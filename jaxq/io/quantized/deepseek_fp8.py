@@ -5,10 +5,9 @@ config.json quantization_config: {"quant_method": "fp8", "fmt": "e4m3", "activat
 "weight_block_size": [128, 128], "modules_to_not_convert": [...]}. As DeepSeek's own fp8_cast_bf16.py does,
 a linear is quantized when it carries its scale:
 
-| config | recipe | tensors of `<lin>` |
-|---|---|---|
-| weight_block_size [b, b], dynamic activations | fp8_block (1 x b dynamic activation groups) | weight F8_E4M3 [N, K], weight_scale_inv F32 [ceil(N/b), ceil(K/b)] |
-| no block size, static activations | fp8 | weight F8_E4M3 [N, K], weight_scale F32 [], input_scale F32 [] |
+* weight_block_size [b, b], dynamic activations -> fp8_block (dynamic 1 x b activation groups):
+  weight F8_E4M3 [N, K], weight_scale_inv F32 [ceil(N/b), ceil(K/b)].
+* no block size, static activations -> fp8: weight F8_E4M3 [N, K], weight_scale F32 [], input_scale F32 [].
 
 `weight_scale_inv` is, despite its name, a dequant multiplier (block amax / 448): W = q * s[n // b, k // b].
 """

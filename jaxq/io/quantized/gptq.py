@@ -19,9 +19,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from jaxq.formats import from_gptq
-from jaxq.io.quantized.scheme import FLOAT_DTYPES, Scheme, TensorSpec, finite_nonzero, indices_below
+from jaxq.io.quantized.scheme import FLOAT_DTYPES, Scheme, TensorSpec, finite_nonzero, indices_below, int4_recipe
 from jaxq.nn.quantized_weight import QuantizedWeight
-from jaxq.recipes import get_recipe
 
 _VERSIONS = {"gptq": 1, "gptq_v2": 2}
 
@@ -41,11 +40,8 @@ class GPTQScheme(Scheme):
         self.version = _VERSIONS[fmt]
         self.sym = bool(config.get("sym", True))
         group_size = config.get("group_size", 128)
-        try:
-            self.recipe = get_recipe("w4a16_gptq", group_size=group_size, symmetric=self.sym,
-                                     act_order=bool(config.get("desc_act", False)))
-        except ValueError as e:
-            raise ValueError(f"{source}.group_size {group_size!r}: {e}") from None
+        self.recipe = int4_recipe("w4a16_gptq", group_size, f"{source}.group_size", symmetric=self.sym,
+                                  act_order=bool(config.get("desc_act", False)))
         self.description = (f"GPTQ {fmt} w4 g{group_size} {'sym' if self.sym else 'asym'}"
                             f"{' act-order' if self.recipe.act_order else ''} ({source.split()[0]})")
 

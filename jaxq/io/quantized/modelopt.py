@@ -9,11 +9,12 @@ config.json `quantization_config` with `quant_method: "modelopt"` (`ignore`, `kv
 | FP8 | fp8 | weight F8_E4M3 [N, K], weight_scale F32 [], input_scale F32 [] |
 | FP8_PER_CHANNEL_PER_TOKEN | fp8_rowwise | weight F8_E4M3 [N, K], weight_scale F32 [N] |
 | fp8_pb_wo | fp8_block, activation none | weight F8_E4M3 [N, K], weight_scale F32 [N/128, 1, K/128, 1] |
-| NVFP4 (NVFP4_AWQ) | nvfp4 | weight U8 [N, K/2], weight_scale F8_E4M3 [N, K/16], weight_scale_2 F32 [], input_scale F32 [] (pre_quant_scale [K]) |
+| NVFP4, NVFP4_AWQ | nvfp4 | weight U8 [N, K/2], weight_scale F8_E4M3 [N, K/16], weight_scale_2 F32 [], |
+| | | input_scale F32 [] (NVFP4_AWQ: pre_quant_scale [K] where not folded) |
 | W4A16_NVFP4 | nvfp4, activation none | as NVFP4 without input_scale |
-| mxfp4 / W4A8_MXFP4_FP8 | mxfp4 (activation fp8_static) | weight U8 [N, K/2], weight_scale U8 E8M0 [N, K/32] (input_scale F32 []) |
-| W4A16_AWQ | w4a16_awq, group_size G | weight U8 [N/2, K] (packed along N), weight_scale F32 [N, K/G], pre_quant_scale [K] where not folded |
-| W4A8_AWQ | w4a8_awq, group_size G | as W4A16_AWQ plus weight_scale_2 F32 [], input_scale F32 [] |
+| mxfp4, W4A8_MXFP4_FP8 | mxfp4 (fp8_static) | weight U8 [N, K/2], weight_scale U8 E8M0 [N, K/32] (input_scale F32 []) |
+| W4A16_AWQ | w4a16_awq, group G | weight U8 [N/2, K] (along N), weight_scale F32 [N, K/G], pre_quant_scale [K] |
+| W4A8_AWQ | w4a8_awq, group G | as W4A16_AWQ plus weight_scale_2 F32 [], input_scale F32 [] |
 
 Every scale is a dequant multiplier. fp8_pb_wo is weight-only as ModelOpt calibrates and exports it (serving
 engines add dynamic 1x128 FP8 activations: get_recipe("fp8_block") emulates them). AWQ: pre_quant_scale
@@ -26,11 +27,10 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import jax
-
 from jaxq.formats import from_modelopt_int4, from_modelopt_mxfp4, from_modelopt_nvfp4
 from jaxq.io.quantized.scheme import (FLOAT_DTYPES, Scheme, TensorSpec, e8m0_finite, finite_nonzero,
-                                      fp8_weight, fp8_weight_specs, module_matches, scalar, scalar_spec)
+                                      fp8_weight, fp8_weight_specs, int4_recipe, module_matches, scalar,
+                                      scalar_spec)
 from jaxq.nn.quantized_weight import QuantizedWeight
 from jaxq.recipes import Recipe, get_recipe
 
@@ -43,8 +43,8 @@ _ALGOS = {
     "W4A16_NVFP4": lambda g: get_recipe("nvfp4", activation="none"),
     "MXFP4": lambda g: get_recipe("mxfp4"),
     "W4A8_MXFP4_FP8": lambda g: get_recipe("mxfp4", activation="fp8_static"),
-    "W4A16_AWQ": lambda g: get_recipe("w4a16_awq", group_size=g or 128),
-    "W4A8_AWQ": lambda g: get_recipe("w4a8_awq", group_size=g or 128),
+    "W4A16_AWQ": lambda g: int4_recipe("w4a16_awq", g or 128, "group_size"),
+    "W4A8_AWQ": lambda g: int4_recipe("w4a8_awq", g or 128, "group_size"),
 }
 # The group (block) size each FP4 algo fixes; a config that says otherwise is not this format.
 _FIXED_GROUP = {"NVFP4": 16, "NVFP4_AWQ": 16, "W4A16_NVFP4": 16, "MXFP4": 32, "W4A8_MXFP4_FP8": 32}

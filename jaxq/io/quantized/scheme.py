@@ -20,7 +20,7 @@ import numpy as np
 from jaxq.formats import fp8_from_checkpoint
 from jaxq.formats._blocking import ceil_div
 from jaxq.nn.quantized_weight import QuantizedWeight
-from jaxq.recipes import Recipe
+from jaxq.recipes import Recipe, get_recipe
 
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 # jaxq keeps fused projections split; exclusion lists written against a fused model name the fused module.
@@ -125,6 +125,16 @@ class Scheme(abc.ABC):
     def excluded_by(self, module: str) -> str | None:
         """The first exclusion entry that covers module, or None."""
         return next((e for e in self.exclusions if self.matches(module, e)), None)
+
+
+def int4_recipe(name: str, group_size, field: str, **overrides) -> Recipe:
+    """An INT4 recipe with the checkpoint's group size; -1 (one group spanning K, GPTQ's per-channel) is
+    channel granularity. ValueError names the config field when jaxq has no such group size."""
+    granularity = "channel" if group_size == -1 else "group"
+    try:
+        return get_recipe(name, group_size=group_size, weight_granularity=granularity, **overrides)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{field} is {group_size!r}: {e}") from None
 
 
 def blocks(n: int, k: int, b: int) -> tuple[int, int]:
