@@ -54,10 +54,13 @@ def _base_weights(config, seed=0) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
-def _build(tmp_path, config, quantization_config, convert, extra_files=None):
+def _build(tmp_path, config, quantization_config, convert, extra_files=None, extra_tensors=None):
     """Write the quantized checkpoint: convert(module, W) -> ({suffix: tensor}, W dequantized) for every linear.
     Returns (its directory, {module: W dequantized})."""
     tensors, dequantized = _base_weights(config), {}
+    if config["tie_word_embeddings"]:
+        del tensors["lm_head.weight"]
+    tensors.update(extra_tensors or {})
     for layer in range(config["num_hidden_layers"]):
         for linear in LINEARS:
             module = f"model.layers.{layer}.{linear}"
@@ -267,9 +270,23 @@ def _mxfp4_dequantized(packed, scale):
     return (values * np.exp2(scale.astype(np.float32) - 127)[..., None]).reshape(codes.shape)
 
 
+def _modelopt_int4(module, w, group_size, rng):
+    """ModelOpt INT4: two's-complement nibbles packed along N (rows 2i low, 2i + 1 high), scale [N, K/G], and on
+    o_proj / down_proj a pre_quant_scale (powers of two, so folding it into W is exact)."""
+    t = quantize_int4(w, group_size, scheme="modelopt")
+    u, _, s, _ = _int4_parts(t)
+    q = (u.astype(np.int32) - 8) & 0xF
+    tensors = {"weight": (q[0::2] | (q[1::2] << 4)).astype(np.uint8), "weight_scale": s}
+    dequantized = _int4_dequantized(t)
+    if module.endswith(("o_proj", "down_proj")):
+        pqs = np.exp2(rng.integers(-2, 3, w.shape[1])).astype(np.float32)
+        tensors["pre_quant_scale"] = pqs.astype(ml_dtypes.bfloat16)
+        dequantized = dequantized * pqs
+    return tensors, dequantized
+
+
 def test_modelopt_mixed_precision_mxfp4_and_int4_awq(tmp_path):
-    """MIXED_PRECISION: attention MXFP4 (q/k/v named by their fused qkv_proj), MLP W4A16_AWQ packed along N
-    with a pre_quant_scale on down_proj (powers of two, so folding it into W is exact)."""
+    """MIXED_PRECISION: attention MXFP4 (q/k/v named by their fused qkv_proj), MLP W4A16_AWQ."""
     rng = np.random.default_rng(11)
 
     def convert(module, w):
@@ -277,16 +294,7 @@ def test_modelopt_mixed_precision_mxfp4_and_int4_awq(tmp_path):
             t = quantize_mxfp4(w)
             packed, scale = np.asarray(t.packed), np.asarray(t.scale)
             return {"weight": packed, "weight_scale": scale}, _mxfp4_dequantized(packed, scale)
-        t = quantize_int4(w, 128, scheme="modelopt")
-        u, _, s, _ = _int4_parts(t)
-        q = (u.astype(np.int32) - 8) & 0xF  # two's-complement nibbles, rows 2i (low) and 2i + 1 (high)
-        tensors = {"weight": (q[0::2] | (q[1::2] << 4)).astype(np.uint8), "weight_scale": s}
-        dequantized = _int4_dequantized(t)
-        if module.endswith("down_proj"):
-            pqs = np.exp2(rng.integers(-2, 3, w.shape[1])).astype(np.float32)
-            tensors["pre_quant_scale"] = pqs.astype(ml_dtypes.bfloat16)
-            dequantized = dequantized * pqs
-        return tensors, dequantized
+        return _modelopt_int4(module, w, 128, rng)
     layers = {"model.layers.0.self_attn.qkv_proj": {"quant_algo": "MXFP4"},
               "model.layers.*.self_attn.o_proj": {"quant_algo": "mxfp4"}}
     layers.update({f"model.layers.0.mlp.{p}": {"quant_algo": "W4A16_AWQ", "group_size": 128}
@@ -296,6 +304,23 @@ def test_modelopt_mixed_precision_mxfp4_and_int4_awq(tmp_path):
                                  "quantized_layers": layers}}
     quant = _assert_same_logits(*_build(tmp_path, LLAMA, None, convert, {"hf_quant_config.json": hf_quant}))
     assert sorted(w.recipe.name for w in _quantized_weights(quant)) == ["mxfp4"] * 4 + ["w4a16_awq"] * 3
+
+
+def test_modelopt_int4_awq_group_64_tied_embeddings_kv_scales(tmp_path):
+    """SmolLM2-like traits: hidden 320 = 5 groups of 64, tied embeddings (the exporter still lists lm_head in
+    exclude_modules but writes no lm_head.weight), FP8 KV scales well below 1."""
+    config = {**LLAMA, "hidden_size": 320, "intermediate_size": 448, "num_attention_heads": 5,
+              "num_key_value_heads": 1, "tie_word_embeddings": True}
+    rng = np.random.default_rng(13)
+    kv = {f"model.layers.0.self_attn.{p}_proj.{p}_scale": np.array(s, np.float32)
+          for p, s in (("k", 0.02), ("v", 3e-3))}
+    hf_quant = {"producer": {"name": "modelopt", "version": "0.47.0"},
+                "quantization": {"quant_algo": "W4A16_AWQ", "group_size": 64, "has_zero_point": False,
+                                 "pre_quant_scale": True, "kv_cache_quant_algo": "FP8",
+                                 "exclude_modules": ["lm_head", "model.embed_tokens"]}}
+    quant = _assert_same_logits(*_build(tmp_path, config, None, lambda m, w: _modelopt_int4(m, w, 64, rng),
+                                        {"hf_quant_config.json": hf_quant}, kv), "w4a16_awq", group_size=64)
+    np.testing.assert_array_equal(np.asarray(quant.kv_scales), np.array([[0.02], [3e-3]], np.float32))
 
 
 # ----------------------------------------------------------------------------------------- GPT-OSS
