@@ -404,8 +404,79 @@ def torch_ops(n, k, m, reps, seed):
     return ops
 
 
-def step_bench(models, layers, ms, recipes, env, rows, flush):
-    copy_tbps = env["copy"]["torch_copy_tbps"]
+PACKED4_RECIPES = ("w4a16", "w4a16_asym", "nvfp4", "mxfp4", "w4a8")
+
+
+def tune_plans(m, n, k, recipes, log_rows):
+    """Quick per-point autotune: tile candidates for the packed-4 skeleton (timed on W4A16, shared by
+    the packed-4 recipes) and for FP8 block at large M, plus 'xla_dequant' where M >= 256. Returns
+    {recipe: Plan}; the winners are frozen into pallas_kernels/dispatch.py."""
+    plans = {}
+    tried = []
+    if any(r in recipes for r in PACKED4_RECIPES):
+        cands = [dispatch.Plan("pallas", c) for c in quick_packed4_candidates(m, n, k)]
+        if m >= 256:
+            cands.append(dispatch.Plan("xla_dequant"))
+        best = _fastest("w4a16", m, n, k, cands, tried)
+        for r in PACKED4_RECIPES:
+            plans[r] = best
+    if "fp8_block" in recipes and m >= 256:
+        cands = [dispatch.Plan("pallas", c) for c in (Fp8Config(128, 128, 128, num_warps=8, num_stages=4),
+                                                       Fp8Config(128, 256, 128, num_warps=8, num_stages=3),
+                                                       Fp8Config(256, 128, 128, num_warps=8, num_stages=3))]
+        cands.append(dispatch.Plan("xla_dequant"))
+        plans["fp8_block"] = _fastest("fp8_block", m, n, k, cands, tried)
+    log_rows.extend(tried)
+    return plans
+
+
+def quick_packed4_candidates(m, n, k):
+    def fill(bm, bn, bk, unroll, waves=1):
+        return dispatch._fill_split(cm.cdiv(m, bm) * cm.cdiv(n, bn), cm.cdiv(k, bk) // unroll, waves * cm.NUM_SMS)
+
+    out = []
+    if m == 1:
+        for bn in (16, 32):
+            for unroll in (4, 8):
+                out.append(Packed4Config(1, bn, 128, fill(1, bn, 128, unroll), False, 2, 3, unroll))
+        out.append(Packed4Config(1, 32, 128, 1, False, 2, 3, 8))
+    if m <= 16:
+        for bn, unroll in ((64, 2), (64, 4), (128, 2)):
+            out.append(Packed4Config(16, bn, 128, fill(16, bn, 128, unroll), False, 2, 3, unroll))
+    elif m <= 64:
+        for bm, bn, unroll in ((64, 64, 1), (64, 128, 1), (32, 64, 2)):
+            out.append(Packed4Config(bm, bn, 128, fill(bm, bn, 128, unroll), False, 4, 3, unroll))
+    elif m <= 256:
+        out += [Packed4Config(64, 128, 128, 1, True, 4, 3), Packed4Config(128, 128, 128, 1, True, 8, 3)]
+    return list(dict.fromkeys(out))
+
+
+def _fastest(recipe, m, n, k, cands, tried):
+    w0 = make_weights(recipe, n, k, seed=21)
+    wb = weight_bytes(w0)
+    ws = [w0] + [make_weights(recipe, n, k, seed=22 + r) for r in range(reps_for(wb, wb / 3e12) - 1)]
+    x = rand_x(m, k, seed=23)
+    best = None
+    for plan in cands:
+        op = jax_op(recipe, plan)
+        try:
+            ok, _ = check_op(recipe, op, x, w0)
+            t = time_jax(op, [(x, w) for w in ws], trials=3, min_trial_s=0.01) if ok else None
+        except Exception as e:  # noqa: BLE001
+            log("  tune error", plan, repr(e)[:200])
+            t = None
+        tried.append({"recipe": recipe, "N": n, "K": k, "M": m, "path": plan.path,
+                      "config": plan.config and dataclasses.asdict(plan.config), "us": t and t * 1e6})
+        if t is not None and (best is None or t < best[0]):
+            best = (t, plan)
+    del ws
+    gc.collect()
+    log(f"  tuned {recipe} M={m} N={n} K={k}: {best[1]} {best[0] * 1e6:.1f} us")
+    return best[1]
+
+
+def step_bench(models, layers, ms, recipes, env, rows, flush, tune=False, tune_rows=None):
+    copy_tbps = max(env["copy"].values())
     for model in models:
         for layer, (n, k) in SHAPES[model].items():
             if layers and layer not in layers:
@@ -414,6 +485,7 @@ def step_bench(models, layers, ms, recipes, env, rows, flush):
                 flops = 2.0 * m * n * k
                 io_bytes = 2 * m * k + 2 * m * n
                 base = {}
+                plans = tune_plans(m, n, k, recipes, tune_rows) if tune else {}
                 for recipe in recipes:
                     if recipe.startswith("torch") or recipe == "tinygemm":
                         continue
@@ -422,17 +494,16 @@ def step_bench(models, layers, ms, recipes, env, rows, flush):
                     reps = reps_for(wb, max((wb + io_bytes) / (copy_tbps * 1e12), flops / 900e12))
                     ws = [w0] + [make_weights(recipe, n, k, seed=12 + r) for r in range(reps - 1)]
                     x = rand_x(m, k, seed=m + n)
-                    op = jax_op(recipe)
+                    plan = plans.get(recipe)
+                    if plan is None and recipe in PACKED4_RECIPES + ("fp8_block",):
+                        plan = dispatch.plan("w4a16" if recipe == "w4a16_asym" else recipe, m, n, k, GROUP)
+                    op = jax_op(recipe, plan)
                     try:
                         ok, err = check_op(recipe, op, x, w0, tol=2e-2 if recipe == "xla_bf16" else TOL)
                         t = time_jax(op, [(x, w) for w in ws])
                     except Exception as e:  # noqa: BLE001
                         log(f"  error {recipe} {model}.{layer} M={m}: {repr(e)[:300]}")
                         ok, err, t = False, float("nan"), None
-                    plan = None
-                    if recipe in ("w4a16", "w4a16_asym", "nvfp4", "mxfp4", "w4a8", "fp8_block"):
-                        name = "w4a16" if recipe == "w4a16_asym" else recipe
-                        plan = dispatch.plan(name, m, n, k, GROUP)
                     base[recipe] = t
                     rows.append(_row(recipe, model, layer, n, k, m, t, wb + io_bytes, flops, copy_tbps, env,
                                      ok=ok, err=err, plan=plan, reps=reps))
@@ -550,6 +621,7 @@ def main(argv=None):
     ap.add_argument("--sweep", default="int4")
     ap.add_argument("--layers", default="", help="subset of qkv,o,gate_up,down (default all)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--tune", action="store_true", help="quick per-point autotune before timing")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run: tiny shapes, interpret mode, no torch")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -586,7 +658,7 @@ def main(argv=None):
         write_outputs(args.out, env, rows, checks, sweeps)
     if "bench" in steps:
         step_bench(models, layers, ms, args.recipes.split(","), env, rows,
-                   lambda: write_outputs(args.out, env, rows, checks, sweeps))
+                   lambda: write_outputs(args.out, env, rows, checks, sweeps), args.tune, sweeps)
     write_outputs(args.out, env, rows, checks, sweeps)
     return 0 if ok else 1
 

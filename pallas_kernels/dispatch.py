@@ -45,7 +45,7 @@ def m_bucket(m: int) -> int:
 
 
 # Smallest M bucket from which 'xla_dequant' beats the recipe's Pallas kernel (measured; absent = never).
-XLA_DEQUANT_FROM: dict[str, int] = {}
+XLA_DEQUANT_FROM: dict[str, int] = {"w4a16": 1024, "nvfp4": 1024, "mxfp4": 1024, "w4a8": 1024, "fp8_block": 256}
 
 # Tile shapes per (kernel family, M bucket); split_k is then recomputed per shape to fill the SMs.
 PACKED4_TILES: dict[tuple[str, int], Packed4Config] = {}
