@@ -27,26 +27,45 @@ _F32_SUBNORMAL_2M127 = 0x00400000  # float32 bits of 2**-127 (a subnormal: E8M0 
 
 
 def exact_divide(a, b):
-    """a / b in float32, correctly rounded (IEEE round to nearest even) on every backend.
+    """a / b in float32, correctly rounded (IEEE round to nearest even), the same on every backend.
 
     Producers divide (w / scale, amax / 448, ...) and their ties matter: GPTQ's and compressed-tensors'
-    extreme elements sit exactly on x.5 by construction. XLA does not divide exactly: on GPU a float32
-    division is off by 1-2 ulp for about a quarter of all inputs, and on CPU a division by a broadcast
-    becomes a multiplication by the reciprocal. So the significands are divided as integers (restoring
-    long division, 26 quotient bits plus a sticky bit) and rounded once.
+    extreme elements sit exactly on x.5 by construction. XLA does not always divide exactly: on CPU a
+    division by a broadcast (a scalar constant included) becomes a multiplication by the reciprocal, and
+    on GPU a float32 division is off by 1-2 ulp for about a quarter of all inputs. On CPU the divisor is
+    therefore hidden from that rewrite (its exact division is then used); elsewhere the significands are
+    divided as integers (long_divide).
+    """
+    a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    return jax.lax.platform_dependent(a, b, cpu=_cpu_divide, default=long_divide)
+
+
+def _cpu_divide(a, b):
+    # b + 0 * a and the barrier keep the divisor from being a (foldable) broadcast.
+    a, b = jax.lax.optimization_barrier((a, b))
+    return a / (b + a * 0)
+
+
+def long_divide(a, b):
+    """Correctly rounded float32 a / b from integer operations only (restoring long division of the
+    significands, 26 quotient bits plus a sticky bit, one rounding). a and b have the same shape.
+
     Like XLA's CPU arithmetic, subnormal inputs count as zero and subnormal results flush to zero;
     division by zero and non-finite operands give the hardware's inf/NaN.
     """
-    a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
     ua, ub = (jax.lax.bitcast_convert_type(v, jnp.uint32) for v in (a, b))
     ea, eb = (ua >> _F32_EXP_SHIFT) & 0xFF, (ub >> _F32_EXP_SHIFT) & 0xFF
     ma, mb = (ua & 0x7FFFFF) | 0x800000, (ub & 0x7FFFFF) | 0x800000
     shift = (ma < mb).astype(jnp.uint32)  # make ma >= mb, so the quotient's leading bit is 2**0
     r, q = (ma << shift) - mb, jnp.ones_like(ma)
-    for _ in range(25):  # q = floor(ma * 2**25 / mb), in [2**25, 2**26); r < mb < 2**24, so 2r fits
+
+    def step(_, rq):  # q = floor(ma * 2**25 / mb) after 25 steps; r < mb < 2**24, so 2r fits
+        r, q = rq
         r = r << 1
         bit = (r >= mb).astype(jnp.uint32)
-        r, q = r - bit * mb, (q << 1) | bit
+        return r - bit * mb, (q << 1) | bit
+
+    r, q = jax.lax.fori_loop(0, 25, step, (r, q))
     m = q >> 2  # 24 significant bits; then guard bit, round bit and sticky remainder
     m = m + (((q >> 1) & 1) & ((q & 1) | (r != 0).astype(jnp.uint32) | (m & 1)))
     carry = m >> 24  # rounding up 2**24 - 1 carries into the exponent

@@ -96,19 +96,20 @@ def test_codecs_under_jit():
     np.testing.assert_array_equal(np.asarray(f(x)), np_ref.e2m1_even(np.asarray(x)))
 
 
-def test_exact_divide_is_correctly_rounded():
+@pytest.mark.parametrize("divide", [el.exact_divide, el.long_divide], ids=["exact_divide", "long_divide"])
+def test_division_is_correctly_rounded(divide):
     rng = np.random.default_rng(8)
     a = (rng.standard_normal(200_000) * np.exp(rng.uniform(-40, 40, 200_000))).astype(np.float32)
     b = (rng.standard_normal(200_000) * np.exp(rng.uniform(-40, 40, 200_000))).astype(np.float32)
     b[:1000] = 448.0  # a division by a broadcast constant, which XLA would turn into a reciprocal multiply
     with np.errstate(over="ignore", under="ignore"):
         ref = a / b
-    got = np.asarray(jax.jit(el.exact_divide)(a, b))
+    got = np.asarray(jax.jit(divide)(a, b))
     normal = np.abs(ref) >= np.finfo(np.float32).tiny  # subnormal results flush to zero, as XLA's CPU does
     np.testing.assert_array_equal(got[normal].view(np.uint32), ref[normal].view(np.uint32))
     assert (got[~normal & np.isfinite(ref)] == 0).all()
     # exact ties survive (GPTQ's extreme elements sit on x.5), and the IEEE specials
-    q = el.exact_divide(jnp.asarray([7.5, -1.0, 1.0, 0.0, 6.0, 5.0]), jnp.asarray([1.0, 0.13333334, 448.0, 3.0, 0.0, jnp.inf]))
+    q = divide(jnp.asarray([7.5, -1.0, 1.0, 0.0, 6.0, 5.0]), jnp.asarray([1.0, 0.13333334, 448.0, 3.0, 0.0, jnp.inf]))
     assert np.asarray(q).tolist() == [7.5, np.float32(-1.0) / np.float32(0.13333334), np.float32(1) / np.float32(448),
                                       0.0, np.inf, 0.0]
 
