@@ -3,6 +3,7 @@ real Q4_K / Q5_0 / Q6_K / Q8_0 tensors, the 1 + w norm offset, sliding-window la
 import importlib.util
 import pathlib
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -25,15 +26,17 @@ def test_gemma3_logits_and_greedy_match_transformers():
     model = jaxq.load(path, dtype="float32")
     assert model.config.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",)
     hf = ref.hf_gguf_model(path)
-    # 600 tokens: past the 512-token sliding window, so local and global layers differ.
+    # 600 tokens: past the 512-token sliding window, so local and global layers differ. Only the last position's
+    # logits are compared (the 262k-wide head over every position would be 600x the work for no extra coverage).
     ids = model.tokenizer(ref.wikitext("test")[:3000]).input_ids[:600]
     assert len(ids) == 600
-    ours = np.asarray(jaxq.logits(model, [ids]))[0]
+    ours, _ = model.module.apply({"params": model.params}, jnp.asarray([ids]), logits_index=jnp.array([599]))
+    ours = np.asarray(ours)[0, 0]
     with torch.no_grad():
-        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+        theirs = hf(torch.tensor([ids]), logits_to_keep=1).logits[0, 0].numpy()
     err = np.abs(ours - theirs).max()
-    assert err < 2e-3 * np.abs(theirs).max(), f"max abs logit diff {err}"
-    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.99
+    assert err < 1e-3 * np.abs(theirs).max(), f"max abs logit diff {err}"  # measured 4e-5 of 18.9; 10.2 without the window
+    assert ours.argmax() == theirs.argmax()
 
     prompt = model.tokenizer("The capital of France is").input_ids
     greedy = jaxq.generate(model, prompt, max_new_tokens=16, kv_cache_dtype="fp32")
