@@ -10,6 +10,8 @@ import transformers as tf
 from jaxq.io import gguf_checkpoint
 from jaxq.io.gguf_checkpoint import _unpermute_rope_rows, load_gguf_params
 
+from ..models.hf_reference import save_random_hf_model
+
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=64, rms_norm_eps=1e-5)
 
@@ -35,15 +37,6 @@ def _gguf_name(arch: str, hf_name: str) -> str:
     block = dict(_BLOCK, post_attention_layernorm="ffn_norm" if arch == "llama" else "post_attention_norm",
                  pre_feedforward_layernorm="ffn_norm")
     return f"blk.{layer}.{block[module]}.{kind}"
-
-
-def _random_torch_model(config_cls, model_cls, **kwargs):
-    torch.manual_seed(0)
-    model = model_cls(config_cls(attn_implementation="eager", **kwargs)).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # perturb everything, so norms and a dropped tensor matter
-            p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def _write_gguf(path, arch: str, model, metadata) -> None:
@@ -111,7 +104,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_gguf_logits_match_the_source_model(case, tmp_path):
     arch, config_cls, model_cls, metadata, kwargs = CASES[case]
-    model = _random_torch_model(config_cls, model_cls, **kwargs)
+    model = save_random_hf_model(tmp_path / "hf", config_cls, model_cls, **kwargs)
     path = tmp_path / "m.gguf"
     _write_gguf(path, arch, model, metadata)
     assert {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors} == {"F32", "Q8_0"}
