@@ -292,7 +292,7 @@ def packed4_candidates(m: int, n: int, k: int, family: str):
     def add(bm, bn, warps, waves, unroll=1, stages=3, presplit=False, bk=128):
         progs = cm.cdiv(m, bm) * cm.cdiv(n, bn)
         chunks = cm.cdiv(k, bk) // unroll
-        for split in sorted({dispatch._fill_split(progs, chunks, w * cm.NUM_SMS) if w else 1 for w in waves}):
+        for split in sorted({dispatch.fill_split(progs, chunks, w * cm.NUM_SMS) if w else 1 for w in waves}):
             out.append(Packed4Config(bm, bn, bk, split, presplit, warps, stages, unroll))
 
     if m == 1:
@@ -323,7 +323,7 @@ def fp8_candidates(m: int, n: int, k: int):
         for bn in (64, 128, 256):
             progs = cm.cdiv(n, bn)
             for t in (1, 2, 4):
-                split = dispatch._fill_split(progs, cm.cdiv(k, 128), t * cm.NUM_SMS)
+                split = dispatch.fill_split(progs, cm.cdiv(k, 128), t * cm.NUM_SMS)
                 for stages in (3, 5):
                     out.append(Fp8Config(max(cm.pow2_ceil(m), 16), bn, 128, split, swap_ab=True, num_warps=4,
                                          num_stages=stages))
@@ -432,7 +432,7 @@ def tune_plans(m, n, k, recipes, log_rows):
 
 def quick_packed4_candidates(m, n, k):
     def fill(bm, bn, bk, unroll, waves=1):
-        return dispatch._fill_split(cm.cdiv(m, bm) * cm.cdiv(n, bn), cm.cdiv(k, bk) // unroll, waves * cm.NUM_SMS)
+        return dispatch.fill_split(cm.cdiv(m, bm) * cm.cdiv(n, bn), cm.cdiv(k, bk) // unroll, waves * cm.NUM_SMS)
 
     out = []
     if m == 1:

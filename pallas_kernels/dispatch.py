@@ -5,8 +5,9 @@ Paths:
   'xla_dequant'  dequantise the weights once per call to bf16, then XLA's cuBLAS dot (large M, where the
                  GEMM is compute-bound and cuBLAS beats the Pallas kernel by more than the dequant pass)
   'xla'          XLA's own FP8 cuBLASLt path (per-tensor and rowwise FP8)
-The crossovers and configs come from benchmarks/gemm.py runs (benchmarks/results/, card named there);
-`default heuristic` = packed4.default_config / fp8.fp8_default_config for shapes the table lacks.
+The crossovers and configs come from benchmarks/gemm.py --tune runs (benchmarks/results/, card named
+there; notes in benchmarks/results/gemm_notes.md); packed4.default_config / fp8.fp8_default_config are
+the shape-only heuristics for anything the tables do not cover.
 
 Weights per recipe (the canonical layouts of each kernel module):
   w4a16:       packed [N, K/2] u8, scale [N, K/G], zero None | [N, K/G], perm None | [K]
@@ -44,15 +45,30 @@ def m_bucket(m: int) -> int:
     return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
 
 
-# Smallest M bucket from which 'xla_dequant' beats the recipe's Pallas kernel (measured; absent = never).
-XLA_DEQUANT_FROM: dict[str, int] = {"w4a16": 1024, "nvfp4": 1024, "mxfp4": 1024, "w4a8": 1024, "fp8_block": 256}
+# Smallest M bucket from which 'xla_dequant' beats the recipe's Pallas kernel. Measured on an H100
+# (benchmarks/results/gemm_NVIDIA_H100_80GB_HBM3_2026-11-27*.json): at M=256 the tuned packed-4 kernel
+# beat XLA dequant-then-dot on every 8B layer (e.g. 8b.gate_up 257 us vs 412 us); from M=1024 the
+# dequant-then-cuBLAS path wins (8b.qkv M=1024: 146 us vs 212 us). FP8 block: the Pallas kernel beat
+# the bf16-dequant path at every M tried (256..4096), so it has no entry.
+XLA_DEQUANT_FROM: dict[str, int] = {"w4a16": 1024, "nvfp4": 1024, "mxfp4": 1024, "w4a8": 1024}
 
-# Tile shapes per (kernel family, M bucket); split_k is then recomputed per shape to fill the SMs.
-PACKED4_TILES: dict[tuple[str, int], Packed4Config] = {}
-FP8_TILES: dict[int, Fp8Config] = {}
+# Packed-4 tiles per M bucket, tuned on W4A16 (shared by NVFP4/MXFP4/W4A8: one skeleton), H100:
+# (block_m, block_n, num_warps, unroll, presplit_x); split_k then fills about one wave of SMs.
+PACKED4_TILES: dict[int, tuple[int, int, int, int, bool]] = {
+    1: (16, 64, 2, 2, False),       # N < GEMV_MIN_N: MMA with split-K (8b.o 12.9 us)
+    16: (16, 64, 2, 2, False),
+    64: (64, 128, 4, 1, False),
+    256: (64, 128, 4, 1, True),
+}
+# M=1 from N = 6144 up: the GEMV path, no split (measured: GEMV won on 8b.qkv N=6144, 15 us, and
+# 8b.gate_up, 45 us; the MMA split-K tile won on 8b.o N=4096).
+GEMV_MIN_N = 6144
+GEMV_TILE = Packed4Config(block_m=1, block_n=16, block_k=128, split_k=1, num_warps=2, num_stages=3, unroll=4)
+FP8_LARGE_M = Fp8Config(128, 128, 128, split_k=1, swap_ab=False, num_warps=8, num_stages=4)
 
 
-def _fill_split(progs: int, chunks: int, target: int) -> int:
+def fill_split(progs: int, chunks: int, target: int) -> int:
+    """Largest power-of-two split (dividing chunks, >= 4 chunks per split) until progs * split >= target."""
     split = 1
     while progs * split < target and split * 2 <= max(chunks // 4, 1) and chunks % (split * 2) == 0:
         split *= 2
@@ -60,16 +76,19 @@ def _fill_split(progs: int, chunks: int, target: int) -> int:
 
 
 def packed4_config(fmt: packed4.Packed4Format, m: int, n: int, k: int) -> Packed4Config:
-    """Tuned tiles for the bucket of m (if measured), with split_k chosen for this (n, k)."""
-    family = "int4" if fmt.act == "bf16" and fmt.kind == "int4" else ("w4a8" if fmt.act == "fp8" else "fp4")
-    tiles = PACKED4_TILES.get((family, m_bucket(m)))
-    if tiles is None:
+    """Measured tiles for the bucket of m with split_k for this (n, k); the shape heuristic elsewhere."""
+    bucket = m_bucket(m)
+    bk = min(128, fmt.group) if fmt.post_scale else 128
+    if bucket == 1 and n >= GEMV_MIN_N:
+        cfg = dataclasses.replace(GEMV_TILE, block_k=bk)
+    elif bucket in PACKED4_TILES:
+        bm, bn, warps, unroll, presplit = PACKED4_TILES[bucket]
+        progs = cm.cdiv(m, bm) * cm.cdiv(n, bn)
+        split = 1 if presplit else fill_split(progs, cm.cdiv(k, bk) // unroll, cm.NUM_SMS)
+        cfg = Packed4Config(bm, bn, bk, split, presplit, warps, 3, unroll)
+    else:
         return packed4.default_config(fmt, m, n, k)
-    progs = cm.cdiv(m, tiles.block_m) * cm.cdiv(n, tiles.block_n)
-    if tiles.split_k == 1:                              # the bucket asked for no split
-        return tiles
-    split = _fill_split(progs, cm.cdiv(k, tiles.block_k), tiles.split_k * cm.NUM_SMS)
-    return dataclasses.replace(tiles, split_k=split)
+    return cfg if packed4.config_is_valid(fmt, cfg) else packed4.default_config(fmt, m, n, k)
 
 
 def plan(recipe: str, m: int, n: int, k: int, group: int = 128) -> Plan:
@@ -79,7 +98,7 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128) -> Plan:
     if m_bucket(m) >= XLA_DEQUANT_FROM.get(recipe, 1 << 30):
         return Plan("xla_dequant")
     if recipe == "fp8_block":
-        return Plan("pallas", FP8_TILES.get(m_bucket(m)) or fp8.fp8_default_config(m, n, k))
+        return Plan("pallas", FP8_LARGE_M if m > 64 else fp8.fp8_default_config(m, n, k))
     fmt = {
         "w4a16": packed4.Packed4Format("int4", group),
         "nvfp4": fp4.NVFP4,
@@ -120,7 +139,9 @@ def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None =
     w = weights
     m, k = x.shape
     n = (w.get("packed") if "packed" in w else w["wq"]).shape[0]
-    group = k // w["scale" if "scale" in w else "weight_scale"].shape[1] if recipe in ("w4a16", "w4a8") else 128
+    group = 128
+    if recipe in ("w4a16", "w4a8"):
+        group = k // w["scale" if recipe == "w4a16" else "weight_scale"].shape[1]
     p = plan_override or plan(recipe, m, n, k, group)
     if p.path == "xla":
         if recipe == "fp8":

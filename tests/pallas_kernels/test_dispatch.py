@@ -1,0 +1,73 @@
+"""dispatch: the planned path per (recipe, M bucket) and every path of quantized_matmul against the
+recipe's reference (interpret mode for the Pallas kernels, XLA for the others)."""
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from pallas_kernels import dispatch, fp4, fp8, w4a8, w4a16
+from pallas_kernels import _common as cm
+
+from . import np_oracle as npo
+
+
+def test_plan_buckets():
+    assert dispatch.m_bucket(1) == 1 and dispatch.m_bucket(17) == 64 and dispatch.m_bucket(10**6) == 4096
+    assert dispatch.plan("w4a16", 1, 28672, 4096).config.block_m == 1            # GEMV at M=1, large N
+    assert dispatch.plan("w4a16", 1, 4096, 4096).config.block_m == 16            # MMA + split-K
+    assert dispatch.plan("w4a16", 4096, 4096, 4096).path == "xla_dequant"
+    assert dispatch.plan("fp8_rowwise", 16, 4096, 4096).path == "xla"
+    assert dispatch.plan("w4a16", 16, 4096, 4096, group=32).config.block_k == 32  # post-scale: bk <= G
+
+
+def _weights(recipe, rng, n, k):
+    packed = npo.rand_packed(rng, n, k)
+    if recipe == "w4a16":
+        return {"packed": packed, "scale": rng.uniform(0.01, 0.02, (n, k // 128)).astype(ml_dtypes.bfloat16),
+                "zero": rng.integers(4, 12, (n, k // 128)).astype(np.uint8)}
+    if recipe == "nvfp4":
+        return {"packed": packed, "block_scale": npo.e4m3(rng.uniform(1, 400, (n, k // 16))),
+                "global_scale": np.float32(1e-4)}
+    if recipe == "mxfp4":
+        return {"packed": packed, "scale": rng.integers(115, 125, (n, k // 32)).astype(np.uint8)}
+    if recipe == "w4a8":
+        return {"packed": packed, "weight_scale": rng.uniform(0.01, 0.02, (n, k // 128)).astype(np.float32),
+                "input_scale": np.float32(4 / 448)}
+    wq = npo.e4m3(rng.standard_normal((n, k)) * 64)
+    if recipe == "fp8_block":
+        return {"wq": wq, "w_scale": rng.uniform(1e-4, 4e-4, (-(-n // 128), -(-k // 128))).astype(np.float32)}
+    if recipe == "fp8":
+        return {"wq": wq, "w_scale": np.float32(3e-4), "input_scale": np.float32(4 / 448)}
+    return {"wq": wq, "w_scale": rng.uniform(1e-4, 4e-4, (n,)).astype(np.float32)}
+
+
+def _reference(recipe, x, w):
+    if recipe == "w4a16":
+        return w4a16.w4a16_matmul_reference(x, w["packed"], w["scale"], w["zero"])
+    if recipe == "nvfp4":
+        return fp4.nvfp4_matmul_reference(x, w["packed"], w["block_scale"], w["global_scale"])
+    if recipe == "mxfp4":
+        return fp4.mxfp4_matmul_reference(x, w["packed"], w["scale"])
+    if recipe == "w4a8":
+        return w4a8.w4a8_matmul_reference(x, w["packed"], w["weight_scale"], w["input_scale"])
+    if recipe == "fp8_block":
+        return fp8.fp8_block_matmul_reference(x, w["wq"], w["w_scale"])
+    if recipe == "fp8":
+        xq = cm.quantize_fp8_static(x, w["input_scale"])
+        return fp8.fp8_rowwise_matmul_reference(xq, w["input_scale"], w["wq"], w["w_scale"])
+    xq, sx = fp8.quantize_fp8_rowwise(x)
+    return fp8.fp8_rowwise_matmul_reference(xq, sx, w["wq"], w["w_scale"])
+
+
+@pytest.mark.parametrize("recipe", dispatch.RECIPES)
+@pytest.mark.parametrize("m,path", [(1, None), (3, "xla_dequant")])
+def test_quantized_matmul_paths(recipe, m, path):
+    if path == "xla_dequant" and recipe in ("fp8", "fp8_rowwise"):
+        pytest.skip("FP8 per-tensor/rowwise have only the XLA path")
+    rng = npo.rng_for("dispatch", recipe, m)
+    n, k = 136, 256
+    x = npo.rand_x(rng, m, k)
+    w = {name: jnp.asarray(v) for name, v in _weights(recipe, rng, n, k).items()}
+    override = dispatch.Plan(path) if path else None
+    out = dispatch.quantized_matmul(x, recipe, w, plan_override=override, interpret=True)
+    npo.check_close(out, _reference(recipe, x, w), 1e-2)
