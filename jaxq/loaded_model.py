@@ -146,7 +146,7 @@ def _load_gguf(path: pathlib.Path, dtype) -> LoadedModel:
 def _load_hf(path: pathlib.Path, dtype) -> LoadedModel:
     from transformers import AutoTokenizer, GenerationConfig
 
-    inspection = check.inspect(path)
+    inspection = check.inspect_checkpoint(path)
     if inspection.problems:
         raise check.CheckpointError(path, inspection.problems)
     plan = inspection.plan

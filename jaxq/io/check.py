@@ -70,10 +70,10 @@ class Inspection:
 
 def check(path) -> list[Problem]:
     """Every problem of the checkpoint directory at path (see the module docstring); [] when it is good."""
-    return inspect(path).problems
+    return inspect_checkpoint(path).problems
 
 
-def inspect(path) -> Inspection:
+def inspect_checkpoint(path) -> Inspection:
     """check(path) plus the quantized checkpoint's plan (None for an unquantized one or when a problem
     prevents making it)."""
     root = Path(path)
@@ -94,9 +94,17 @@ def inspect(path) -> Inspection:
         family = get_model_family(hf.get("architectures") or [])
         config = family.config_class.from_hf_config(hf)
         scheme = detect(root, hf)
-        files = [SafetensorsFile(f) for f in hf_checkpoint.safetensors_files(root)]
+        paths = hf_checkpoint.safetensors_files(root)
     except (ValueError, FileNotFoundError, TypeError, KeyError) as e:
         add(root, str(e))
+        return Inspection(problems)
+    files = []
+    for path in paths:  # every broken header is reported; tensor checks need them all
+        try:
+            files.append(SafetensorsFile(path))
+        except ValueError as e:
+            add(path, str(e).removeprefix(f"{path}: "))
+    if len(files) < len(paths):
         return Inspection(problems)
     headers: dict[str, SafetensorsFile] = {}
     for st in files:
