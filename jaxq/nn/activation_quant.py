@@ -11,10 +11,6 @@ Each returns x_hat in float32, the value the producer's fake-quantized model fee
               s = max(amax_g, 1e-4) / 448, x_hat = f32(e4m3(x / s)) * s; a partial last group is allowed
   nvfp4       ModelOpt dynamic NVFP4 over 16-blocks with global scale input_scale
               (jaxq.formats.fake_quant_nvfp4); K must be a multiple of 16
-
-The FP8 kernels need codes and scales rather than x_hat: `quantize_activation_fp8` gives them as an
-FP8Tensor with the same numerics, except fp8_static, which there follows the TRT-LLM/vLLM run time
-(x_q = e4m3(x / input_scale)); the two orders differ by one FP8 step on rare elements.
 """
 
 import functools
@@ -22,8 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxq.formats import E4M3_MAX, FP8Tensor, exact_divide, fake_quant_fp8_static, fake_quant_nvfp4, quantize_fp8
-from jaxq.formats import to_e4m3
+from jaxq.formats import (E4M3_MAX, FP8Tensor, exact_divide, fake_quant_fp8_static, fake_quant_nvfp4, quantize_fp8,
+                          to_e4m3)
 
 STATIC_MODES = ("fp8_static", "nvfp4")  # the modes that read a calibrated input_scale
 _F32_EPS = float(jnp.finfo(jnp.float32).eps)  # compressed-tensors' floor of a per-token scale
@@ -40,26 +36,16 @@ def fake_quant_activation(x: jax.Array, mode: str, input_scale: jax.Array | None
         return fake_quant_fp8_static(xf, input_scale)
     if mode == "nvfp4":
         return fake_quant_nvfp4(xf, input_scale)
-    if mode in ("fp8_token", "fp8_group"):
-        return quantize_activation_fp8(xf, mode).dequantize(jnp.float32)
+    if mode == "fp8_token":
+        return _quantize_token(xf).dequantize(jnp.float32)
+    if mode == "fp8_group":
+        return quantize_fp8(xf, "group", block_size=128).dequantize(jnp.float32)
     raise ValueError(f"unknown activation mode {mode!r}; expected one of none, fp8_static, fp8_token, "
                      "fp8_group, nvfp4")
 
 
-def quantize_activation_fp8(x: jax.Array, mode: str, input_scale: jax.Array | None = None) -> FP8Tensor:
-    """E4M3 codes and float32 scales of x [..., K] for the FP8 modes (module docstring): granularity
-    "tensor" (fp8_static, x / input_scale), "token" (fp8_token) or "group" of 128 (fp8_group)."""
-    if mode == "fp8_static":
-        return quantize_fp8(x, "tensor", scale=input_scale)
-    if mode == "fp8_token":
-        return _quantize_token(x)
-    if mode == "fp8_group":
-        return quantize_fp8(x, "group", block_size=128)
-    raise ValueError(f"activation mode {mode!r} has no FP8 codes; expected fp8_static, fp8_token or fp8_group")
-
-
 @jax.jit
-def _quantize_token(x):
+def _quantize_token(x) -> FP8Tensor:
     # Not quantize_fp8(x, "token"): that maps an all-zero row to scale 1.0, compressed-tensors floors at eps.
     xf = x.astype(jnp.float32)
     scale = jnp.maximum(exact_divide(jnp.max(jnp.abs(xf), axis=-1), E4M3_MAX), _F32_EPS)

@@ -7,15 +7,17 @@ reference (jaxq.nn.qdense.quantized_matmul_reference). The built-in entries belo
 GEMMs of pallas_kernels (imported only when a kernel runs) for backend "gpu", so a CPU always takes the
 reference path.
 
-Kernel numerics against the reference (stated per entry; all accumulate in float32):
-  w4a16, nvfp4 / mxfp4 weight-only, fp8_block, fp8_rowwise: the reference's, up to summation order
-    (fp8_rowwise's kernel floors a token's amax at 1e-4 instead of the scale at eps: all-but-zero rows only).
+Kernel numerics against the reference (stated per entry; all accumulate in float32; see the pallas_kernels
+module docstrings):
+  w4a16, nvfp4 / mxfp4 weight-only: the reference's, up to summation order (exact weights, bf16 x).
+  fp8_block, fp8_rowwise: activations quantized by pallas_kernels.fp8 (amax floored at 1e-4, x / s): the
+    reference's up to that floor (fp8_rowwise's reference floors the scale at eps: all-but-zero rows only).
   fp8 (static): x_q = e4m3(x / input_scale), the TRT-LLM/vLLM run-time order, not ModelOpt's
     x * (448 / amax): rare one-step FP8 differences.
   nvfp4 W4A4, mxfp4 with FP8 input: the activation fake quant runs in float32 and is rounded to x.dtype
     (bf16) for the W4A16-style kernel (Hopper has no FP4 tensor cores).
-  w4a8: pallas_kernels.w4a8 keeps the INT4 weights exact and rescales per group (its docstring), so it
-    skips the reference's FP8 rounding of W with weight_scale_2 and quantizes x as x / input_scale.
+  w4a8: pallas_kernels.w4a8 keeps the INT4 weights exact and rescales per group, so it skips the
+    reference's FP8 rounding of W with weight_scale_2 and quantizes x as e4m3(x / input_scale).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Callable
 import jax
 
 from jaxq.formats import FP8Tensor, Int4Tensor, MXFP4Tensor, NVFP4Tensor
-from jaxq.nn.activation_quant import apply_pre_quant_scale, fake_quant_activation, quantize_activation_fp8
+from jaxq.nn.activation_quant import apply_pre_quant_scale, fake_quant_activation
 from jaxq.nn.quantized_weight import QuantizedWeight
 
 KernelFn = Callable[[jax.Array, QuantizedWeight], jax.Array]  # (x [M, K], weight) -> y [M, N] in x.dtype
@@ -80,7 +82,9 @@ def select_kernel(x: jax.Array, weight: QuantizedWeight, backend: str | None = N
 
 
 # ------------------------------------------------------------------------------------------------
-# Built-in GPU kernels (pallas_kernels). Each wrapper hands the kernel the canonical arrays it documents.
+# Built-in GPU kernels: pallas_kernels.dispatch.quantized_matmul picks the Pallas kernel or an XLA path per
+# (recipe, M bucket) from its measured table; each entry here hands it the recipe's canonical arrays,
+# after the checks of the kernel module's can_use_* (an unusable call stays on the reference path).
 
 
 def _bf16_input(x, w: QuantizedWeight):
@@ -89,10 +93,14 @@ def _bf16_input(x, w: QuantizedWeight):
                                  w.input_scale).astype(x.dtype)
 
 
+def _dispatch(recipe: str, x, weights: dict):
+    from pallas_kernels.dispatch import quantized_matmul
+    return quantized_matmul(x, recipe, weights)
+
+
 def _w4a16(x, w):
-    from pallas_kernels.w4a16 import w4a16_matmul
     t = w.weight
-    return w4a16_matmul(_bf16_input(x, w), t.packed, t.scale, t.zero)
+    return _dispatch("w4a16", _bf16_input(x, w), {"packed": t.packed, "scale": t.scale, "zero": t.zero})
 
 
 def _w4a16_ok(x, w):
@@ -102,11 +110,11 @@ def _w4a16_ok(x, w):
 
 
 def _fp4(x, w):
-    from pallas_kernels.fp4 import mxfp4_matmul, nvfp4_matmul
     t = w.weight
     if isinstance(t, NVFP4Tensor):
-        return nvfp4_matmul(_bf16_input(x, w), t.packed, t.block_scale, t.global_scale)
-    return mxfp4_matmul(_bf16_input(x, w), t.packed, t.scale)
+        weights = {"packed": t.packed, "block_scale": t.block_scale, "global_scale": t.global_scale}
+        return _dispatch("nvfp4", _bf16_input(x, w), weights)
+    return _dispatch("mxfp4", _bf16_input(x, w), {"packed": t.packed, "scale": t.scale})
 
 
 def _fp4_ok(x, w):
@@ -118,9 +126,9 @@ def _fp4_ok(x, w):
 
 
 def _w4a8(x, w):
-    from pallas_kernels.w4a8 import w4a8_matmul
-    xs = apply_pre_quant_scale(x, w.pre_quant_scale, x.dtype)
-    return w4a8_matmul(xs, w.weight.packed, w.weight.scale, w.input_scale)
+    t = w.weight
+    weights = {"packed": t.packed, "weight_scale": t.scale, "input_scale": w.input_scale}
+    return _dispatch("w4a8", apply_pre_quant_scale(x, w.pre_quant_scale, x.dtype), weights)
 
 
 def _w4a8_ok(x, w):
@@ -129,21 +137,13 @@ def _w4a8_ok(x, w):
     return t.zero is None and can_use_w4a8_matmul(x, t.packed, t.scale)
 
 
-def _fp8_codes(x, w) -> FP8Tensor:
-    return quantize_activation_fp8(apply_pre_quant_scale(x, w.pre_quant_scale), w.recipe.activation,
-                                   w.input_scale)
-
-
-def _fp8_block(x, w):
-    from pallas_kernels.fp8 import fp8_matmul
-    xq = _fp8_codes(x, w)
-    return fp8_matmul(xq.data, xq.scale, w.weight.data, w.weight.scale, mode="block", out_dtype=x.dtype)
-
-
-def _fp8_xla(x, w):
-    from pallas_kernels.fp8 import fp8_matmul_xla
-    xq = _fp8_codes(x, w)
-    return fp8_matmul_xla(xq.data, xq.scale, w.weight.data, w.weight.scale, out_dtype=x.dtype)
+def _fp8(recipe: str):
+    def fn(x, w):
+        weights = {"wq": w.weight.data, "w_scale": w.weight.scale}
+        if w.input_scale is not None:
+            weights["input_scale"] = w.input_scale
+        return _dispatch(recipe, apply_pre_quant_scale(x, w.pre_quant_scale, x.dtype), weights)
+    return fn
 
 
 def _fp8_weight(granularity: str, activation: str):
@@ -157,10 +157,9 @@ def _fp8_weight(granularity: str, activation: str):
 register_kernel("pallas_w4a16", lambda w: isinstance(w.weight, Int4Tensor) and w.weight.g_idx is None
                 and w.recipe.activation == "none", _w4a16, can_use=_w4a16_ok)
 register_kernel("pallas_fp4", lambda w: isinstance(w.weight, (NVFP4Tensor, MXFP4Tensor))
-                and w.recipe.activation in ("none", "nvfp4", "fp8_static"), _fp4,
-                can_use=_fp4_ok)
+                and w.recipe.activation in ("none", "nvfp4", "fp8_static"), _fp4, can_use=_fp4_ok)
 register_kernel("pallas_w4a8", lambda w: isinstance(w.weight, Int4Tensor) and w.weight.g_idx is None
-                and w.recipe.activation == "fp8_static", _w4a8, can_use=_w4a8_ok)
-register_kernel("pallas_fp8_block", _fp8_weight("block", "fp8_group"), _fp8_block)
-register_kernel("xla_fp8", _fp8_weight("tensor", "fp8_static"), _fp8_xla)
-register_kernel("xla_fp8_rowwise", _fp8_weight("channel", "fp8_token"), _fp8_xla)
+                and w.recipe.activation == "fp8_static" and w.weight_scale_2 is not None, _w4a8, can_use=_w4a8_ok)
+register_kernel("pallas_fp8_block", _fp8_weight("block", "fp8_group"), _fp8("fp8_block"))
+register_kernel("xla_fp8", _fp8_weight("tensor", "fp8_static"), _fp8("fp8"))
+register_kernel("xla_fp8_rowwise", _fp8_weight("channel", "fp8_token"), _fp8("fp8_rowwise"))
