@@ -29,6 +29,7 @@ KV cache FP8: `<attn>.k_scale`, `<attn>.v_scale` F32 [1] (amax / 448; vLLM reads
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import jax
@@ -40,6 +41,8 @@ from jaxq.formats import (exact_divide, fp8_checkpoint_scale, to_compressed_tens
 from jaxq.io.export.common import ModelTensors, nonzero_block_scales
 from jaxq.loaded_model import LoadedModel
 from jaxq.nn.quantized_weight import QuantizedWeight
+
+log = logging.getLogger(__name__)
 
 COMPRESSED_TENSORS_VERSION = "0.19.0"
 _E4M3 = "torch.float8_e4m3fn"
@@ -107,6 +110,16 @@ def invertible_reciprocal(s) -> jax.Array:
     return out
 
 
+def _warn_inexact_reciprocals(quantized: dict[str, QuantizedWeight]) -> None:
+    inexact = [f"{m}.{what}" for m, qw in quantized.items() if qw.recipe.weight_format == "nvfp4"
+               for what, s in (("weight_scale_2", qw.weight.global_scale), ("input_scale", qw.input_scale))
+               if s is not None and not bool(jnp.all(exact_divide(1.0, invertible_reciprocal(s)) == s))]
+    if inexact:
+        log.warning("no float32 reciprocal of %s inverts back exactly: compressed-tensors stores the nearest, so "
+                    "loaders read these scales one ulp off (format='modelopt' stores them as they are)",
+                    ", ".join(inexact))
+
+
 def linear_tensors(module: str, qw: QuantizedWeight, dtype) -> dict[str, Any]:
     """{"<module>.<role>": array} of one quantized linear (table in the module docstring)."""
     del dtype  # nothing here is stored in the model dtype
@@ -136,6 +149,7 @@ def configs(model: LoadedModel, tensors: ModelTensors, kv: bool) -> tuple[dict, 
     """(config.json quantization_config, {}): one config group per distinct scheme, targets "Linear" when
     there is one (the unquantized linears in ignore), else the module names of each."""
     schemes = {m: scheme(m, qw) for m, qw in tensors.quantized.items()}
+    _warn_inexact_reciprocals(tensors.quantized)
     groups: dict[str, dict] = {}
     for module, (fmt, weights, inputs) in schemes.items():
         key = json.dumps([fmt, weights, inputs], sort_keys=True)
