@@ -15,7 +15,8 @@ quantizer uses scale = amax / 7.5, but the format stores any scale: jaxq's amax 
 as they are. NVFP4 global scales are stored as reciprocals (448 * 6 / amax): `invertible_reciprocal` picks,
 among the float32 values next to 1 / s, one whose reciprocal is s again, so jaxq.load restores s bit for bit
 (for the few s where no float32 has that property, 1 / s, one ulp away).
-No layout: W4A8 INT4 (FP8 activations with a weight_scale_2 stage), MXFP4 (jaxq does not load
+Act-order INT4 (g_idx) is written with actorder "group" and weight_g_idx, as llm-compressor wrote it before
+compressed-tensors 0.19 dropped that option (0.19 refuses it; jaxq reads it). No layout: W4A8 INT4 (FP8 activations with a weight_scale_2 stage), MXFP4 (jaxq does not load
 mxfp4-pack-quantized) and any pre_quant_scale (AWQ smoothing kept apart from the weights): these raise,
 pointing to format="modelopt".
 
@@ -150,6 +151,10 @@ def configs(model: LoadedModel, tensors: ModelTensors, kv: bool) -> tuple[dict, 
     there is one (the unquantized linears in ignore), else the module names of each."""
     schemes = {m: scheme(m, qw) for m, qw in tensors.quantized.items()}
     _warn_inexact_reciprocals(tensors.quantized)
+    act_order = [m for m, (_, weights, _) in schemes.items() if weights["actorder"] == "group"]
+    if act_order:
+        log.warning("%s: act-order INT4 is written with actorder 'group' and weight_g_idx, which jaxq and vLLM's "
+                    "g_idx kernels read but compressed-tensors >= 0.19 refuses", ", ".join(act_order))
     groups: dict[str, dict] = {}
     for module, (fmt, weights, inputs) in schemes.items():
         key = json.dumps([fmt, weights, inputs], sort_keys=True)
