@@ -171,7 +171,12 @@ def write_markdown(result: dict, path: pathlib.Path) -> None:
     for r in rows:
         for prompt, text in r["samples"].items():
             lines.append(f"- **{r['variant']}** {prompt!r} -> {text!r}")
-    lines += ["", "## Quantization reports (layers, bytes, peak memory)", ""]
+    lines += ["", "## Quantization reports (layers, bytes, peak memory)", "",
+              f"As jaxq.quantize logs them; bytes there count the unquantized params in the compute dtype "
+              f"({result['dtype']}). The host peak is the process's resident high-water mark over layers 1.. "
+              "(layer 0 compiles every quantizer); on a CPU it stays at or below the quantized weights those "
+              "layers produced, as the loop holds one layer's temporaries at a time and XLA reuses the buffers "
+              "calibration freed. Seconds include calibration and compiles on a shared, loaded 2-core CPU.", ""]
     for r in rows:
         if r["report"]:
             lines += [f"**{r['variant']}** ({r['quantize_seconds']:.0f} s incl. calibration)", "```",
