@@ -50,7 +50,7 @@ def generate(
     prompt: a str -> a str; a list of str -> a list of str (one batch); token ids [T] -> new ids [<=N];
     ids [B][T] (rows may differ in length) -> a list of new-id lists. Text is tokenized as the tokenizer does
     by default (BOS if the model wants one); chat=True wraps each prompt in the model's chat template as one
-    user turn. Returned text excludes the prompt and special tokens; returned ids include a final eos.
+    user turn. Returned text excludes the prompt and special tokens; returned ids keep the eos that ended a row.
     kv_cache_dtype: "bf16", "fp32" or "fp8" (E4M3 with the model's kv_scales, see jaxq.calibrate_kv_scales).
     stream(step, tokens [B] int32): called once per generated position, -1 for rows that already stopped.
     """
