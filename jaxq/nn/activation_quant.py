@@ -36,12 +36,23 @@ def fake_quant_activation(x: jax.Array, mode: str, input_scale: jax.Array | None
         return fake_quant_fp8_static(xf, input_scale)
     if mode == "nvfp4":
         return fake_quant_nvfp4(xf, input_scale)
-    if mode == "fp8_token":
-        return _quantize_token(xf).dequantize(jnp.float32)
-    if mode == "fp8_group":
-        return quantize_fp8(xf, "group", block_size=128).dequantize(jnp.float32)
+    if mode in ("fp8_token", "fp8_group"):
+        return quantize_activation_fp8(xf, mode).dequantize(jnp.float32)
     raise ValueError(f"unknown activation mode {mode!r}; expected one of none, fp8_static, fp8_token, "
                      "fp8_group, nvfp4")
+
+
+def quantize_activation_fp8(x: jax.Array, mode: str, input_scale: jax.Array | None = None) -> FP8Tensor:
+    """E4M3 codes and float32 scales of x [..., K] for FP8 GEMM kernels: fp8_token and fp8_group exactly as
+    fake_quant_activation (x_hat = dequantize()); fp8_static as the TRT-LLM/vLLM run time,
+    e4m3(x / input_scale) per tensor (ModelOpt's fake quant rounds x * (448 / amax) instead)."""
+    if mode == "fp8_static":
+        return quantize_fp8(x, "tensor", scale=input_scale)
+    if mode == "fp8_token":
+        return _quantize_token(x)
+    if mode == "fp8_group":
+        return quantize_fp8(x, "group", block_size=128)
+    raise ValueError(f"activation mode {mode!r} has no FP8 codes; expected fp8_static, fp8_token or fp8_group")
 
 
 @jax.jit

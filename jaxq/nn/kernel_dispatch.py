@@ -7,17 +7,17 @@ reference (jaxq.nn.qdense.quantized_matmul_reference). The built-in entries belo
 GEMMs of pallas_kernels (imported only when a kernel runs) for backend "gpu", so a CPU always takes the
 reference path.
 
-Kernel numerics against the reference (stated per entry; all accumulate in float32; see the pallas_kernels
-module docstrings):
-  w4a16, nvfp4 / mxfp4 weight-only: the reference's, up to summation order (exact weights, bf16 x).
-  fp8_block, fp8_rowwise: activations quantized by pallas_kernels.fp8 (amax floored at 1e-4, x / s): the
-    reference's up to that floor (fp8_rowwise's reference floors the scale at eps: all-but-zero rows only).
+Kernel numerics against the reference (all accumulate in float32; see the pallas_kernels docstrings):
+  w4a16, nvfp4 / mxfp4 weight-only, fp8_block, fp8_rowwise: the reference's up to summation order and
+    the final rounding (FP8 activation codes come from jaxq.nn.activation_quant).
   fp8 (static): x_q = e4m3(x / input_scale), the TRT-LLM/vLLM run-time order, not ModelOpt's
-    x * (448 / amax): rare one-step FP8 differences.
+    x * (448 / amax), which differs at FP8 ties (frequent with bf16 inputs).
   nvfp4 W4A4, mxfp4 with FP8 input: the activation fake quant runs in float32 and is rounded to x.dtype
     (bf16) for the W4A16-style kernel (Hopper has no FP4 tensor cores).
   w4a8: pallas_kernels.w4a8 keeps the INT4 weights exact and rescales per group, so it skips the
-    reference's FP8 rounding of W with weight_scale_2 and quantizes x as e4m3(x / input_scale).
+    reference's FP8 rounding of W with weight_scale_2, and quantizes x as e4m3(x / input_scale) itself.
+  At large M, pallas_kernels.dispatch may pick its 'xla_dequant' path for the 4-bit recipes: weights
+    dequantized to bf16 (about 2**-9 relative per weight) and one cuBLAS GEMM.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Callable
 import jax
 
 from jaxq.formats import FP8Tensor, Int4Tensor, MXFP4Tensor, NVFP4Tensor
-from jaxq.nn.activation_quant import apply_pre_quant_scale, fake_quant_activation
+from jaxq.nn.activation_quant import apply_pre_quant_scale, fake_quant_activation, quantize_activation_fp8
 from jaxq.nn.quantized_weight import QuantizedWeight
 
 KernelFn = Callable[[jax.Array, QuantizedWeight], jax.Array]  # (x [M, K], weight) -> y [M, N] in x.dtype
@@ -82,9 +82,10 @@ def select_kernel(x: jax.Array, weight: QuantizedWeight, backend: str | None = N
 
 
 # ------------------------------------------------------------------------------------------------
-# Built-in GPU kernels: pallas_kernels.dispatch.quantized_matmul picks the Pallas kernel or an XLA path per
-# (recipe, M bucket) from its measured table; each entry here hands it the recipe's canonical arrays,
-# after the checks of the kernel module's can_use_* (an unusable call stays on the reference path).
+# Built-in GPU kernels. The 4-bit ones go through pallas_kernels.dispatch.quantized_matmul, which picks the
+# Pallas kernel or an XLA path per (recipe, M bucket) from its measured table; the FP8 ones get their
+# activation codes from jaxq.nn.activation_quant, so those match the reference bit for bit. Each entry is
+# guarded by the kernel module's can_use_* (an unusable call stays on the reference path).
 
 
 def _bf16_input(x, w: QuantizedWeight):
@@ -128,7 +129,8 @@ def _fp4_ok(x, w):
 def _w4a8(x, w):
     t = w.weight
     weights = {"packed": t.packed, "weight_scale": t.scale, "input_scale": w.input_scale}
-    return _dispatch("w4a8", apply_pre_quant_scale(x, w.pre_quant_scale, x.dtype), weights)
+    # the smoothed x stays float32: the kernel's FP8 quantization then reads the value the reference does
+    return _dispatch("w4a8", apply_pre_quant_scale(x, w.pre_quant_scale), weights).astype(x.dtype)
 
 
 def _w4a8_ok(x, w):
@@ -137,13 +139,21 @@ def _w4a8_ok(x, w):
     return t.zero is None and can_use_w4a8_matmul(x, t.packed, t.scale)
 
 
-def _fp8(recipe: str):
-    def fn(x, w):
-        weights = {"wq": w.weight.data, "w_scale": w.weight.scale}
-        if w.input_scale is not None:
-            weights["input_scale"] = w.input_scale
-        return _dispatch(recipe, apply_pre_quant_scale(x, w.pre_quant_scale, x.dtype), weights)
-    return fn
+def _fp8_xla(x, w):
+    """Per-tensor and rowwise FP8 on XLA's cuBLASLt FP8 GEMM, from quantize_activation_fp8's codes."""
+    from pallas_kernels.fp8 import fp8_matmul_xla
+    xq = quantize_activation_fp8(apply_pre_quant_scale(x, w.pre_quant_scale), w.recipe.activation, w.input_scale)
+    return fp8_matmul_xla(xq.data, xq.scale, w.weight.data, w.weight.scale, out_dtype=x.dtype)
+
+
+def _fp8_block(x, w):
+    """The block-scaled FP8 Pallas kernel with the tuned tiles of pallas_kernels.dispatch.plan."""
+    from pallas_kernels.dispatch import plan
+    from pallas_kernels.fp8 import fp8_matmul
+    xq = quantize_activation_fp8(apply_pre_quant_scale(x, w.pre_quant_scale), "fp8_group")
+    p = plan("fp8_block", x.shape[0], w.shape[0], x.shape[1])
+    return fp8_matmul(xq.data, xq.scale, w.weight.data, w.weight.scale, mode="block",
+                      config=p.config if p.path == "pallas" else None, out_dtype=x.dtype)
 
 
 def _fp8_weight(granularity: str, activation: str):
@@ -160,6 +170,6 @@ register_kernel("pallas_fp4", lambda w: isinstance(w.weight, (NVFP4Tensor, MXFP4
                 and w.recipe.activation in ("none", "nvfp4", "fp8_static"), _fp4, can_use=_fp4_ok)
 register_kernel("pallas_w4a8", lambda w: isinstance(w.weight, Int4Tensor) and w.weight.g_idx is None
                 and w.recipe.activation == "fp8_static" and w.weight_scale_2 is not None, _w4a8, can_use=_w4a8_ok)
-register_kernel("pallas_fp8_block", _fp8_weight("block", "fp8_group"), _fp8("fp8_block"))
-register_kernel("xla_fp8", _fp8_weight("tensor", "fp8_static"), _fp8("fp8"))
-register_kernel("xla_fp8_rowwise", _fp8_weight("channel", "fp8_token"), _fp8("fp8_rowwise"))
+register_kernel("pallas_fp8_block", _fp8_weight("block", "fp8_group"), _fp8_block)
+register_kernel("xla_fp8", _fp8_weight("tensor", "fp8_static"), _fp8_xla)
+register_kernel("xla_fp8_rowwise", _fp8_weight("channel", "fp8_token"), _fp8_xla)
