@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxq.nn.attention import Attention
-from jaxq.nn.decoder import causal_lm_forward, run_layers
+from jaxq.nn.decoder import Layerwise, causal_lm_forward, run_layers
 from jaxq.nn.embed import Embed
 from jaxq.nn.kv_cache import KVCache
 from jaxq.nn.mlp import GatedMLP, activation
@@ -148,20 +148,27 @@ class Gemma3TextModel(nn.Module):
         self.layers = [Gemma3DecoderLayer(cfg, self.dtype) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, unit_offset=True)
 
-    def __call__(self, tokens, positions, masks, cache):
-        cfg = self.config
-        h = self.embed_tokens(tokens)  # [B, T, hidden]
+    def embed(self, tokens):
+        """tokens [B, T] -> the hidden states [B, T, hidden] entering layer 0."""
+        h = self.embed_tokens(tokens)
         # transformers multiplies by sqrt(hidden) rounded to the embedding dtype (bf16: sqrt(2048) -> 45.25).
-        h = h * jnp.asarray(math.sqrt(cfg.hidden_size), jnp.float32).astype(h.dtype)
+        return h * jnp.asarray(math.sqrt(self.config.hidden_size), jnp.float32).astype(h.dtype)
+
+    def rope(self, positions, dtype):
+        """Per layer, the (cos, sin) tables of positions [B, T] (global and sliding layers differ)."""
+        cfg = self.config
         seq_len = jnp.max(positions) + 1
         tables = {}
         for kind, rope in ((_FULL, cfg.rope_parameters), (_SLIDING, cfg.rope_local_parameters)):
             if kind in cfg.layer_types:
                 inv_freq, scaling = inv_frequencies(rope, cfg.head_dim, cfg.max_position_embeddings, seq_len)
-                tables[kind] = rope_tables(positions, inv_freq, scaling, h.dtype)
-        rope = [tables[kind] for kind in cfg.layer_types]
-        masks = [masks[w] for w in cfg.layer_windows]
-        h, written = run_layers(self.layers, h, rope, masks, cache, positions)
+                tables[kind] = rope_tables(positions, inv_freq, scaling, dtype)
+        return [tables[kind] for kind in cfg.layer_types]
+
+    def __call__(self, tokens, positions, masks, cache):
+        h = self.embed(tokens)  # [B, T, hidden]
+        masks = [masks[w] for w in self.config.layer_windows]
+        h, written = run_layers(self.layers, h, self.rope(positions, h.dtype), masks, cache, positions)
         return self.norm(h), written
 
 
@@ -175,6 +182,12 @@ class Gemma3ForCausalLM(nn.Module):
 
     config: Gemma3Config
     dtype: Any = None
+    layerwise = Layerwise(
+        Gemma3TextModel, Gemma3DecoderLayer,
+        norm_inputs=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                     ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+        norm_unit_offset=True,
+    )
 
     @nn.compact
     def __call__(self, tokens, cache: KVCache | None = None, num_new=None, attention_mask=None, logits_index=None):

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxq.nn.attention import Attention
-from jaxq.nn.decoder import causal_lm_forward, run_layers
+from jaxq.nn.decoder import Layerwise, causal_lm_forward, run_layers
 from jaxq.nn.embed import Embed
 from jaxq.nn.kv_cache import KVCache
 from jaxq.nn.mlp import GatedMLP, activation
@@ -140,15 +140,22 @@ class LlamaModel(nn.Module):
         self.layers = [LlamaDecoderLayer(cfg, self.dtype) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps)
 
-    def __call__(self, tokens, positions, masks, cache):
+    def embed(self, tokens):
+        """tokens [B, T] -> the hidden states [B, T, hidden] entering layer 0."""
+        return self.embed_tokens(tokens)
+
+    def rope(self, positions, dtype):
+        """Per layer, the (cos, sin) tables of positions [B, T]."""
         cfg = self.config
-        h = self.embed_tokens(tokens)  # [B, T, hidden]
         inv_freq, scaling = inv_frequencies(
             cfg.rope_parameters, cfg.head_dim, cfg.max_position_embeddings, jnp.max(positions) + 1
         )
-        rope = [rope_tables(positions, inv_freq, scaling, h.dtype)] * cfg.num_hidden_layers
-        masks = [masks[w] for w in cfg.layer_windows]
-        h, written = run_layers(self.layers, h, rope, masks, cache, positions)
+        return [rope_tables(positions, inv_freq, scaling, dtype)] * cfg.num_hidden_layers
+
+    def __call__(self, tokens, positions, masks, cache):
+        h = self.embed(tokens)  # [B, T, hidden]
+        masks = [masks[w] for w in self.config.layer_windows]
+        h, written = run_layers(self.layers, h, self.rope(positions, h.dtype), masks, cache, positions)
         return self.norm(h), written
 
 
@@ -163,6 +170,11 @@ class LlamaForCausalLM(nn.Module):
 
     config: LlamaConfig
     dtype: Any = None
+    layerwise = Layerwise(
+        LlamaModel, LlamaDecoderLayer,
+        norm_inputs=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+    )
 
     @nn.compact
     def __call__(self, tokens, cache: KVCache | None = None, num_new=None, attention_mask=None, logits_index=None):

@@ -9,6 +9,7 @@ The models' call contract (models/llama.py, models/gemma3.py):
   is refused with a cache: right-padded rows need no mask, their pads land past the row's length and are
   overwritten by later tokens.
 """
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -18,6 +19,29 @@ import jax.numpy as jnp
 from jaxq.nn.attention import causal_mask, softcap
 from jaxq.nn.kv_cache import KVCache, LayerKV
 from jaxq.nn.qdense import QDense
+
+
+@dataclasses.dataclass(frozen=True)
+class Layerwise:
+    """What running a causal LM one decoder layer at a time needs (jaxq.calib.sequential); each model class
+    carries one as its `layerwise` attribute.
+
+    backbone: the class of the "model" submodule, built as backbone(config, dtype), with methods
+      embed(tokens [B, T]) -> h [B, T, hidden] and rope(positions [B, T], dtype) -> [(cos, sin)] per layer.
+    layer: the decoder layer class, layer(config, dtype)(h, cos, sin, mask, kv, positions) -> (h, kv), params
+      params["model"]["layers_<i>"].
+    norm_inputs: (RMSNorm name in a layer, the linears that read its output), where AWQ folds its smoothing.
+    norm_unit_offset: the norms scale by (1 + weight) (Gemma), not weight.
+    row_inputs: (producer, consumer) linears where the producer's output row n is the consumer's input
+      channel n whenever their sizes match (v_proj -> o_proj without GQA; up_proj -> down_proj through the
+      gated product), so a per-channel scale of the consumer's input folds into the producer's rows.
+    """
+
+    backbone: type
+    layer: type
+    norm_inputs: tuple[tuple[str, tuple[str, ...]], ...]
+    norm_unit_offset: bool = False
+    row_inputs: tuple[tuple[str, str], ...] = (("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_proj"))
 
 
 def attention_masks(
