@@ -13,12 +13,16 @@ amax / (6 * 448); a zero amax gives 1.0 (ModelOpt exports a zero amax as the max
 weight_scale_2 = amax(|dequant_int4(W)|) / 448, the group max over fused layers [2.7].
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from jaxq.formats import (E4M3_MAX, exact_divide, global_scale_from_amax, quantize_fp8, quantize_int4,
-                          quantize_mxfp4, quantize_nvfp4)
-from jaxq.nn.quantized_weight import WeightArray
+from jaxq.formats import (E4M3_MAX, exact_divide, fake_quant_fp8_static, global_scale_from_amax, quantize_fp8,
+                          quantize_int4, quantize_mxfp4, quantize_nvfp4)
+from jaxq.formats.int4 import SYMMETRIC_ZERO
+from jaxq.nn.qdense import dequantized_weight
+from jaxq.nn.quantized_weight import QuantizedWeight, WeightArray
 from jaxq.recipes import Recipe
 
 INT4_GROUP_SIZES = (128, 64, 32)
@@ -75,6 +79,38 @@ def quantize_weight_array(w: jax.Array, recipe: Recipe, global_amax=None) -> Wei
     if fmt == "mxfp4":
         return quantize_mxfp4(w)
     return quantize_int4(w, recipe.group_size, scheme=int4_scheme(recipe))
+
+
+def int4_group_size(recipe: Recipe, k: int) -> int:
+    """The INT4 group size along K of a layer with K inputs (group_size -1 means one group: K)."""
+    return k if recipe.group_size == -1 else recipe.group_size
+
+
+def int4_codes(w, scale, zero):
+    """Unsigned INT4 codes u = clip(round(w / s) + z, 0, 15) of w on a given grid (s, z broadcasting to w;
+    z = 8 for symmetric): every jaxq.formats.quantize_int4 scheme's code rule once its grid is known."""
+    return jnp.clip(jnp.round(exact_divide(w, scale)) + zero, 0, 15)
+
+
+@functools.partial(jax.jit, static_argnames="recipe")
+def fake_quant_weight(w, recipe: Recipe) -> jax.Array:
+    """W [N, K] quantized by `recipe` as one fused group (NVFP4 global amax and W4A8 weight_scale_2 over all
+    of it) and dequantized to float32, as the layer computes with it (the search target of AWQ)."""
+    if recipe.weight_format != "int4":
+        global_amax = abs_max(w) if recipe.weight_format == "nvfp4" else None
+        return dequantized_weight(QuantizedWeight(recipe, quantize_weight_array(w, recipe, global_amax)))
+    # The grid from quantize_int4, the values without packing codes (XLA on CPU fuses the packing slowly).
+    grid = quantize_weight_array(w, recipe)
+    n, k = w.shape
+    group = int4_group_size(recipe, k)
+    # The barrier materialises the grid: fused into the division below, XLA on CPU recomputes it per element.
+    scale, zero = jax.lax.optimization_barrier((grid.scale, grid.zero))
+    s = jnp.repeat(scale, group, axis=-1)
+    z = SYMMETRIC_ZERO if zero is None else jnp.repeat(zero.astype(jnp.float32), group, axis=-1)
+    values = (int4_codes(w.astype(jnp.float32), s, z) - z) * s
+    if is_w4a8(recipe):
+        values = fake_quant_fp8_static(values, fp8_scale_from_amax(abs_max(values)))
+    return values
 
 
 def input_scale_from_amax(recipe: Recipe, amax) -> jax.Array | None:
