@@ -104,15 +104,22 @@ def gguf_hf_config(reader, path="<gguf>") -> dict:
     def get(key, default=None):
         return _field(reader, f"{arch}.{key}", default)
 
+    def need(key):
+        value = get(key)
+        if value is None:
+            raise ValueError(f"{path}: GGUF metadata lacks {arch}.{key}; the file is incomplete or not a "
+                             f"llama.cpp model file")
+        return value
+
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise NotImplementedError(
             f"{path}: the GGUF stores per-frequency RoPE factors (rope_freqs.weight, e.g. Llama 3.1 "
             f"scaling); jaxq does not map them to an HF rope_scaling yet. Load the HF checkpoint instead."
         )
-    hidden = int(get("embedding_length"))
-    heads = int(get("attention.head_count"))
-    layers = int(get("block_count"))
+    hidden = int(need("embedding_length"))
+    heads = int(need("attention.head_count"))
+    layers = int(need("block_count"))
     head_dim = int(get("attention.key_length", get("rope.dimension_count", hidden // heads)))
     vocab = get("vocab_size")
     if vocab is None:  # absent from many GGUFs: the tokenizer's size is the embedding's row count
@@ -121,14 +128,14 @@ def gguf_hf_config(reader, path="<gguf>") -> dict:
         "architectures": [hf_arch],
         "model_type": model_type,
         "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
+        "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
         "head_dim": head_dim,
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(get("context_length")),
+        "max_position_embeddings": int(need("context_length")),
         "vocab_size": int(vocab),
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names,

@@ -159,3 +159,9 @@ def test_rope_factor_tensor_is_refused(tmp_path):
     _minimal(tmp_path / "m.gguf", "llama", {"rope_freqs.weight": np.ones(8, np.float32)}, _llama_metadata, cfg)
     with pytest.raises(NotImplementedError, match="rope_freqs.weight"):
         load_gguf_params(tmp_path / "m.gguf")
+
+
+def test_missing_metadata_is_named(tmp_path):
+    _minimal(tmp_path / "m.gguf", "llama", {"token_embd.weight": np.zeros((4, 4), np.float32)})
+    with pytest.raises(ValueError, match=r"GGUF metadata lacks llama.embedding_length"):
+        load_gguf_params(tmp_path / "m.gguf")

@@ -1,5 +1,6 @@
 """The embedded Gemma 3 270M (GGUF Q4_K_M joined from four wheels) in jaxq against transformers' GGUF loader:
 real Q4_K / Q5_0 / Q6_K / Q8_0 tensors, the 1 + w norm offset, sliding-window layers and the 262k vocabulary."""
+import gc
 import importlib.util
 import pathlib
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import jaxq
+from jaxq.io.gguf_checkpoint import _reader, gguf_eos_token_ids, load_gguf_tokenizer
 from jaxq.io.model_cache import embedded_model_path
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -23,21 +25,26 @@ torch.set_num_threads(1)
 @pytest.mark.slow
 def test_gemma3_logits_and_greedy_match_transformers():
     path = embedded_model_path("gemma3-270m")
-    model = jaxq.load(path, dtype="float32")
-    assert model.config.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",)
-    hf = ref.hf_gguf_model(path)
+    tokenizer = load_gguf_tokenizer(path)
     # 600 tokens: past the 512-token sliding window, so local and global layers differ. Only the last position's
     # logits are compared (the 262k-wide head over every position would be 600x the work for no extra coverage).
-    ids = model.tokenizer(ref.wikitext("test")[:3000]).input_ids[:600]
+    ids = tokenizer(ref.wikitext("test")[:3000]).input_ids[:600]
+    prompt = tokenizer("The capital of France is").input_ids
     assert len(ids) == 600
-    ours, _ = model.module.apply({"params": model.params}, jnp.asarray([ids]), logits_index=jnp.array([599]))
-    ours = np.asarray(ours)[0, 0]
+
+    # transformers first, then freed: the two float32 copies of a 270M model with a 262k vocabulary never coexist.
+    hf = ref.hf_gguf_model(path)
     with torch.no_grad():
         theirs = hf(torch.tensor([ids]), logits_to_keep=1).logits[0, 0].numpy()
+    their_greedy = ref.hf_greedy(hf, prompt, 16, gguf_eos_token_ids(_reader(path)))
+    del hf
+    gc.collect()
+
+    model = jaxq.load(path, dtype="float32")
+    assert model.config.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",)
+    ours, _ = model.module.apply({"params": model.params}, jnp.asarray([ids]), logits_index=jnp.array([599]))
+    ours = np.asarray(ours)[0, 0]
     err = np.abs(ours - theirs).max()
     assert err < 1e-3 * np.abs(theirs).max(), f"max abs logit diff {err}"  # measured 4e-5 of 18.9; 10.2 without the window
     assert ours.argmax() == theirs.argmax()
-
-    prompt = model.tokenizer("The capital of France is").input_ids
-    greedy = jaxq.generate(model, prompt, max_new_tokens=16, kv_cache_dtype="fp32")
-    assert greedy == ref.hf_greedy(hf, prompt, 16, model.eos_token_ids)
+    assert jaxq.generate(model, prompt, max_new_tokens=16, kv_cache_dtype="fp32") == their_greedy
