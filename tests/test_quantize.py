@@ -3,7 +3,6 @@ scales by hand, sizes, and the errors that name a layer."""
 import logging
 
 import flax
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ quantizers reproduce the producers' bytes from the base weights, and every layou
 
 import json
 import struct
-from pathlib import Path
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -15,9 +14,9 @@ from jaxq.formats import (compressed_tensors_global_scale, fp8_from_checkpoint, 
                           quantize_nvfp4, to_compressed_tensors_int4, to_modelopt_int4)
 
 from . import np_ref
+from tests.shared_paths import FIXTURES, requires_fixtures
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
-pytestmark = pytest.mark.skipif(not FIXTURES.exists(), reason=f"shared fixtures are absent: {FIXTURES}")
+pytestmark = requires_fixtures
 
 _DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F32": np.float32, "U8": np.uint8,
            "I32": np.int32, "I64": np.int64}

@@ -1,14 +1,12 @@
 """`jaxq check PATH`: exit 0 with OK for a good checkpoint, 1 listing every problem otherwise."""
 
 import shutil
-from pathlib import Path
 
-import pytest
 
 from jaxq.cli import main
+from tests.shared_paths import FIXTURES, requires_fixtures
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
-pytestmark = pytest.mark.skipif(not FIXTURES.exists(), reason=f"shared fixtures are absent: {FIXTURES}")
+pytestmark = requires_fixtures
 
 
 def test_good_checkpoint(capsys):

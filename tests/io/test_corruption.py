@@ -14,9 +14,9 @@ import jaxq
 from jaxq.io.check import CheckpointError
 
 from .test_check_headers import read_raw, write_raw
+from tests.shared_paths import FIXTURES, requires_fixtures
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
-pytestmark = pytest.mark.skipif(not FIXTURES.exists(), reason=f"shared fixtures are absent: {FIXTURES}")
+pytestmark = requires_fixtures
 Q = "model.layers.0.self_attn.q_proj"
 
 

@@ -6,7 +6,6 @@ The model is the fixtures' tiny Llama (../shared/fixtures/base: same sizes as th
 tokenizer), quantized round-to-nearest by jaxq.quantize.
 """
 
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -17,9 +16,9 @@ from jaxq.formats import exact_divide
 from jaxq.io.export.compressed_tensors import invertible_reciprocal
 from jaxq.nn.quantized_weight import QuantizedWeight
 from jaxq.recipes import get_recipe
+from tests.shared_paths import FIXTURES, requires_fixtures
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
-pytestmark = pytest.mark.skipif(not FIXTURES.exists(), reason=f"shared fixtures are absent: {FIXTURES}")
+pytestmark = requires_fixtures
 
 RTN = dict(algorithm="max")
 # name -> (recipe, kv_cache, {format: None (round-trips) | regex of the refusal})

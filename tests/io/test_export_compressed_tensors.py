@@ -20,9 +20,9 @@ ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import BaseCompressor  # noqa: E402
 from compressed_tensors.quantization import QuantizationScheme  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from tests.shared_paths import FIXTURES, requires_fixtures
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
-pytestmark = pytest.mark.skipif(not FIXTURES.exists(), reason=f"shared fixtures are absent: {FIXTURES}")
+pytestmark = requires_fixtures
 RTN = dict(algorithm="max")
 # recipe, and the bound on |decompressed - jaxq| relative to max |W| (0: bit for bit)
 CASES = {

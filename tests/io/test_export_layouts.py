@@ -11,9 +11,9 @@ import pytest
 import jaxq
 from jaxq.io.safetensors_file import SafetensorsFile
 from jaxq.recipes import get_recipe
+from tests.shared_paths import FIXTURES, requires_fixtures
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
-pytestmark = pytest.mark.skipif(not FIXTURES.exists(), reason=f"shared fixtures are absent: {FIXTURES}")
+pytestmark = requires_fixtures
 FORMAT = {"modelopt": "modelopt", "llmc": "compressed-tensors"}
 REEXPORTED = ["modelopt-fp8", "modelopt-fp8-pcpt", "modelopt-fp8-2d-blockwise-wo", "modelopt-nvfp4",
               "modelopt-int4-awq", "modelopt-w4a8-awq", "llmc-w4a16-gptq", "llmc-w4a16-awq", "llmc-fp8-dynamic"]

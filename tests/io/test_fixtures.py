@@ -10,7 +10,6 @@ scales, run through an FP8 KV cache.
 import functools
 import json
 import logging
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +20,9 @@ import jaxq
 from jaxq.generate import new_cache
 from jaxq.io.safetensors_file import SafetensorsFile
 from jaxq.nn.quantized_weight import QuantizedWeight
+from tests.shared_paths import FIXTURES, requires_fixtures
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
-pytestmark = pytest.mark.skipif(not FIXTURES.exists(), reason=f"shared fixtures are absent: {FIXTURES}")
+pytestmark = requires_fixtures
 NAMES = sorted(p.parent.name for p in FIXTURES.glob("*/config.json")) if FIXTURES.exists() else []
 REBUILT = [n for n in NAMES if (FIXTURES / n / "rebuild_logits.npz").exists()]
 

@@ -1,17 +1,16 @@
 """The real tiny Llama checkpoint in ../shared/fixtures/base against its reference logits (fixtures/README.md)."""
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from jaxq.io.hf_checkpoint import load_hf_params
+from tests.shared_paths import FIXTURES, requires_fixtures
 
-BASE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "base"
+BASE = FIXTURES / "base"
 
 
-@pytest.mark.skipif(not BASE.exists(), reason=f"shared fixtures live outside the repository and are absent: {BASE}")
+@requires_fixtures
 def test_base_fixture_matches_reference_logits():
     tolerance = json.loads((BASE / "tolerance.json").read_text())
     reference = np.load(BASE / "reference_logits.npz")

@@ -18,7 +18,7 @@ from jaxq.nn.activation_quant import fake_quant_activation
 from jaxq.nn.qdense import QDense, module_name, qmatmul, quantized_matmul_reference
 from jaxq.nn.quantized_weight import QuantizedWeight
 from jaxq.recipes import get_recipe
-from tests.formats.np_ref import E2M1_TABLE, e2m1_even, e4m3, pack_nibbles, unpack_nibbles
+from tests.formats.np_ref import E2M1_TABLE, e2m1_even, e4m3, pack_nibbles
 
 F32 = np.float32
 
