@@ -1,5 +1,6 @@
 """Post-training quantization: `quantize(model, recipe, ...)` (pipeline.py), round-to-nearest weights and
-static scales per recipe (weights.py), max calibration of layer inputs (calibrate.py)."""
+static scales per recipe (weights.py); calibration data, the layer-by-layer driver and AWQ / GPTQ live in
+jaxq.calib."""
 
 from jaxq.quantize.pipeline import QuantizeReport, quantize
 

@@ -167,53 +167,19 @@ def quantize(
     if calibrated or config.kv_cache == "fp8":
         why = "static activation scales" if any(plan[g[0]].activation in STATIC_MODES for g in calibrated) else (
             "AWQ/GPTQ" if calibrated else "FP8 KV-cache scales")
-        if calib_data is None and model.tokenizer is None:
-            raise ValueError(f"{why} need calibration data: pass calib_data=<text, text/JSONL file or token ids> "
-                             f"({model.source} has no tokenizer for the built-in default text)")
-        size = calib_size or DEFAULT_CALIB_SIZE.get(jax.default_backend(), 512)
-        tokens = calibration_tokens(model, calib_data, num_samples=size, seq_len=calib_seq, seed=calib_seed,
-                                    field=calib_field, progress=progress)
+        tokens = _calibration_tokens(model, why, calib_data, calib_size, calib_seq, calib_seed, calib_field, progress)
     if config.kv_cache == "fp8":
         model = calibrate_kv_scales(model, tokens.reshape(-1), tokens.shape[1], len(tokens))
 
-    new = dict(flat)
     notes: list[str] = []
     measured_bytes, calibration = 0, ""
     if calibrated:
         propagate = propagate or ("quantized" if any(plan[g[0]].algorithm != "max" for g in calibrated) else "float")
-        calibration = (f"{len(tokens)} x {tokens.shape[1]} tokens, layer by layer, {propagate} outputs "
-                       "propagated")
-        by_layer = _groups_by_layer(groups)
-        meter = _PeakMemory()
-        layer_params = run_sequential(
-            model, tokens,
-            lambda i, params, stats: _quantize_layer(i, params, stats, by_layer.get(i, []), plan, model, awq, gptq,
-                                                     notes),
-            lambda i: {_LAYER.match(g[0]).group(2): plan[g[0]].algorithm != "max"
-                       for g in by_layer.get(i, []) if _needs_calibration(plan[g[0]])},
-            propagate=propagate, batch_size=batch_size, progress=progress)
-        for i, params in enumerate(layer_params):
-            prefix = ("model", f"layers_{i}")
-            for path, value in flax.traverse_util.flatten_dict(params).items():
-                new[prefix + path] = value
-        for group in [g for g in groups if not _LAYER.match(g[0])]:
-            new.update(_rtn_group(group, plan[group[0]], flat))
-        jax.block_until_ready(new)
-        host_rise, device_peak = meter.read()
+        calibration = f"{len(tokens)} x {tokens.shape[1]} tokens, layer by layer, {propagate} outputs propagated"
+        new, (host_rise, device_peak) = _quantize_layerwise(model, tokens, groups, plan, flat, awq, gptq, propagate,
+                                                            batch_size, progress, notes)
     else:
-        # The memory span starts after the first decoder layer, whose shapes compile every quantizer, so
-        # compiler memory does not count as working set.
-        first_layer = _layer_of(groups[0][0]) if groups else None
-        meter = None
-        for group in _progress(groups, progress):
-            if meter is None and _layer_of(group[0]) != first_layer:
-                jax.block_until_ready(new)
-                meter = _PeakMemory()
-            quantized_group = _rtn_group(group, plan[group[0]], flat)
-            new.update(quantized_group)
-            measured_bytes += _nbytes(quantized_group) if meter is not None else 0
-        jax.block_until_ready(new)
-        host_rise, device_peak = meter.read() if meter is not None else (None, None)
+        new, measured_bytes, (host_rise, device_peak) = _quantize_rtn(groups, plan, flat, progress)
 
     quantized = model.replace(params=flax.traverse_util.unflatten_dict(new), quantization=config)
     report = QuantizeReport(
@@ -226,6 +192,53 @@ def quantize(
         device_peak_bytes=device_peak, seconds=time.perf_counter() - start, calibration=calibration, notes=notes)
     log.info("%s", report)
     return (quantized, report) if return_report else quantized
+
+
+def _calibration_tokens(model, why, calib_data, calib_size, calib_seq, calib_seed, calib_field, progress):
+    if calib_data is None and model.tokenizer is None:
+        raise ValueError(f"{why} need calibration data: pass calib_data=<text, text/JSONL file or token ids> "
+                         f"({model.source} has no tokenizer for the built-in default text)")
+    size = calib_size or DEFAULT_CALIB_SIZE.get(jax.default_backend(), 512)
+    return calibration_tokens(model, calib_data, num_samples=size, seq_len=calib_seq, seed=calib_seed,
+                              field=calib_field, progress=progress)
+
+
+def _quantize_layerwise(model, tokens, groups, plan, flat, awq, gptq, propagate, batch_size, progress, notes):
+    """Every linear, calibrated decoder layer by decoder layer; returns (new flat params, (host peak rise,
+    device peak)), the span measured over the whole run."""
+    by_layer = _groups_by_layer(groups)
+    meter = _PeakMemory()
+    layer_params = run_sequential(
+        model, tokens,
+        lambda i, params, stats: _quantize_layer(i, params, stats, by_layer.get(i, []), plan, model, awq, gptq, notes),
+        lambda i: {_LAYER.match(g[0]).group(2): plan[g[0]].algorithm != "max"
+                   for g in by_layer.get(i, []) if _needs_calibration(plan[g[0]])},
+        propagate=propagate, batch_size=batch_size, progress=progress)
+    new = dict(flat)
+    for i, params in enumerate(layer_params):
+        new.update({("model", f"layers_{i}") + path: v for path, v in flax.traverse_util.flatten_dict(params).items()})
+    for group in [g for g in groups if not _LAYER.match(g[0])]:
+        new.update(_rtn_group(group, plan[group[0]], flat))
+    jax.block_until_ready(new)
+    return new, meter.read()
+
+
+def _quantize_rtn(groups, plan, flat, progress):
+    """Every linear round to nearest, one fused group at a time; returns (new flat params, bytes quantized
+    after the first layer, (host peak rise, device peak)). The memory span starts after the first decoder
+    layer, whose shapes compile every quantizer, so compiler memory does not count as working set."""
+    new = dict(flat)
+    first_layer = _layer_of(groups[0][0]) if groups else None
+    meter, measured_bytes = None, 0
+    for group in _progress(groups, progress):
+        if meter is None and _layer_of(group[0]) != first_layer:
+            jax.block_until_ready(new)
+            meter = _PeakMemory()
+        quantized_group = _rtn_group(group, plan[group[0]], flat)
+        new.update(quantized_group)
+        measured_bytes += _nbytes(quantized_group) if meter is not None else 0
+    jax.block_until_ready(new)
+    return new, measured_bytes, meter.read() if meter is not None else (None, None)
 
 
 def _needs_calibration(recipe: Recipe) -> bool:

@@ -53,7 +53,6 @@ def smoothed(model, fold):
 
 
 @pytest.mark.parametrize("config, fold, expect_kept", [
-    (LLAMA, "norms", {"self_attn.o_proj", "mlp.down_proj"}),
     (LLAMA, "all", set()),                              # no GQA: o_proj folds into v_proj's rows
     (LLAMA, "none", {n for g, _ in GROUPS for n in g}),
     (GEMMA, "norms", {"self_attn.o_proj", "mlp.down_proj"}),
