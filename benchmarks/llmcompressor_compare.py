@@ -1,7 +1,7 @@
 """llm-compressor next to jaxq on SmolLM2-135M-Instruct: GPTQ W4A16 (symmetric) and AWQ W4A16_ASYM, group 64,
 the same bf16 model, the same calibration tokens and the same evaluation; prints both tables.
 
-  PYTHONPATH=. .venv/bin/python benchmarks/llmcompressor_compare.py              # about 30-60 min on 2 cores
+  PYTHONPATH=. .venv/bin/python benchmarks/llmcompressor_compare.py              # about 75 min on 2 CPU cores
   PYTHONPATH=. .venv/bin/python benchmarks/llmcompressor_compare.py --jobs gptq --calib-size 8   # smoke run
 
 Steps (each skipped when its output already sits in --work, default ~/.cache/jaxq-llmc-compare):
@@ -179,7 +179,7 @@ def main() -> int:
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/jaxq-llmc-compare"))
     parser.add_argument("--venv", default=os.path.expanduser("~/.cache/jaxq-llmc-venv"))
     parser.add_argument("--jobs", default="gptq,awq")
-    parser.add_argument("--calib-size", type=int, default=32)
+    parser.add_argument("--calib-size", type=int, default=16)
     parser.add_argument("--calib-seq", type=int, default=512)
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

@@ -35,10 +35,11 @@ class ModelTensors:
     """The model's params by HF name, in the weight map's order.
 
     plain: {HF tensor name: array} of everything that is not a quantized linear weight (norms, embeddings,
-      biases, unquantized linears). quantized: {HF module name: QuantizedWeight}. order: the keys of both in
-      the weight map's order (embeddings, layer by layer, head), the order they are written in. linears: every linear
-      module the model calls (quantized or not). embeddings: modules holding an embedding table.
-    attention: per layer, the self-attention module name (where KV-cache scales live).
+      biases, unquantized linears), floating ones in the model dtype. quantized: {HF module name:
+      QuantizedWeight}. order: the keys of both in the weight map's order (embeddings, layer by layer, head),
+      the order they are written in. linears: every linear module the model calls (quantized or not).
+      embeddings: modules holding an embedding table. attention: per layer, the self-attention module name
+      (where KV-cache scales live), () for a family without `layers.<i>.self_attn.k_proj`.
     """
 
     plain: dict[str, Any]
