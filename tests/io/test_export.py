@@ -3,7 +3,8 @@ in-memory quantized model's logits bit for bit, KV scales as calibrated); the co
 raise naming the layer before anything is written.
 
 The model is the fixtures' tiny Llama (../shared/fixtures/base: same sizes as the producers' fixtures, a real
-tokenizer), quantized round-to-nearest by jaxq.quantize.
+tokenizer), quantized by jaxq.quantize: round to nearest ("_rtn"), AWQ (pre_quant_scale on o_proj/down_proj,
+the rest folded into the norms) and GPTQ.
 """
 
 
@@ -21,21 +22,26 @@ from tests.shared_paths import FIXTURES, requires_fixtures
 pytestmark = requires_fixtures
 
 RTN = dict(algorithm="max")
-# name -> (recipe, kv_cache, {format: None (round-trips) | regex of the refusal})
+Q = r"self_attn\.q_proj: .*"
+PQS = r"self_attn\.o_proj: .*a pre_quant_scale"  # AWQ keeps o_proj's smoothing apart (GQA: no v_proj fold)
+# name -> (recipe, kv_cache, {format: regex of the refusal (layer 0's module and why)}; absent: round-trips)
 CASES = {
     "fp8": (get_recipe("fp8"), "fp8", {}),
     "fp8_rowwise": (get_recipe("fp8_rowwise"), None, {}),
     "fp8_block": (get_recipe("fp8_block"), None, {}),
     "nvfp4": (get_recipe("nvfp4"), "fp8", {}),
     "nvfp4_weight_only": (get_recipe("nvfp4", activation="none"), None, {}),
-    "mxfp4": (get_recipe("mxfp4"), None, {"compressed-tensors": "MXFP4Tensor weights"}),
-    "mxfp4_w4a8": (get_recipe("mxfp4", activation="fp8_static"), None, {"compressed-tensors": "MXFP4Tensor"}),
-    "w4a16_awq": (get_recipe("w4a16_awq", **RTN), None, {}),
-    "w4a8_awq": (get_recipe("w4a8_awq", **RTN), "fp8", {"compressed-tensors": "activation 'fp8_static'"}),
-    "w4a16_gptq": (get_recipe("w4a16_gptq", **RTN, group_size=64), None, {}),
-    "w4a16_gptq_asym": (get_recipe("w4a16_gptq", **RTN, symmetric=False), None,
-                        {"modelopt": "zero points .*format='compressed-tensors'"}),
-    "w4a8_gptq": (get_recipe("w4a8_gptq", **RTN), None, {"compressed-tensors": "activation 'fp8_static'"}),
+    "nvfp4_awq": (get_recipe("nvfp4", algorithm="awq"), "fp8", {"compressed-tensors": PQS}),
+    "mxfp4": (get_recipe("mxfp4"), None, {"compressed-tensors": Q + "MXFP4Tensor weights"}),
+    "mxfp4_w4a8": (get_recipe("mxfp4", activation="fp8_static"), None, {"compressed-tensors": Q + "MXFP4Tensor"}),
+    "w4a16_awq_rtn": (get_recipe("w4a16_awq", **RTN), None, {}),
+    "w4a16_awq": (get_recipe("w4a16_awq"), None, {"compressed-tensors": PQS}),
+    "w4a8_awq_rtn": (get_recipe("w4a8_awq", **RTN), "fp8", {"compressed-tensors": Q + "activation 'fp8_static'"}),
+    "w4a16_gptq_rtn": (get_recipe("w4a16_gptq", **RTN, group_size=64), None, {}),
+    "w4a16_gptq": (get_recipe("w4a16_gptq"), None, {}),
+    "w4a16_gptq_asym_rtn": (get_recipe("w4a16_gptq", **RTN, symmetric=False), None,
+                            {"modelopt": Q + "zero points .*format='compressed-tensors'"}),
+    "w4a8_gptq_rtn": (get_recipe("w4a8_gptq", **RTN), None, {"compressed-tensors": Q + "activation 'fp8_static'"}),
 }
 FORMATS = ("modelopt", "compressed-tensors")
 MATRIX = [(name, fmt) for name in CASES for fmt in FORMATS]
@@ -76,7 +82,7 @@ def test_export_round_trips_or_refuses(base, tokens, name, fmt, tmp_path):
     refusal = CASES[name][2].get(fmt)
     out = tmp_path / "out"
     if refusal is not None:
-        with pytest.raises(ValueError, match=rf"layer model\.layers\.0\.self_attn\.q_proj: .*{refusal}"):
+        with pytest.raises(ValueError, match=rf"layer model\.layers\.0\.{refusal}"):
             jaxq.export(q, out, format=fmt, progress=False)
         assert not out.exists()
         return
