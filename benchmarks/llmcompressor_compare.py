@@ -133,14 +133,13 @@ def checkpoint_mb(path: pathlib.Path) -> float:
 
 
 def jaxq_rows(name: str) -> list[dict]:
-    """(variant, ppl) rows of one of jaxq's own result files, [] when it is absent."""
+    """The W4A16 INT4 rows (what llm-compressor ran here) of one of jaxq's own result files, [] when absent."""
     path = RESULTS / name
     if not path.exists():
         return []
-    data = json.loads(path.read_text())
-    rows = data.get("rows", data) if isinstance(data, dict) else data
-    return [{"source": name, "variant": r.get("variant", r.get("name")), "ppl": r.get("ppl"),
-             "recipe": r.get("recipe_text", "")} for r in rows if isinstance(r, dict) and "ppl" in r]
+    rows = json.loads(path.read_text())["rows"]
+    return [{"source": name, "variant": r["variant"], "ppl": r["ppl"], "recipe": r.get("recipe_text", "")}
+            for r in rows if r.get("recipe_text", "").startswith("int4") and "/ none" in r.get("recipe_text", "")]
 
 
 def markdown(result: dict) -> str:
@@ -166,7 +165,8 @@ def markdown(result: dict) -> str:
                      f"{r['calibrate_seconds']:.0f} | {r['mb']:.1f} |")
     lines += ["", "## jaxq", ""]
     if result["jaxq"]:
-        lines += ["| source | variant | recipe | ppl | vs bf16 |", "|---|---|---|---|---|"]
+        lines += ["W4A16 INT4 rows of jaxq's own tables (their calibration is recorded in each file).", "",
+                  "| source | variant | recipe | ppl | vs bf16 |", "|---|---|---|---|---|"]
         lines += [f"| {r['source']} | {r['variant']} | {r['recipe']} | {r['ppl']:.3f} | "
                   f"{r['ppl'] - result['bf16_ppl']:+.3f} |" for r in result["jaxq"]]
     else:
