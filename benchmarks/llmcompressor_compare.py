@@ -137,9 +137,11 @@ def jaxq_rows(name: str) -> list[dict]:
     path = RESULTS / name
     if not path.exists():
         return []
-    rows = json.loads(path.read_text())["rows"]
-    return [{"source": name, "variant": r["variant"], "ppl": r["ppl"], "recipe": r.get("recipe_text", "")}
-            for r in rows if r.get("recipe_text", "").startswith("int4") and "/ none" in r.get("recipe_text", "")]
+    data = json.loads(path.read_text())
+    source = f"{name} (calibration {data.get('calib_size')} x {data.get('calib_seq')})"
+    w4a16 = lambda text: text.startswith("int4") and "/ none" in text
+    return [{"source": source, "variant": r["variant"], "ppl": r["ppl"], "recipe": r.get("recipe_text", "")}
+            for r in data["rows"] if w4a16(r.get("recipe_text", ""))]
 
 
 def markdown(result: dict) -> str:
@@ -163,6 +165,10 @@ def markdown(result: dict) -> str:
     for r in result["llmc"]:
         lines.append(f"| {r['job']} | {JOBS[r['job']]} | {r['ppl']:.3f} | {r['ppl'] - result['bf16_ppl']:+.3f} | "
                      f"{r['calibrate_seconds']:.0f} | {r['mb']:.1f} |")
+    missing = sorted(set(JOBS) - {r["job"] for r in result["llmc"]})
+    if missing:
+        lines += ["", f"Not in this run: {', '.join(missing)} (rerun with --jobs {','.join(JOBS)}; finished jobs are "
+                      "reused from --work)."]
     lines += ["", "## jaxq", ""]
     if result["jaxq"]:
         lines += ["W4A16 INT4 rows of jaxq's own tables (their calibration is recorded in each file).", "",
