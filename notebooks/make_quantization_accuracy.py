@@ -88,7 +88,7 @@ for ax, (lo, hi) in zip(axes, [(4.0, 4.8), (7.9, 8.2)]):
             ax.scatter([r["bits"] for r in mine], [r["ppl"] for r in mine], marker=marker, s=50, label=source)
     pts.sort(key=lambda r: r["ppl"])
     ppls = [r["ppl"] for r in pts]
-    step = (max(ppls + [bf16]) - min(ppls + [bf16])) / 22
+    step = (max(ppls + [bf16]) - min(ppls + [bf16])) / 16
     ys = []
     for p in ppls:  # labels at least `step` apart, each chain of pushed labels centred on its points
         ys.append(max(p, ys[-1] + step) if ys else p)
@@ -101,7 +101,8 @@ for ax, (lo, hi) in zip(axes, [(4.0, 4.8), (7.9, 8.2)]):
         ys[i:j + 1] = [y + shift for y in ys[i:j + 1]]
         i = j + 1
     for r, y in zip(pts, ys):
-        ax.annotate(r["variant"], (r["bits"], r["ppl"]), xytext=(r["bits"] + (hi - lo) * 0.06, y), fontsize=7,
+        label = r["variant"] + (" (PTQ)" if r["source"] == "jaxq PTQ" else "")
+        ax.annotate(label, (r["bits"], r["ppl"]), xytext=(r["bits"] + (hi - lo) * 0.06, y), fontsize=7,
                     va="center", arrowprops=dict(arrowstyle="-", color="gray", lw=0.5))
     ax.set_ylim(min(ys + [bf16]) - step, max(ys) + step)
     ax.axhline(bf16, color="gray", linestyle="--", label=f"bf16 ({bf16:.2f}, 16 bits/weight)")
