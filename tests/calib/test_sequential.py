@@ -41,10 +41,18 @@ def rel_err(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def test_each_layer_sees_the_inputs_the_whole_model_gives_it(tiny):
+GEMMA = dict(architectures=["Gemma3ForCausalLM"], vocab_size=256, hidden_size=64, intermediate_size=128,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+             query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_each_layer_sees_the_inputs_the_whole_model_gives_it(tiny, arch):
+    """Gemma 3 too: scaled embeddings, local and global RoPE, a sliding window shorter than the samples."""
+    model = tiny if arch == "llama" else random_model(GEMMA, "float32", seed=2)
     inputs: dict = {}
     with nn.intercept_methods(record_inputs(inputs)):
-        tiny.module.apply({"params": tiny.params}, jnp.asarray(TOKENS))
+        model.module.apply({"params": model.params}, jnp.asarray(TOKENS))
     seen = []
 
     def identity(i, params, stats):
@@ -56,7 +64,7 @@ def test_each_layer_sees_the_inputs_the_whole_model_gives_it(tiny):
             np.testing.assert_allclose(stats[name].second_moment, x.T @ x / len(x), rtol=1e-4, atol=1e-5)
         return params
 
-    layers = run_sequential(tiny, TOKENS, identity, lambda i: {"self_attn.q_proj": True, "mlp.down_proj": True},
+    layers = run_sequential(model, TOKENS, identity, lambda i: {"self_attn.q_proj": True, "mlp.down_proj": True},
                             propagate="float", batch_size=3)
     assert seen == [0, 1] and len(layers) == 2
 
