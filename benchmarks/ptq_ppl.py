@@ -65,10 +65,9 @@ VARIANTS = (
 def quantize(base, recipe, calib, args):
     import jaxq
 
-    group = 64 if recipe.weight_format == "int4" else None
     start = time.perf_counter()
     model, report = jaxq.quantize(base, recipe, calib_data=calib, calib_size=args.calib_size,
-                                  calib_seq=args.calib_seq, group_size=group, return_report=True, progress=False)
+                                  calib_seq=args.calib_seq, return_report=True, progress=False)
     return model, report, time.perf_counter() - start
 
 
@@ -82,6 +81,7 @@ def run_variant(v: Variant, base, calib: str, test: str, args) -> dict:
                    ppl_rtn=None, seconds=0.0, host_peak_rise=None, memory_ratio=None, report=None)
     else:
         recipe = jaxq.get_recipe(v.recipe, **dict(v.overrides))
+        recipe = recipe.replace(group_size=64) if recipe.weight_format == "int4" else recipe
         model, report, seconds = quantize(base, recipe, calib, args)
         ppl = jaxq.perplexity(model, test, 512, args.windows)
         rtn = None
