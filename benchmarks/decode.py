@@ -42,6 +42,12 @@ LLAMA_31_8B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden
                                      original_max_position_embeddings=8192), rope_theta=500000.0)
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 WARMUP, TRIALS = 3, 3
+# Least cosine between cached and cache-free logits before a row is timed. In bf16 the two paths sum in
+# different orders: on an H100 the Llama-3.1-8B-shaped random model gave 0.99908 (batch 1) and 0.99877
+# (batch 16) with a bf16 cache, so 0.999 is within bf16 noise there. This only guards the timed rows
+# against gross breakage; the cache path's exactness is tested in float32 on CPU (tests/models). FP8 adds
+# the cache's own rounding.
+CHECK_MIN_COSINE = {"bf16": 0.995, "fp8": 0.99}
 
 
 def load_model(name: str):
@@ -144,7 +150,7 @@ def main() -> None:
                 row = {"model": name, "label": label, **time_decode(model, kv, batch, args.context, args.steps)}
                 if peak is not None:
                     row["pct_roofline"] = 100 * row["bytes_needed"] / peak / (row["ms_per_step"] / 1e3)
-                if row["check_cosine"] < (0.99 if kv == "fp8" else 0.999):
+                if row["check_cosine"] < CHECK_MIN_COSINE[kv]:
                     raise SystemExit(f"decode check failed before timing: {row}")
                 rows.append(row)
                 pct = f"{row['pct_roofline']:5.1f}%" if peak else "  n/a"

@@ -1,0 +1,65 @@
+"""The M=1 word GEMV (pallas_kernels/w4a16_gemv.py) in interpret mode against the W4A16 reference and a
+NumPy float64 oracle: fresh random operands, ragged N and K against the tiles, groups below, equal to and
+above block_k, split-K with a ragged last split, symmetric and asymmetric (fractional zeros too).
+Outputs start as NaN in interpret mode (test_gemm_kernels checks that), so an unwritten element fails."""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from pallas_kernels import w4a16, w4a16_gemv
+from pallas_kernels.w4a16_gemv import GemvConfig
+from . import np_oracle as npo
+
+TOL = 1e-2  # the tolerance w4a16_gemv states
+
+CASES = [
+    # n, k, group, zero kind, config
+    (40, 384, 128, None, GemvConfig(block_n=16, block_k=128, split_k=2)),        # ragged N, ragged split
+    (40, 640, 64, "int", GemvConfig(block_n=32, block_k=256, split_k=2)),         # 4 groups a chunk, ragged K
+    (24, 512, 128, "float", GemvConfig(block_n=8, block_k=32, unroll=4)),         # group spans 4 chunks
+    (33, 1024, 32, None, GemvConfig(block_n=16, block_k=512, split_k=4, unroll=2, num_warps=2)),
+    (48, 256, 64, "int", None),                                                   # default heuristic
+]
+
+
+def _operands(n, k, group, zero_kind):
+    rng = npo.rng_for("w4a16_gemv", n, k, group, zero_kind)
+    x = npo.rand_x(rng, 1, k)
+    packed = npo.rand_packed(rng, n, k)
+    scale = (rng.uniform(0.5, 1.5, (n, k // group)) * 0.02).astype(ml_dtypes.bfloat16)
+    zero = {None: None,
+            "int": lambda: rng.integers(0, 16, (n, k // group)).astype(np.uint8),
+            "float": lambda: rng.uniform(3, 12, (n, k // group)).astype(np.float32)}[zero_kind]
+    return x, packed, scale, zero() if zero else None
+
+
+@pytest.mark.parametrize("n,k,group,zero_kind,cfg", CASES)
+def test_gemv_matches_reference(n, k, group, zero_kind, cfg):
+    x, packed, scale, zero = _operands(n, k, group, zero_kind)
+    assert cfg is None or w4a16_gemv.config_is_valid(group, cfg)
+    out = w4a16_gemv.w4a16_gemv(x, packed, scale, zero, config=cfg, interpret=True)
+    ref = w4a16.w4a16_matmul_reference(x, packed, scale, zero)
+    assert out.shape == (1, n) and out.dtype == ref.dtype
+    npo.check_close(out, ref, TOL)
+    npo.check_close(out, npo.f64(x) @ npo.int4_weight(packed, scale, zero).T, TOL)
+
+
+def test_gemv_words_are_the_canonical_bytes():
+    """Nibble j of word i is k = 8i + j: a single set nibble lands on exactly its k."""
+    n, k = 2, 64
+    codes = np.full((n, k), 8, np.uint8)               # u - 8 == 0 everywhere ...
+    codes[1, 43] = 15                                   # ... except one weight of +7
+    packed = npo.pack(codes)
+    x = np.zeros((1, k), ml_dtypes.bfloat16)
+    x[0, 43] = 2.0
+    scale = np.ones((n, k // 32), np.float32)
+    out = np.asarray(w4a16_gemv.w4a16_gemv(x, packed, scale, config=GemvConfig(2, 32), interpret=True), np.float32)
+    np.testing.assert_array_equal(out, [[0.0, 14.0]])
+
+
+def test_invalid_configs_are_refused():
+    assert not w4a16_gemv.config_is_valid(128, GemvConfig(block_k=16))
+    assert not w4a16_gemv.config_is_valid(128, GemvConfig(block_n=24))
+    assert not w4a16_gemv.config_is_valid(96, GemvConfig(block_k=128))
+    assert not w4a16_gemv.shape_is_supported(2, 64, 256, 64)
+    assert not w4a16_gemv.shape_is_supported(1, 64, 256, 16)
