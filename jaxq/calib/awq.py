@@ -4,11 +4,18 @@ smoothing where ModelOpt's export puts it, and clip the smoothed weights before 
 Where the smoothing 1/s of a group's input goes (AWQConfig.fold):
   "norms" (default, ModelOpt's export): q/k/v and gate/up fold it into the RMSNorm they read (norm weight
           w <- w / s, Gemma's (1 + w) <- (1 + w) / s); o_proj and down_proj keep it as pre_quant_scale.
-  "all"   (AutoAWQ / llm-compressor): additionally o_proj into v_proj's rows and down_proj into up_proj's rows
-          when the sizes match one to one (v_proj -> o_proj only without GQA); otherwise pre_quant_scale.
+  "all"   additionally o_proj into v_proj's rows and down_proj into up_proj's rows when the sizes match one
+          to one (v_proj -> o_proj only without GQA); otherwise pre_quant_scale.
+  "foldable" (AutoAWQ, llm-compressor; what compressed-tensors needs, having no pre_quant_scale): folds as
+          "all", and a group whose smoothing folds nowhere is not smoothed at all (o_proj under GQA: v_proj has
+          fewer rows than o_proj has inputs), only clipped (INT4) and rounded, as those tools skip the mappings
+          they cannot apply. The result has no pre_quant_scale. `jaxq quantize --export-format
+          compressed-tensors` picks it for AWQ recipes; in Python pass
+          jaxq.quantize(..., awq=AWQConfig(fold="foldable")) before jaxq.export(..., format="compressed-tensors").
   "none": every AWQ linear keeps its pre_quant_scale.
 A group is folded into a norm only when it is exactly the set of linears reading that norm (one fused
-group); otherwise its members keep pre_quant_scale. Unquantized, every choice computes the same function.
+group); otherwise its members keep pre_quant_scale ("foldable": are not smoothed). Unquantized, every choice
+computes the same function.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from jaxq.quantize.weights import fake_quant_weight, int4_group_size
 from jaxq.recipes import Recipe
 
 log = logging.getLogger(__name__)
-FOLDS = ("norms", "all", "none")
+FOLDS = ("norms", "all", "foldable", "none")
+ROW_FOLDS = ("all", "foldable")  # the folds that also scale a producer's rows
 _QUANT_BLOCK = {"nvfp4": 16, "mxfp4": 32}
 
 
@@ -62,7 +70,8 @@ def smooth_layer(weights: dict[str, jax.Array], norms: dict[str, jax.Array], bia
     row fold needs a quantized producer): W <- W diag(s) in float32, the smoothing folded per config.fold,
     stats[group[0]] replaced by the smoothed input's. Returns ({linear: pre_quant_scale kept,
     in the weights' dtype}, notes). A group whose statistics are empty or not finite is left unsmoothed
-    with a warning naming it (round to nearest). prefix: "model.layers.<i>." for messages.
+    with a warning naming it (round to nearest); with fold="foldable", a group whose smoothing would fold
+    nowhere is left unsmoothed too (logged at INFO). prefix: "model.layers.<i>." for messages.
     """
     readers = {norm: set(lins) for norm, lins in spec.norm_inputs}
     producer_of = {consumer: producer for producer, consumer in spec.row_inputs}
@@ -74,6 +83,11 @@ def smooth_layer(weights: dict[str, jax.Array], norms: dict[str, jax.Array], bia
                          f"{st.count} tokens or non-finite values; rounded to nearest instead")
             log.warning("%s", notes[-1])
             continue
+        norm, producer = _fold_target(names, weights, readers, producer_of, config.fold)
+        if norm is None and producer is None and config.fold == "foldable":
+            log.info("layer %s%s: not AWQ-smoothed, its smoothing would fold into no norm or producer rows "
+                     "(fold='foldable')", prefix, "/".join(names))
+            continue
         w = jnp.concatenate([weights[n].astype(jnp.float32) for n in names])
         dtype = weights[names[0]].dtype
         s, _ = _search(w, st.abs_mean, st.second_moment, recipe, awq_core.alpha_grid(config.alpha_step))
@@ -82,11 +96,9 @@ def smooth_layer(weights: dict[str, jax.Array], norms: dict[str, jax.Array], bia
         for n in names:
             weights[n] = weights[n].astype(jnp.float32) / pqs32
         stats[names[0]] = st.smoothed(pqs32)
-        norm = next((m for m, lins in readers.items() if lins == set(names)), None)
-        producer = producer_of.get(names[0]) if len(names) == 1 else None
-        if config.fold != "none" and norm is not None:
+        if norm is not None:
             norms[norm] = _fold_norm(norms[norm], pqs32, spec.norm_unit_offset)
-        elif config.fold == "all" and producer in weights and weights[producer].shape[0] == w.shape[1]:
+        elif producer is not None:
             weights[producer] = (weights[producer].astype(jnp.float32) * pqs32[:, None]).astype(
                 weights[producer].dtype)
             if producer in biases:
@@ -94,6 +106,18 @@ def smooth_layer(weights: dict[str, jax.Array], norms: dict[str, jax.Array], bia
         else:
             pre_quant_scales.update({n: pqs for n in names})
     return pre_quant_scales, notes
+
+
+def _fold_target(names, weights, readers, producer_of, fold: str) -> tuple[str | None, str | None]:
+    """(the norm, or else the producer linear, that takes a group's smoothing under `fold`); (None, None):
+    nowhere, the members keep pre_quant_scale ("foldable": the group is not smoothed)."""
+    norm = next((m for m, lins in readers.items() if lins == set(names)), None)
+    if fold != "none" and norm is not None:
+        return norm, None
+    producer = producer_of.get(names[0]) if len(names) == 1 else None
+    if fold in ROW_FOLDS and producer in weights and weights[producer].shape[0] == weights[names[0]].shape[1]:
+        return None, producer
+    return None, None
 
 
 def clip_weights(w, stats: InputStats, recipe: Recipe, config: AWQConfig):

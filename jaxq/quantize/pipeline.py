@@ -134,7 +134,9 @@ def quantize(
       128/64/32 that divides every quantized layer's K (SmolLM2's hidden size 576 needs 64), so one
       checkpoint has one group size, as the ModelOpt/vLLM/TRT-LLM configs require.
     exclude: extra regexes of dotted module names (model.layers.0.mlp.down_proj) to keep unquantized.
-    awq, gptq: the algorithms' knobs (jaxq.calib.awq.AWQConfig, jaxq.calib.gptq.GPTQConfig).
+    awq, gptq: the algorithms' knobs (jaxq.calib.awq.AWQConfig, jaxq.calib.gptq.GPTQConfig). AWQ's default
+      fold="norms" keeps o_proj/down_proj smoothing as pre_quant_scale (ModelOpt); pass
+      awq=AWQConfig(fold="foldable") for a model to export with format="compressed-tensors".
     propagate: what a calibrated layer feeds the next one, "quantized" (its quantized output,
       llm-compressor's sequential pipeline) or "float" (its unquantized output, ModelOpt; one pass per
       layer instead of two); None: "quantized" when any recipe uses GPTQ or AWQ, else "float".

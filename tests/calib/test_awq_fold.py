@@ -31,9 +31,10 @@ def synthetic_stats(k, seed):
     return InputStats(100, 3 * mean, mean, jnp.diag(mean**2) + 0.01 * mean[:, None] * mean[None, :])
 
 
-def smoothed(model, fold):
-    """The model with every layer AWQ-smoothed (unquantized); kept pre_quant_scales are multiplied into the
-    weight columns, which is what x * pre_quant_scale does at run time. Also returns the kept names."""
+def smoothed(model, fold, seed=0):
+    """The model with every layer AWQ-smoothed (unquantized; statistics drawn from seed); kept pre_quant_scales
+    are multiplied into the weight columns, which is what x * pre_quant_scale does at run time. Also returns the
+    kept names."""
     spec = type(model.module).layerwise
     params = flax.core.copy(model.params, {})
     kept = set()
@@ -41,7 +42,7 @@ def smoothed(model, fold):
         flat = flax.traverse_util.flatten_dict(params["model"][f"layers_{i}"])
         weights = {n: flat[hf_path(n) + ("weight",)] for g, _ in GROUPS for n in g}
         norms = {n: flat[(n, "weight")] for n, _ in spec.norm_inputs}
-        stats = {g[0]: synthetic_stats(weights[g[0]].shape[1], i * 10 + j) for j, (g, _) in enumerate(GROUPS)}
+        stats = {g[0]: synthetic_stats(weights[g[0]].shape[1], seed + i * 10 + j) for j, (g, _) in enumerate(GROUPS)}
         pqs, notes = smooth_layer(weights, norms, {}, GROUPS, stats, spec, AWQConfig(fold=fold), f"layers.{i}.")
         assert notes == []
         kept |= set(pqs)
@@ -66,6 +67,31 @@ def test_folding_leaves_the_unquantized_model_unchanged(config, fold, expect_kep
     np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=2e-4, atol=2e-4)
     changed = smooth.params["model"]["layers_0"]["input_layernorm"]["weight"]
     assert not np.allclose(changed, model.params["model"]["layers_0"]["input_layernorm"]["weight"]) or fold == "none"
+
+
+@pytest.mark.parametrize("config, unsmoothed", [
+    (GEMMA, {"self_attn.o_proj"}),  # GQA: o_proj's smoothing folds nowhere, so it is not smoothed
+    (LLAMA, set()),                 # no GQA: o_proj's folds into v_proj's rows
+])
+def test_foldable_smooths_only_the_groups_that_fold(config, unsmoothed):
+    """fold="foldable" (what compressed-tensors needs): no pre_quant_scale, the same unquantized function, and
+    a group whose smoothing cannot be folded keeps its weights as they were while the others change."""
+    model = random_model(config, "float32", seed=7)
+    smooth, kept = smoothed(model, "foldable", seed=1000)
+    assert kept == set()
+    tokens = np.random.default_rng(21).integers(0, 64, (3, 20))
+    np.testing.assert_allclose(np.asarray(jaxq.logits(smooth, tokens)), np.asarray(jaxq.logits(model, tokens)),
+                               rtol=2e-4, atol=2e-4)
+    for i in range(model.config.num_hidden_layers):
+        before = flax.traverse_util.flatten_dict(model.params["model"][f"layers_{i}"])
+        after = flax.traverse_util.flatten_dict(smooth.params["model"][f"layers_{i}"])
+        for names, _ in GROUPS:
+            for name in names:
+                same = np.array_equal(after[hf_path(name) + ("weight",)], before[hf_path(name) + ("weight",)])
+                assert same == (name in unsmoothed), f"layer {i} {name}: unchanged={same}"
+        v_proj = hf_path("self_attn.v_proj") + ("weight",)
+        if not unsmoothed:  # o_proj's smoothing went into v_proj's rows, on top of q/k/v's columns
+            assert not np.allclose(after[v_proj] / before[v_proj], (after[v_proj] / before[v_proj])[:1])
 
 
 def test_modelopt_and_all_folded_conventions_give_the_same_quantized_model():
