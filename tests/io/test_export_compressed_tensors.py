@@ -1,17 +1,21 @@
 """jaxq's compressed-tensors exports decompress with the compressed-tensors package itself (llm-compressor's
 and vLLM's decompressor) to jaxq's own dequantized weights: INT4 symmetric / asymmetric / act-order / per
-channel, FP8 per tensor / channel / block, NVFP4."""
+channel, FP8 per tensor / channel / block, NVFP4, and AWQ-calibrated INT4 / NVFP4 quantized with
+AWQConfig(fold="foldable") (no pre_quant_scale), which also load back to the in-memory model's logits."""
 
 import json
 from pathlib import Path
 
 import flax
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxq
+from jaxq.calib import AWQConfig
 from jaxq.formats import quantize_int4
+from jaxq.io.export.compressed_tensors import AWQ_FOLD
 from jaxq.nn.quantized_weight import QuantizedWeight
 from jaxq.recipes import get_recipe
 
@@ -34,7 +38,12 @@ CASES = {
     # compressed-tensors decompresses NVFP4 in bf16 (unpack_fp4_from_uint8's default dtype), dividing by the
     # reciprocal global scale: within two bf16 roundings of jaxq's float32 e2m1 * scale * global_scale
     "nvfp4": (get_recipe("nvfp4", activation="none"), 2**-7),
+    "int4_awq_sym": (get_recipe("w4a16_awq", group_size=64), 0.0),
+    "int4_awq_asym": (get_recipe("w4a16_awq", group_size=64, symmetric=False), 0.0),
+    "nvfp4_awq": (get_recipe("nvfp4", algorithm="awq", activation="none"), 2**-7),
 }
+INT4_AWQ = {name: recipe for name, (recipe, _) in CASES.items() if recipe.algorithm == "awq" and
+            recipe.weight_format == "int4"}
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +51,12 @@ def base():
     return jaxq.load(FIXTURES / "base")
 
 
-def quantize(base, recipe):
-    tokens = np.load(FIXTURES / "base" / "reference_logits.npz")["input_ids"].astype(np.int32)
-    return jaxq.quantize(base, recipe, calib_data=tokens, calib_size=2, calib_seq=64, progress=False)
+def quantize(base, recipe, tokens=None):
+    """base quantized with `recipe`, AWQ recipes with the fold compressed-tensors can store."""
+    if tokens is None:
+        tokens = np.load(FIXTURES / "base" / "reference_logits.npz")["input_ids"].astype(np.int32)
+    return jaxq.quantize(base, recipe, calib_data=tokens, calib_size=2, calib_seq=64, awq=AWQConfig(fold=AWQ_FOLD),
+                         progress=False)
 
 
 def decompressed(directory: Path) -> dict[str, np.ndarray]:
@@ -98,3 +110,19 @@ def test_act_order_g_idx(base, tmp_path):
     tokens = np.load(FIXTURES / "base" / "reference_logits.npz")["input_ids"].astype(np.int32)
     np.testing.assert_array_equal(np.asarray(jaxq.logits(jaxq.load(tmp_path / "ct"), tokens)),
                                   np.asarray(jaxq.logits(q, tokens)))
+
+
+@pytest.mark.parametrize("name", sorted(INT4_AWQ))
+def test_awq_model_exports_and_loads_back(base, name, tmp_path):
+    """INT4 AWQ on random calibration tokens, fold "foldable": on this GQA model o_proj is not smoothed, nothing
+    keeps a pre_quant_scale, and the export loads back to the in-memory model's logits bit for bit."""
+    rng = np.random.default_rng(606)
+    calib, tokens = (rng.integers(0, base.config.vocab_size, (n, 64)).astype(np.int32) for n in (2, 3))
+    q = quantize(base, INT4_AWQ[name], calib)
+    weights = [w for w in jax.tree.leaves(q.params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+               if isinstance(w, QuantizedWeight)]
+    assert len(weights) == 14 and all(w.pre_quant_scale is None for w in weights)
+    jaxq.export(q, tmp_path / "ct", format="compressed-tensors", progress=False)
+    assert jaxq.check(tmp_path / "ct") == []
+    loaded = jaxq.load(tmp_path / "ct")
+    np.testing.assert_array_equal(np.asarray(jaxq.logits(loaded, tokens)), np.asarray(jaxq.logits(q, tokens)))

@@ -42,7 +42,8 @@ def export(model: LoadedModel, out_dir: str | os.PathLike, format: str = "modelo
     max_shard_bytes: largest safetensors file (tensor data), 5 GB as transformers; more data gives
       model-0000i-of-0000n.safetensors and model.safetensors.index.json.
     Raises ValueError, before writing anything, naming the layer or tensor when a layer has no layout in the
-    format (e.g. asymmetric INT4 to "modelopt", W4A8 to "compressed-tensors"), when fused q/k/v or gate/up
+    format (e.g. asymmetric INT4 to "modelopt", W4A8 or a kept AWQ pre_quant_scale to "compressed-tensors":
+    quantize AWQ with AWQConfig(fold="foldable") for it), when fused q/k/v or gate/up
     break TensorRT-LLM's shared-scale rule ("modelopt"), or when a scale is NaN, infinite or zero.
     """
     if not isinstance(model, LoadedModel):

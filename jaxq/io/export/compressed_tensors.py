@@ -18,7 +18,10 @@ among the float32 values next to 1 / s, one whose reciprocal is s again, so jaxq
 Act-order INT4 (g_idx) is written with actorder "group" and weight_g_idx, as llm-compressor wrote it before
 compressed-tensors 0.19 dropped that option (0.19 refuses it; jaxq reads it). No layout: W4A8 INT4 (FP8 activations with a weight_scale_2 stage), MXFP4 (jaxq does not load
 mxfp4-pack-quantized) and any pre_quant_scale (AWQ smoothing kept apart from the weights): these raise,
-pointing to format="modelopt".
+pointing to format="modelopt". AWQ models export when quantized with AWQConfig(fold="foldable") (AWQ_FOLD;
+jaxq/calib/awq.py), which smooths only the groups whose smoothing folds into a norm or the producing linear's
+rows and leaves the rest unsmoothed, as llm-compressor does; `jaxq quantize --export-format compressed-tensors`
+picks it.
 
 config.json quantization_config, as the llmc fixtures: config_groups {group_i: {format, targets ["Linear"] (or
 the module names, when several groups), weights, input_activations, output_activations}}, format (or
@@ -42,10 +45,12 @@ from jaxq.formats import (exact_divide, fp8_checkpoint_scale, to_compressed_tens
 from jaxq.io.export.common import ModelTensors, nonzero_block_scales
 from jaxq.loaded_model import LoadedModel
 from jaxq.nn.quantized_weight import QuantizedWeight
+from jaxq.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
 COMPRESSED_TENSORS_VERSION = "0.19.0"
+AWQ_FOLD = "foldable"  # the AWQConfig.fold whose AWQ models this format stores: no pre_quant_scale anywhere
 _E4M3 = "torch.float8_e4m3fn"
 _FP8_STRATEGY = {"tensor": "tensor", "channel": "channel", "block": "block"}
 
@@ -59,40 +64,51 @@ def _args(num_bits: int, type_: str, strategy: str, *, group_size=None, block_st
             "strategy": strategy, "symmetric": symmetric, "type": type_, "zp_dtype": zp_dtype}
 
 
+def has_layout(recipe: Recipe) -> bool:
+    """Whether compressed-tensors (as jaxq and vLLM read it) stores linears of `recipe` (the table above), AWQ
+    ones only when quantized with AWQConfig(fold=AWQ_FOLD)."""
+    act = recipe.activation
+    if recipe.weight_format == "fp8":
+        return act in ("none", "fp8_static", "fp8_token") or (act == "fp8_group" and
+                                                              recipe.weight_granularity == "block")
+    return act in {"nvfp4": ("none", "nvfp4"), "int4": ("none",)}.get(recipe.weight_format, ())
+
+
 def scheme(module: str, qw: QuantizedWeight) -> tuple[str, dict, dict | None]:
     """(format, weights args, input_activations args or None) of one quantized linear; ValueError naming the
     layer when compressed-tensors (as jaxq and vLLM read it) has no layout for it."""
     r, w = qw.recipe, qw.weight
-    if qw.pre_quant_scale is not None:
-        _unsupported(module, qw, "a pre_quant_scale (AWQ smoothing kept apart from the weights)")
     act = r.activation
+    if not has_layout(r):
+        _unsupported(module, qw, f"{type(w).__name__} weights with activation {act!r}")
+    if qw.pre_quant_scale is not None:
+        _unsupported(module, qw, "a pre_quant_scale (AWQ smoothing kept apart from the weights)",
+                     f"quantize it with awq=AWQConfig(fold={AWQ_FOLD!r}) (jaxq.calib.AWQConfig; `jaxq quantize "
+                     "--export-format compressed-tensors` picks it), which leaves unsmoothed the groups whose "
+                     "smoothing cannot be folded into the weights, or ")
     if r.weight_format == "fp8":
         weights = _args(8, "float", _FP8_STRATEGY[w.granularity],
                         block_structure=[w.block_size] * 2 if w.granularity == "block" else None)
         inputs = {"none": None,
                   "fp8_static": _args(8, "float", "tensor", observer="minmax"),
-                  "fp8_token": _args(8, "float", "token", dynamic=True, observer=None)}.get(act)
-        if act == "fp8_group" and w.granularity == "block":
-            inputs = _args(8, "float", "group", group_size=w.block_size, dynamic=True, observer=None)
-        if inputs is not None or act == "none":
-            return "float-quantized", weights, inputs
-    elif r.weight_format == "nvfp4" and act in ("none", "nvfp4"):
+                  "fp8_token": _args(8, "float", "token", dynamic=True, observer=None),
+                  "fp8_group": _args(8, "float", "group", group_size=w.block_size, dynamic=True, observer=None)}[act]
+        return "float-quantized", weights, inputs
+    if r.weight_format == "nvfp4":
         weights = _args(4, "float", "tensor_group", group_size=16, scale_dtype=_E4M3)
         inputs = None if act == "none" else _args(4, "float", "tensor_group", group_size=16, dynamic="local",
                                                   observer=None, scale_dtype=_E4M3)
         return "nvfp4-pack-quantized", weights, inputs
-    elif r.weight_format == "int4" and act == "none":
-        per_channel = r.group_size == -1
-        weights = _args(4, "int", "channel" if per_channel else "group", group_size=None if per_channel else
-                        w.group_size, symmetric=w.zero is None, actorder="group" if w.g_idx is not None else None,
-                        zp_dtype=None if w.zero is None else "torch.int8")
-        return "pack-quantized", weights, None
-    return _unsupported(module, qw, f"{type(w).__name__} weights with activation {act!r}")
+    per_channel = r.group_size == -1
+    weights = _args(4, "int", "channel" if per_channel else "group", group_size=None if per_channel else
+                    w.group_size, symmetric=w.zero is None, actorder="group" if w.g_idx is not None else None,
+                    zp_dtype=None if w.zero is None else "torch.int8")
+    return "pack-quantized", weights, None
 
 
-def _unsupported(module, qw, what):
+def _unsupported(module, qw, what, fix=""):
     raise ValueError(f"layer {module}: recipe {qw.recipe.name!r} has {what}, which compressed-tensors cannot "
-                     "store as jaxq and vLLM read it; export it with format='modelopt' (TensorRT-LLM)")
+                     f"store as jaxq and vLLM read it; {fix}export it with format='modelopt' (TensorRT-LLM)")
 
 
 def invertible_reciprocal(s) -> jax.Array:
