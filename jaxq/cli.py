@@ -6,6 +6,8 @@
     jaxq generate --model DIR_OR_GGUF --prompt "a" --prompt "b" --kv-cache fp8 --calib-text valid.txt
     jaxq quantize --model smollm2-135m --quant w4a16_gptq --group-size 64 --calib-data valid.txt \\
                   --calib-size 64 --export-dir OUT --export-format compressed-tensors
+    jaxq quantize --model smollm2-135m --quant w4a16_awq --asymmetric --group-size 64 --calib-data valid.txt \\
+                  --export-dir OUT --export-format compressed-tensors   # AWQ with fold="foldable" (jaxq/calib/awq.py)
     jaxq eval --model OUT --data test.txt      # perplexity, windows of 512 tokens (jaxq.eval's definition)
     jaxq check CHECKPOINT_DIR      # exit 0 when the checkpoint is good, 1 with every problem listed
 
@@ -58,12 +60,13 @@ def _quantize(args) -> int:
     overrides = {k: v for k, v in (("symmetric", False if args.asymmetric else None),
                                    ("act_order", True if args.act_order else None)) if v is not None}
     try:
-        model = jaxq.load(args.model, dtype=args.dtype)
         recipe = jaxq.get_recipe(args.quant, **overrides)
+        awq = _awq_config(recipe, args.export_format)
+        model = jaxq.load(args.model, dtype=args.dtype)
         quantized, report = jaxq.quantize(
             model, recipe, calib_data=args.calib_data, calib_size=args.calib_size, calib_seq=args.calib_seq,
             calib_field=args.calib_field, calib_seed=args.calib_seed, kv_cache=args.kv_cache,
-            group_size=args.group_size, exclude=args.exclude, return_report=True)
+            group_size=args.group_size, exclude=args.exclude, awq=awq, return_report=True)
         print(report)
         out = jaxq.export(quantized, args.export_dir, format=args.export_format, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as err:
@@ -71,6 +74,27 @@ def _quantize(args) -> int:
         return 1
     print(f"wrote {args.export_format} checkpoint to {out}")
     return 0
+
+
+def _awq_config(recipe, export_format: str):
+    """AWQConfig for the export format: compressed-tensors stores no pre_quant_scale, so AWQ recipes get
+    fold="foldable" (jaxq/calib/awq.py), said on stdout; ValueError before any work for a recipe that format
+    has no layout for."""
+    from jaxq.calib import AWQConfig
+    from jaxq.io.export import compressed_tensors
+
+    if export_format != "compressed-tensors":
+        return AWQConfig()
+    if not compressed_tensors.has_layout(recipe):
+        raise ValueError(f"recipe {recipe.name!r} ({recipe.weight_format} weights, activation "
+                         f"{recipe.activation!r}) has no compressed-tensors layout; use --export-format modelopt")
+    if recipe.algorithm != "awq":
+        return AWQConfig()
+    fold = compressed_tensors.AWQ_FOLD
+    print(f"AWQ fold {fold!r} for compressed-tensors (no pre_quant_scale): the groups whose smoothing folds into "
+          "a norm or the producing linear's rows are smoothed, the others (o_proj under GQA) only clipped and "
+          "rounded, as llm-compressor does")
+    return AWQConfig(fold=fold)
 
 
 def _eval(args) -> int:
@@ -122,8 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     qnt.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="REGEX",
                      help="module names to keep unquantized (re.search on model.layers.0.mlp.down_proj ...)")
     qnt.add_argument("--export-dir", required=True)
-    qnt.add_argument("--export-format", default="modelopt",
-                     help="modelopt | compressed-tensors | jaxq (see jaxq.export)")
+    qnt.add_argument("--export-format", default="modelopt", choices=["modelopt", "compressed-tensors", "jaxq"],
+                     help="see jaxq.export; compressed-tensors quantizes AWQ recipes with AWQConfig(fold='foldable')")
     qnt.add_argument("--overwrite", action="store_true", help="replace a non-empty export directory")
     qnt.add_argument("--dtype", default="bfloat16", help="params and compute dtype while quantizing")
     qnt.set_defaults(run=_quantize)
