@@ -57,11 +57,13 @@ MXFP4 4 + 8/32, INT4 group 64 with float32 scales 4 + 32/64. llm-compressor stor
 stay bf16 in every row."""),
     ("code", """rows = [dict(source="jaxq RTN", variant=r["variant"], recipe=r["recipe_text"], kv=r["kv_cache"],
              ppl=r["ppl"], bits=r["bits_per_weight"]) for r in rtn["rows"]]
-NOMINAL_BITS = {"fp8": 8.0, "nvfp4": 4 + 8 / 16, "mxfp4": 4 + 8 / 32, "int4": 4 + 32 / 64}
+NOMINAL_BITS = {"fp8": 8.0, "nvfp4": 4 + 8 / 16, "mxfp4": 4 + 8 / 32}
 def ptq_bits(r):  # the PTQ table records recipes, not sizes: codes + float32 scales (+ 4-bit zero points)
     recipe = r.get("recipe") or {}
-    asym = recipe.get("weight_format") == "int4" and not recipe.get("symmetric", True)
-    return NOMINAL_BITS.get(recipe.get("weight_format"), 16.0) + (4 / 64 if asym else 0.0)
+    if recipe.get("weight_format") == "int4":  # groups of the recorded group_size
+        group = recipe["group_size"]
+        return 4 + 32 / group + (0.0 if recipe.get("symmetric", True) else 4 / group)
+    return NOMINAL_BITS.get(recipe.get("weight_format"), 16.0)
 if ptq:
     for r in ptq.get("rows", []):
         if r.get("recipe"):
