@@ -12,7 +12,7 @@ timed after 3 warm-up steps (compilation excluded), median of 3 trials. tokens/s
 Roofline: per step the weights stream once (params bytes, the embedding table only when it is also the output
 layer) plus the KV cache the attention reads (jaxq's reference attention reads all max_len slots, not only the
 valid ones; both counts are reported), over the card's HBM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s spec).
-Results: benchmarks/results/decode_<platform>_<date>.json and .md, naming the device and jax version.
+Results: benchmarks/results/decode_<device>_<date>.json and .md, naming the device and jax version.
 """
 
 import argparse
@@ -42,12 +42,16 @@ LLAMA_31_8B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden
                                      original_max_position_embeddings=8192), rope_theta=500000.0)
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 WARMUP, TRIALS = 3, 3
-# Least cosine between cached and cache-free logits before a row is timed. In bf16 the two paths sum in
-# different orders: on an H100 the Llama-3.1-8B-shaped random model gave 0.99908 (batch 1) and 0.99877
-# (batch 16) with a bf16 cache, so 0.999 is within bf16 noise there. This only guards the timed rows
-# against gross breakage; the cache path's exactness is tested in float32 on CPU (tests/models). FP8 adds
-# the cache's own rounding.
-CHECK_MIN_COSINE = {"bf16": 0.995, "fp8": 0.99}
+# Least cosine between cached (bf16 cache) and cache-free logits before a row is timed. The two paths sum
+# in different orders: on an H100 the Llama-3.1-8B-shaped random model gave 0.99908 (batch 1) and 0.99877
+# (batch 16), so 0.999 is within bf16 noise there. This guards the timed rows against gross breakage; the
+# cache path's exactness is tested in float32 on CPU (tests/models). FP8-cache rows only record the cosine:
+# against the unquantized forward it measures FP8 rounding on random weights (0.937 on the 8B shape at
+# batch 1), not the cache path; FP8 KV accuracy is measured on real weights (benchmarks/results/
+# smollm2_reference_cpu.md) and the FP8 cache path equals a fake-quant forward (tests/models/
+# test_fp8_kv_reference.py). Random weights of std 0.02 amplify rounding with width and depth: each
+# projection scales by about 0.02 * sqrt(hidden), 1.28 on the 8B shape against 0.48 on SmolLM2's.
+CHECK_MIN_COSINE = 0.995
 
 
 def load_model(name: str):
@@ -126,6 +130,24 @@ def time_decode(model, kv: str, batch: int, context: int, steps: int) -> dict:
             "bytes_needed": bytes_needed, "bytes_read_by_reference_attention": bytes_read}
 
 
+def write_results(out_dir: str, env: dict, rows: list, steps: int, context: int) -> pathlib.Path:
+    """Writes decode_<platform>_<date>.json and .md (after every row, so a later failure keeps them)."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"decode_{env['device'].replace(' ', '_')}_{env['date']}"
+    stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    lines = [f"# jaxq decode throughput on {env['device']} (jax {env['jax']})", "",
+             f"Prompt of {context} random tokens prefilled, then {steps} greedy decode steps timed "
+             f"(median of {TRIALS}, compile excluded). % roofline: (weights + valid KV bytes) / HBM bandwidth.", "",
+             "| model | KV cache | batch | tokens/s | ms/step | % roofline | check cos |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pct = f"{r['pct_roofline']:.1f}" if "pct_roofline" in r else "n/a"
+        lines.append(f"| {r['label']} | {r['kv_cache']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['ms_per_step']:.2f} | {pct} | {r['check_cosine']:.5f} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return stem
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2,llama8b")
@@ -140,6 +162,8 @@ def main() -> None:
     kind = device.device_kind
     peak = next((bw for name, bw in HBM_BYTES_PER_S.items() if name in kind), None)
     print(f"device: {kind}, jax {jax.__version__}; context {args.context}, {args.steps} timed steps")
+    env = {"device": kind, "platform": device.platform, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+           "hbm_bytes_per_s": peak, "context": args.context, "steps": args.steps}
     rows = []
     for name in args.models.split(","):
         base, label = load_model(name)
@@ -150,31 +174,17 @@ def main() -> None:
                 row = {"model": name, "label": label, **time_decode(model, kv, batch, args.context, args.steps)}
                 if peak is not None:
                     row["pct_roofline"] = 100 * row["bytes_needed"] / peak / (row["ms_per_step"] / 1e3)
-                if row["check_cosine"] < CHECK_MIN_COSINE[kv]:
+                if kv == "bf16" and row["check_cosine"] < CHECK_MIN_COSINE:
                     raise SystemExit(f"decode check failed before timing: {row}")
                 rows.append(row)
+                stem = write_results(args.out, env, rows, args.steps, args.context)
                 pct = f"{row['pct_roofline']:5.1f}%" if peak else "  n/a"
                 print(f"{name:8s} kv {kv:4s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tok/s "
                       f"{row['ms_per_step']:8.2f} ms/step  roofline {pct}  check cos {row['check_cosine']:.5f}",
                       flush=True)
         del base, fp8_model
-
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"decode_{device.platform}_{datetime.date.today().isoformat()}"
-    env = {"device": kind, "platform": device.platform, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-           "hbm_bytes_per_s": peak, "context": args.context, "steps": args.steps}
-    stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    lines = [f"# jaxq decode throughput on {kind} (jax {jax.__version__})", "",
-             f"Prompt of {args.context} random tokens prefilled, then {args.steps} greedy decode steps timed "
-             f"(median of {TRIALS}, compile excluded). % roofline: (weights + valid KV bytes) / HBM bandwidth.", "",
-             "| model | KV cache | batch | tokens/s | ms/step | % roofline | check cos |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        pct = f"{r['pct_roofline']:.1f}" if "pct_roofline" in r else "n/a"
-        lines.append(f"| {r['label']} | {r['kv_cache']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['ms_per_step']:.2f} | {pct} | {r['check_cosine']:.5f} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.json and .md")
+
 
 
 if __name__ == "__main__":
