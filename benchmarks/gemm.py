@@ -410,7 +410,8 @@ PACKED4_RECIPES = ("w4a16", "w4a16_asym", "nvfp4", "mxfp4", "w4a8")
 def tune_plans(m, n, k, recipes, log_rows):
     """Quick per-point autotune: tile candidates for the packed-4 skeleton (timed on W4A16, shared by
     the packed-4 recipes) and for FP8 block at large M, plus 'xla_dequant' where M >= 256. Returns
-    {recipe: Plan}; the winners are frozen into pallas_kernels/dispatch.py."""
+    {recipe: Plan}; the winners are frozen into pallas_kernels/dispatch.py. At M=1 W4A16 also tries the
+    dispatcher's word-GEMV plan."""
     plans = {}
     tried = []
     if any(r in recipes for r in PACKED4_RECIPES):
@@ -420,6 +421,9 @@ def tune_plans(m, n, k, recipes, log_rows):
         best = _fastest("w4a16", m, n, k, cands, tried)
         for r in PACKED4_RECIPES:
             plans[r] = best
+        gemv = dispatch.plan("w4a16", m, n, k, GROUP)
+        if gemv.path == "gemv":                        # W4A16 alone has the word GEMV at M=1
+            plans["w4a16"] = plans["w4a16_asym"] = _fastest("w4a16", m, n, k, [best, gemv], tried)
     if "fp8_block" in recipes and m >= 256:
         cands = [dispatch.Plan("pallas", c) for c in (Fp8Config(128, 128, 128, num_warps=8, num_stages=4),
                                                        Fp8Config(128, 256, 128, num_warps=8, num_stages=3),

@@ -2,6 +2,7 @@
 
 Paths:
   'pallas'       the recipe's Pallas Triton kernel with a tuned config
+  'gemv'         W4A16 at M=1: the int32-word GEMV of w4a16_gemv.py (CUDA cores, no MMA)
   'xla_dequant'  dequantise the weights once per call to bf16, then XLA's cuBLAS dot (large M, where the
                  GEMM is compute-bound and cuBLAS beats the Pallas kernel by more than the dequant pass)
   'xla'          XLA's own FP8 cuBLASLt path (per-tensor and rowwise FP8)
@@ -26,9 +27,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _common as cm
-from pallas_kernels import fp4, fp8, packed4, w4a8, w4a16
+from pallas_kernels import fp4, fp8, packed4, w4a8, w4a16, w4a16_gemv
 from pallas_kernels.fp8 import Fp8Config
 from pallas_kernels.packed4 import Packed4Config
+from pallas_kernels.w4a16_gemv import GemvConfig
 
 RECIPES = ("w4a16", "nvfp4", "mxfp4", "w4a8", "fp8_block", "fp8", "fp8_rowwise")
 M_BUCKETS = (1, 16, 64, 256, 1024, 4096)
@@ -36,8 +38,8 @@ M_BUCKETS = (1, 16, 64, 256, 1024, 4096)
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    path: str                                           # 'pallas' | 'xla_dequant' | 'xla'
-    config: Packed4Config | Fp8Config | None = None
+    path: str                                           # 'pallas' | 'gemv' | 'xla_dequant' | 'xla'
+    config: Packed4Config | Fp8Config | GemvConfig | None = None
 
 
 def m_bucket(m: int) -> int:
@@ -64,6 +66,16 @@ PACKED4_TILES: dict[int, tuple[int, int, int, int, bool]] = {
 # 8b.gate_up, 45 us; the MMA split-K tile won on 8b.o N=4096).
 GEMV_MIN_N = 6144
 GEMV_TILE = Packed4Config(block_m=1, block_n=16, block_k=128, split_k=1, num_warps=2, num_stages=3, unroll=4)
+# W4A16 at M=1: the word GEMV beat the packed-4 plan on every Llama-3.1-8B layer (H100,
+# benchmarks/results/gemm_probe_NVIDIA_H100_80GB_HBM3_2026-11-27.json): gate_up 37.6 vs 45.9 us, down 22.4 vs
+# 33.7, qkv 15.1 vs 19.2, o 12.8 vs 17.5. Tiles by shape class, (block_n, block_k, unroll, num_warps,
+# programs that split-K aims for); the 70B classes are the same rules, not yet measured there.
+GEMV_WIDE_N, GEMV_DEEP_K = 16384, 8192
+GEMV_TILES: dict[str, tuple[int, int, int, int, int]] = {
+    "wide": (16, 512, 2, 4, 0),      # N >= GEMV_WIDE_N (gate_up): enough programs without split-K
+    "deep": (32, 512, 1, 4, 512),    # K >= GEMV_DEEP_K (down)
+    "small": (128, 256, 1, 8, 256),  # the rest (qkv, o): split-K fills the SMs
+}
 FP8_LARGE_M = Fp8Config(128, 128, 128, split_k=1, swap_ab=False, num_warps=8, num_stages=4)
 
 
@@ -73,6 +85,17 @@ def fill_split(progs: int, chunks: int, target: int) -> int:
     while progs * split < target and split * 2 <= max(chunks // 4, 1) and chunks % (split * 2) == 0:
         split *= 2
     return split
+
+
+def gemv_config(n: int, k: int, group: int) -> GemvConfig:
+    """The measured GEMV tile for this shape class, split-K sized for it; the heuristic where invalid."""
+    shape_class = "wide" if n >= GEMV_WIDE_N else "deep" if k >= GEMV_DEEP_K else "small"
+    bn, bk, unroll, warps, target = GEMV_TILES[shape_class]
+    iterations, split = cm.cdiv(k, bk) // unroll, 1
+    while cm.cdiv(n, bn) * split < target and iterations >= 4 * split:     # >= 2 iterations per split
+        split *= 2
+    cfg = GemvConfig(bn, bk, split, unroll, warps, 3)
+    return cfg if w4a16_gemv.config_is_valid(group, cfg) else w4a16_gemv.default_config(n, k, group)
 
 
 def packed4_config(fmt: packed4.Packed4Format, m: int, n: int, k: int) -> Packed4Config:
@@ -99,6 +122,8 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128) -> Plan:
         return Plan("xla_dequant")
     if recipe == "fp8_block":
         return Plan("pallas", FP8_LARGE_M if m > 64 else fp8.fp8_default_config(m, n, k))
+    if recipe == "w4a16" and w4a16_gemv.shape_is_supported(m, n, k, group):
+        return Plan("gemv", gemv_config(n, k, group))
     fmt = {
         "w4a16": packed4.Packed4Format("int4", group),
         "nvfp4": fp4.NVFP4,
@@ -162,6 +187,10 @@ def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None =
             return _xla_dot(xd, dequantize_bf16(recipe, **w))
         return _xla_dot(x, dequantize_bf16(recipe, **w))
     cfg = p.config
+    if p.path == "gemv":
+        if w.get("perm") is not None:
+            x = jnp.take(x, w["perm"], axis=1)
+        return w4a16_gemv.w4a16_gemv(x, w["packed"], w["scale"], w.get("zero"), config=cfg, interpret=interpret)
     if recipe == "w4a16":
         return w4a16.w4a16_matmul(x, w["packed"], w["scale"], w.get("zero"), w.get("perm"), config=cfg,
                                   interpret=interpret)

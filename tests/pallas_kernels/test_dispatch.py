@@ -13,8 +13,13 @@ from . import np_oracle as npo
 
 def test_plan_buckets():
     assert dispatch.m_bucket(1) == 1 and dispatch.m_bucket(17) == 64 and dispatch.m_bucket(10**6) == 4096
-    assert dispatch.plan("w4a16", 1, 28672, 4096).config.block_m == 1            # GEMV at M=1, large N
-    assert dispatch.plan("w4a16", 1, 4096, 4096).config.block_m == 16            # MMA + split-K
+    wide, small = dispatch.plan("w4a16", 1, 28672, 4096), dispatch.plan("w4a16", 1, 4096, 4096)
+    assert wide.path == small.path == "gemv"                                     # W4A16 M=1: word GEMV
+    assert wide.config.split_k == 1 and small.config.split_k == 8                # split-K fills the SMs
+    assert dispatch.plan("w4a16", 1, 4096, 4096, group=16).path == "pallas"       # GEMV needs G >= 32
+    assert dispatch.plan("w4a16", 2, 4096, 4096).config.block_m == 16            # MMA + split-K
+    assert dispatch.plan("nvfp4", 1, 28672, 4096).config.block_m == 1            # packed-4 GEMV path
+    assert dispatch.plan("nvfp4", 1, 4096, 4096).config.block_m == 16
     assert dispatch.plan("w4a16", 4096, 4096, 4096).path == "xla_dequant"
     assert dispatch.plan("fp8_rowwise", 16, 4096, 4096).path == "xla"
     assert dispatch.plan("w4a16", 16, 4096, 4096, group=32).config.block_k == 32  # post-scale: bk <= G
@@ -71,3 +76,19 @@ def test_quantized_matmul_paths(recipe, m, path):
     override = dispatch.Plan(path) if path else None
     out = dispatch.quantized_matmul(x, recipe, w, plan_override=override, interpret=True)
     npo.check_close(out, _reference(recipe, x, w), 1e-2)
+
+
+def test_gemv_path_gathers_act_order_activations():
+    """W4A16 at M=1 with a GPTQ act-order permutation goes through the GEMV with x permuted once."""
+    rng = npo.rng_for("dispatch_gemv_perm")
+    n, k, group = 40, 256, 64
+    x = npo.rand_x(rng, 1, k)
+    packed = npo.rand_packed(rng, n, k)
+    scale = rng.uniform(0.01, 0.03, (n, k // group)).astype(np.float32)
+    zero = rng.integers(4, 12, (n, k // group)).astype(np.float32)
+    g_idx = rng.permutation(np.arange(k) // group).astype(np.int32)
+    packed_p, scale_p, zero_p, perm = w4a16.prepare_act_order(packed, scale, zero, g_idx)
+    w = {"packed": packed_p, "scale": jnp.asarray(scale_p), "zero": jnp.asarray(zero_p), "perm": perm}
+    assert dispatch.plan("w4a16", 1, n, k, group).path == "gemv"
+    out = dispatch.quantized_matmul(x, "w4a16", w, interpret=True)
+    npo.check_close(out, w4a16.w4a16_matmul_reference(x, packed, scale, zero, g_idx=g_idx), 1e-2)
