@@ -64,8 +64,10 @@ def fp4_default_config(fmt: p4.Packed4Format, m: int, n: int, k: int) -> Packed4
 
 
 def can_use_fp4_matmul(fmt: p4.Packed4Format, x, packed, scale, config: Packed4Config | None = None) -> bool:
-    """True when the kernel supports these shapes/dtypes (and config); else the wrapper runs the reference."""
-    if x.ndim != 2 or packed.ndim != 2 or x.dtype != jnp.bfloat16 or packed.dtype != jnp.uint8:
+    """True when the kernel supports these shapes/dtypes (and config); else the wrapper runs the reference.
+    x: bf16, or E4M3 codes for fmt.act == 'fp8' (w4a8_fp4.py); only its shape and dtype are read."""
+    want_x = jnp.float8_e4m3fn if fmt.act == "fp8" else jnp.bfloat16
+    if x.ndim != 2 or packed.ndim != 2 or x.dtype != want_x or packed.dtype != jnp.uint8:
         return False
     m, k = x.shape
     n = packed.shape[0]

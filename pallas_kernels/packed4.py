@@ -1,8 +1,8 @@
 """The one GEMM skeleton behind every packed 4-bit weight format: y[M, N] = x[M, K] @ W[N, K]^T.
 
 W arrives as uint8 [N, K/2] (low nibble = even k, the canonical layout of jaxq.formats), with per-group
-scales along K. Formats plug in a decoder (W4A16 INT4, NVFP4, MXFP4, W4A8); the tiling, split-K and
-masking live here once.
+scales along K. Formats plug in a decoder (W4A16 INT4, NVFP4, MXFP4, W4A8 with INT4 or FP4 weights); the
+tiling, split-K and masking live here once.
 
 Shape of the computation (swap-AB: the weights are the MMA's M side, so M=1 still fills a 64-row wgmma
 and the freshly decoded weights can stay in registers as its A operand):
@@ -13,12 +13,24 @@ and the freshly decoded weights can stay in registers as its A operand):
              acc[bn, bm] += dot(lo, x_even^T) + dot(hi, x_odd^T), with the format's scaling.
   split_k > 1 writes f32 partials [split_k, M, N] that one XLA fusion sums and casts.
 
-Two scaling modes:
+Three scaling modes:
   * post-scale (INT4 formats): one group covers the whole chunk (group % bk == 0), the weights enter the
     MMA as exact small integers (plus a constant offset c that the decoder's bit trick leaves in), and
     acc += s[n] * (dot - c[n] * sum_k x[m, k]) per chunk: one FMA per output per group, not per weight.
   * pre-scale (FP4 formats, 16/32-element blocks): decoded values times their block scale are exact in
     bf16 (E2M1 x E4M3/E8M0 has at most 6 significant bits), so the scaled weights enter the MMA directly.
+  * block-MMA (FP4 weights x FP8 activations, Packed4Format.block_mma): a scaled E2M1 value does not fit
+    E4M3 (4 significant bits), so the codes enter the FP8 MMA unscaled (E2M1 values are exact in E4M3:
+    integer ops build the bits) and each block's partial product is scaled in the f32 accumulator. The
+    chunk is decoded in natural k order ([bn, bk], both nibbles interleaved back; x is read unsplit) and
+    cut into 32-element pieces, the minimum FP8 MMA depth: acc += s_b * dot(W_b, x_b^T) per piece.
+    MXFP4 (32-blocks): one MMA per block. NVFP4 (16-blocks, below the MMA depth): one MMA per block as
+    well, each over its piece's 32 lanes with x zeroed on the other block's 16 lanes. A product with a
+    zeroed x is exactly 0 and adding an exact 0 changes no partial sum, so each MMA returns what a
+    16-deep MMA over its block alone would: the block's products (E4M3 x E2M1: <= 6 significant bits,
+    exact) summed in f32, then multiplied by that block's scale once, in f32. The cost is two MMAs per
+    32 K elements instead of one, plus selects on bm x 32 activations (fewer than the bn x 32 decoded
+    weights); not yet timed on a GPU. At bm = 1 (no MMA) the products are summed per block directly.
 """
 import dataclasses
 import functools
@@ -30,6 +42,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _common as cm
 
+FP8_MMA_DEPTH = 32  # K elements of the smallest FP8 MMA (wgmma k32)
+
 
 @dataclasses.dataclass(frozen=True)
 class Packed4Config:
@@ -39,10 +53,12 @@ class Packed4Config:
       no MMA, products and a row reduction on the CUDA cores (fewer registers, more programs per SM).
     block_n: output channels per program (the MMA's M side, >= 16; 64 fills one warpgroup's wgmma).
     block_k: K elements per chunk; INT4 formats need group % block_k == 0, FP4 block_k % block == 0;
-      block_k/2 >= 16 for bf16 and >= 32 for fp8 activations (minimum MMA depth).
+      block_k/2 >= 16 for bf16 and >= 32 for fp8 activations (minimum MMA depth; block-MMA formats
+      run 32-deep MMAs in natural k order and need block_k >= 32).
     split_k: programs along K (split-K, so all SMs stay busy when M and N are small).
     presplit_x: split x into even/odd columns once in XLA ([2, M, K/2]) instead of in every program;
-      pays at large M, where the in-kernel split would touch as many x elements as weights.
+      pays at large M, where the in-kernel split would touch as many x elements as weights. Ignored by
+      block-MMA formats (they read x in natural k order), so one tile table serves every format.
     num_warps, num_stages: Triton's warps per program and software-pipelining depth.
     unroll: K chunks per loop iteration, all their loads issued before their math (memory-level
       parallelism where Triton's pipeliner does not apply, e.g. the GEMV path).
@@ -65,9 +81,10 @@ class Packed4Format:
     kind: 'int4' (codes u, value (u - zero) * scale, zero 8 when symmetric), 'nvfp4' (E2M1 x E4M3 block
       scale) or 'mxfp4' (E2M1 x E8M0 block scale).
     group: K elements per scale.
-    act: dtype the MMA runs in: 'bf16' or 'fp8' (x given as float8_e4m3fn).
+    act: dtype the MMA runs in: 'bf16' or 'fp8' (x given as float8_e4m3fn; with an FP4 kind: block-MMA).
     asym: INT4 with an explicit zero tensor [N, K/group].
-    has_global: a f32 [1] scalar multiplies the result (NVFP4 global scale, W4A8 input scale).
+    has_global: a f32 [1] scalar multiplies the result (NVFP4 global scale, W4A8 input scale, or their
+      product).
     """
 
     kind: str
@@ -80,17 +97,28 @@ class Packed4Format:
     def post_scale(self) -> bool:
         return self.kind == "int4"
 
+    @property
+    def block_mma(self) -> bool:
+        """FP4 weights on the FP8 MMA: one MMA per 32 K elements, block scales in the accumulator."""
+        return self.kind != "int4" and self.act == "fp8"
+
 
 def config_is_valid(fmt: Packed4Format, cfg: Packed4Config) -> bool:
     blocks = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.unroll)
     if not all(cm.is_pow2(b) for b in blocks) or cfg.block_n < 16 or 1 < cfg.block_m < 16:
         return False
-    min_depth = 32 if fmt.act == "fp8" else 16
+    if fmt.block_mma:                                   # bk a power of two, so a multiple of the block
+        return cfg.block_k >= FP8_MMA_DEPTH
+    min_depth = FP8_MMA_DEPTH if fmt.act == "fp8" else 16
     if cfg.block_k // 2 < min_depth:
         return False
     if fmt.post_scale:
         return fmt.group % cfg.block_k == 0
     return cfg.block_k % fmt.group == 0
+
+
+def uses_presplit_x(fmt: Packed4Format, cfg: Packed4Config) -> bool:
+    return cfg.presplit_x and not fmt.block_mma
 
 
 def shape_is_supported(fmt: Packed4Format, m: int, n: int, k: int) -> bool:
@@ -114,7 +142,8 @@ def default_config(fmt: Packed4Format, m: int, n: int, k: int) -> Packed4Config:
         split *= 2
     warps = 4 if bm <= 64 else 8
     stages = 4 if bm <= 64 else 3
-    return Packed4Config(bm, bn, bk, split, presplit_x=m > 64, num_warps=warps, num_stages=stages)
+    return Packed4Config(bm, bn, bk, split, presplit_x=m > 64 and not fmt.block_mma, num_warps=warps,
+                         num_stages=stages)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,31 +170,66 @@ def _int4_signed_fp8(wb):
     return one(w16 & 0xF), one(w16 >> 4)
 
 
-def _e2m1_scaled_f32(codes, scale_x64):
-    """E2M1 codes (uint8 in [0, 15]) -> code value * scale, f32.
+def _e2m1_as_e4m3_x64(codes):
+    """E2M1 codes (uint8 in [0, 15]) -> float8_e4m3fn holding exactly code value * 2^-6.
 
-    Placing the 3 magnitude bits as E4M3 bits ((c & 7) << 2, sign to bit 7) gives exactly
-    value * 2^-6, subnormals included (both formats have one mantissa bit for c's low bit); the hardware
-    E4M3 -> f16/f32 conversion then does the decoding, and the 2^6 is folded into the scale."""
+    Placing the 3 magnitude bits as E4M3 bits ((c & 7) << 2, sign to bit 7) gives value * 2^-6,
+    subnormals included (both formats have one mantissa bit for c's low bit): two integer ops, no table.
+    The 2^6 is folded into the block scales (_block_scales_x64)."""
     bits = ((codes & 7) << 2) | ((codes & 8) << 4)
-    v = lax.bitcast_convert_type(bits, jnp.float8_e4m3fn).astype(jnp.float32)
-    return v * scale_x64
+    return lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)
+
+
+def _e2m1_scaled_f32(codes, scale_x64):
+    """E2M1 codes -> code value * scale, f32 (the hardware E4M3 -> f32 conversion does the decoding)."""
+    return _e2m1_as_e4m3_x64(codes).astype(jnp.float32) * scale_x64
 
 
 def _block_scales_x64(fmt, s_ref, n_rows, n_mask, chunk, bk, k, ragged):
-    """Scales of K chunk `chunk`, expanded to one per byte: f32 [bn, bk/2], times 64 (see
-    _e2m1_scaled_f32)."""
-    bn = n_rows.size
+    """Scales of K chunk `chunk` (one per block of fmt.group), times 64 (see _e2m1_as_e4m3_x64): f32 [bn, bk/group]."""
     per = bk // fmt.group                               # scales in the chunk
     s0 = chunk * per
     kmask = cm.range_mask(s0, per, k // fmt.group, ragged)
     raw = cm.masked_load(s_ref, (n_rows, pl.ds(s0, per)), cm.and_masks(n_mask, kmask))  # [bn, per]
     if fmt.kind == "nvfp4":                             # E4M3
-        s = raw.astype(jnp.float32) * 64.0
-    else:                                               # E8M0 u: 2^(u - 127) * 2^6 built as f32 bits
-        s = lax.bitcast_convert_type((raw.astype(jnp.int32) + 6) << 23, jnp.float32)
-    half = fmt.group // 2                               # bytes per scale
-    return jnp.broadcast_to(s[:, :, None], (bn, per, half)).reshape(bn, per * half)
+        return raw.astype(jnp.float32) * 64.0
+    return lax.bitcast_convert_type((raw.astype(jnp.int32) + 6) << 23, jnp.float32)  # E8M0 u: 2^(u-127) * 2^6
+
+
+def _per_byte(s, group):
+    """Block scales [bn, per] -> one per byte of the chunk, [bn, per * group / 2]."""
+    bn, per = s.shape
+    return jnp.broadcast_to(s[:, :, None], (bn, per, group // 2)).reshape(bn, per * (group // 2))
+
+
+def _split_cols(a, parts: int):
+    """a [r, c] -> `parts` consecutive column slices [r, c / parts] (parts a power of two)."""
+    return (a,) if parts == 1 else lax.split(a, (a.shape[1] // parts,) * parts, axis=1)
+
+
+def _block_mma(fmt, wb, xv, s):
+    """sum_b s[:, b] * (W_b . x_b^T) over the blocks b of one chunk, f32 [bn, bm] (block-MMA mode, module
+    docstring). wb: u8 [bn, bk/2]; xv: e4m3 [bm, bk] in natural k order; s: f32 [bn, bk/group]."""
+    bn, bk = wb.shape[0], 2 * wb.shape[1]
+    g = fmt.group
+    codes = jnp.stack([wb & 0xF, wb >> 4], axis=-1).reshape(bn, bk)          # natural k order
+    w = _e2m1_as_e4m3_x64(codes)                                               # e4m3 [bn, bk]
+    if xv.shape[0] == 1:                       # no MMA: products, summed per block, scaled, summed
+        p = w.astype(jnp.float32) * xv.astype(jnp.float32)                     # [bn, bk]
+        sums = jnp.sum(p.reshape(bn, bk // g, g), axis=2)                      # [bn, blocks]
+        return jnp.sum(sums * s, axis=1, keepdims=True)
+    pieces = bk // FP8_MMA_DEPTH
+    ws, xs, ss = _split_cols(w, pieces), _split_cols(xv, pieces), _split_cols(s, bk // g)
+    per_piece = FP8_MMA_DEPTH // g                                             # 1 (MXFP4) or 2 (NVFP4)
+    lane = jnp.arange(FP8_MMA_DEPTH)[None, :]
+    zero = jnp.zeros((), xv.dtype)
+    out = None
+    for p in range(pieces):
+        for j in range(per_piece):
+            xb = xs[p] if per_piece == 1 else jnp.where((lane >= j * g) & (lane < (j + 1) * g), xs[p], zero)
+            term = ss[p * per_piece + j] * cm.dot_nt(ws[p], xb)               # [bn, 1] * [bn, bm]
+            out = term if out is None else out + term
+    return out
 
 
 def _mac(w, x):
@@ -182,9 +246,9 @@ def packed4_matmul_kernel(*refs, fmt: Packed4Format, cfg: Packed4Config, m: int,
     """One program of the skeleton above.
 
     refs, in order:
-      x_ref  [M, K] bf16 / e4m3, or [2, M, K/2] when cfg.presplit_x (even columns, then odd)
+      x_ref  [M, K] bf16 / e4m3, or [2, M, K/2] when uses_presplit_x (even columns, then odd)
       w_ref  [N, K/2] uint8
-      s_ref  [N, K/group] scales (int4: any float; nvfp4: e4m3; mxfp4: uint8 E8M0)
+      s_ref  [N, K/group] scales (int4: any float; nvfp4: e4m3; mxfp4: uint8 E8M0, valid for u <= 248)
       z_ref  [N, K/group] zeros (only fmt.asym)
       g_ref  [1] f32 global multiplier (only fmt.has_global)
       o_ref  [M, N] out dtype, or [split_k, M, N] f32 partials when cfg.split_k > 1
@@ -203,6 +267,7 @@ def packed4_matmul_kernel(*refs, fmt: Packed4Format, cfg: Packed4Config, m: int,
     n_mask = cm.range_mask(n0, bn, n, n % bn != 0)
     n_rows = pl.ds(n0, bn)
     half = bk // 2
+    presplit = uses_presplit_x(fmt, cfg)
 
     def load(chunk):
         """Every global load of one K chunk (issued for all unrolled chunks before any math)."""
@@ -212,7 +277,7 @@ def packed4_matmul_kernel(*refs, fmt: Packed4Format, cfg: Packed4Config, m: int,
         t = {"k0": k0, "chunk": chunk}
         t["wb"] = cm.masked_load(w_ref, (n_rows, pl.ds(kb0, half)), cm.and_masks(n_mask, kb_mask))  # u8 [bn, bk/2]
         x_mask = cm.and_masks(m_mask, kb_mask)
-        if cfg.presplit_x:
+        if presplit:
             t["xe"] = cm.masked_load(x_ref, (jnp.int32(0), pl.ds(m0, bm), pl.ds(kb0, half)), x_mask)  # [bm, bk/2]
             t["xo"] = cm.masked_load(x_ref, (jnp.int32(1), pl.ds(m0, bm), pl.ds(kb0, half)), x_mask)  # [bm, bk/2]
         else:
@@ -228,12 +293,14 @@ def packed4_matmul_kernel(*refs, fmt: Packed4Format, cfg: Packed4Config, m: int,
             if fmt.asym:
                 t["z"] = cm.masked_load(z_ref, (n_rows, g), g_mask)                                  # [bn]
         else:
-            t["sc"] = _block_scales_x64(fmt, s_ref, n_rows, n_mask, chunk, bk, k, k_ragged)         # [bn, bk/2]
+            t["sc"] = _block_scales_x64(fmt, s_ref, n_rows, n_mask, chunk, bk, k, k_ragged)         # [bn, bk/G]
         return t
 
     def accumulate(acc, t):                             # acc: f32 [bn, bm]
         wb = t["wb"]
-        if cfg.presplit_x:
+        if fmt.block_mma:
+            return acc + _block_mma(fmt, wb, t["xv"], t["sc"])
+        if presplit:
             xe, xo = t["xe"], t["xo"]
         else:
             xe, xo = jnp.unstack(t["xv"].reshape(bm, half, 2), axis=-1)              # [bm, bk/2] each
@@ -246,8 +313,9 @@ def packed4_matmul_kernel(*refs, fmt: Packed4Format, cfg: Packed4Config, m: int,
             xsum = jnp.sum(xe.astype(jnp.float32) + xo.astype(jnp.float32), axis=1)   # [bm]
             c = (128.0 + t["z"].astype(jnp.float32))[:, None] if fmt.asym else 136.0
             return acc + s * (d - c * xsum[None, :])
-        lo = _e2m1_scaled_f32(wb & 0xF, t["sc"]).astype(jnp.bfloat16)
-        hi = _e2m1_scaled_f32(wb >> 4, t["sc"]).astype(jnp.bfloat16)
+        sc = _per_byte(t["sc"], fmt.group)                                           # [bn, bk/2]
+        lo = _e2m1_scaled_f32(wb & 0xF, sc).astype(jnp.bfloat16)
+        hi = _e2m1_scaled_f32(wb >> 4, sc).astype(jnp.bfloat16)
         return acc + _mac(lo, xe) + _mac(hi, xo)
 
     def body(i, acc):
@@ -273,7 +341,7 @@ def packed4_matmul(x, packed, scale, zero=None, global_scale=None, *, fmt: Packe
     m, k = x.shape
     n = packed.shape[0]
     cfg = config
-    xin = cm.split_even_odd(x) if cfg.presplit_x else x
+    xin = cm.split_even_odd(x) if uses_presplit_x(fmt, cfg) else x
     args = [xin, packed, scale]
     if fmt.asym:
         args.append(zero)

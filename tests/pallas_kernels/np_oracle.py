@@ -57,6 +57,18 @@ def w4a8(x, packed, weight_scale, input_scale):
     return y * float(input_scale)
 
 
+def fp8_x_fp4(xq, x_scale, packed, block_scale, block, global_scale=1.0):
+    """E4M3 codes x FP4 weights as pallas_kernels/w4a8_fp4.py computes them: per-block sums of
+    codes x E2M1 values, each times its block scale (block 16: E4M3 value, 32: E8M0 2^(u - 127)), summed
+    over blocks, times x_scale and global_scale."""
+    x, v = f64(xq), E2M1[unpack(packed)]
+    bs = np.asarray(block_scale)
+    s = f64(bs) if block == 16 else 2.0 ** (bs.astype(np.float64) - 127)
+    y = sum((x[:, j * block:(j + 1) * block] @ v[:, j * block:(j + 1) * block].T) * s[:, j][None]
+            for j in range(s.shape[1]))
+    return y * float(x_scale) * float(global_scale)
+
+
 def fp8_block(x, wq, w_scale):
     """1x128 dynamic activation quantization and 128x128 block-scaled weights."""
     x = f64(x)
@@ -77,6 +89,14 @@ def rng_for(*key):
 
 def rand_x(rng, m, k, dtype=ml_dtypes.bfloat16):
     return rng.standard_normal((m, k)).astype(dtype)
+
+
+def rand_e4m3_x(rng, m, k):
+    """E4M3 activation codes spread over the format: normals, subnormals, zeros and +-448."""
+    v = rng.standard_normal((m, k)) * 2.0 ** rng.integers(-12, 9, (m, k))
+    v[rng.random((m, k)) < 0.05] = 0.0
+    v[rng.random((m, k)) < 0.01] = 448.0
+    return e4m3(v)
 
 
 def rand_packed(rng, n, k):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from pallas_kernels import fp4, fp8, w4a8, w4a16
+from pallas_kernels import fp4, fp8, w4a8, w4a8_fp4, w4a16
 from pallas_kernels.fp8 import Fp8Config
 from pallas_kernels.packed4 import Packed4Config
 from . import np_oracle as npo
@@ -144,6 +144,77 @@ def test_w4a8_kernel_matches_reference(m, n, k, group, cfg):
     npo.check_close(ref, npo.w4a8(x, packed, ws, in_scale), TOL)
 
 
+# --------------------------------------------------------------------------- W4A8 with FP4 weights
+
+W4A8_FP4_CASES = [
+    (1, 40, 384, Packed4Config(16, 32, 128, split_k=2)),                          # ragged N, ragged split
+    (1, 40, 384, Packed4Config(1, 16, 64, split_k=2)),                            # bm = 1: no MMA
+    (3, 24, 192, Packed4Config(16, 16, 64, split_k=2, num_warps=2)),              # K not a multiple of bk
+    (17, 48, 256, Packed4Config(32, 16, 32, presplit_x=True)),                    # one piece; presplit ignored
+    (3, 64, 640, Packed4Config(16, 32, 128, split_k=4)),                          # 5 chunks over 4 splits
+    (1, 24, 320, Packed4Config(1, 16, 64, unroll=2)),                             # unrolled, ragged
+    (17, 40, 384, None),                                                          # default heuristic
+]
+
+
+@pytest.mark.parametrize("m,n,k,cfg", W4A8_FP4_CASES)
+def test_w4a8_mxfp4_kernel_matches_reference(m, n, k, cfg):
+    rng = npo.rng_for("w4a8_mxfp4", m, n, k)
+    xq = npo.rand_e4m3_x(rng, m, k)
+    sx = np.float32(rng.uniform(1e-3, 1e-2))
+    packed = npo.rand_packed(rng, n, k)
+    scale = rng.integers(110, 135, (n, k // 32)).astype(np.uint8)
+    out = w4a8_fp4.mxfp4_fp8_matmul(xq, sx, packed, scale, config=cfg, interpret=True)
+    ref = w4a8_fp4.mxfp4_fp8_matmul_reference(xq, sx, packed, scale)
+    npo.check_close(out, ref, TOL)
+    npo.check_close(ref, npo.fp8_x_fp4(xq, sx, packed, scale, 32), TOL)
+    npo.check_close(ref, (npo.f64(xq) * float(sx)) @ npo.mxfp4_weight(packed, scale).T, TOL)
+
+
+@pytest.mark.parametrize("m,n,k,cfg", W4A8_FP4_CASES)
+def test_w4a8_nvfp4_kernel_matches_reference(m, n, k, cfg):
+    rng = npo.rng_for("w4a8_nvfp4", m, n, k)
+    xq = npo.rand_e4m3_x(rng, m, k)
+    sx = np.float32(rng.uniform(1e-3, 1e-2))
+    packed = npo.rand_packed(rng, n, k)
+    bs = npo.e4m3(rng.uniform(0.0, 448, (n, k // 16)) * 2.0 ** rng.integers(-12, 1, (n, k // 16)))  # subnormals too
+    gs = np.float32(rng.uniform(1e-4, 1e-3))
+    out = w4a8_fp4.nvfp4_fp8_matmul(xq, sx, packed, bs, gs, config=cfg, interpret=True)
+    ref = w4a8_fp4.nvfp4_fp8_matmul_reference(xq, sx, packed, bs, gs)
+    npo.check_close(out, ref, TOL)
+    npo.check_close(ref, npo.fp8_x_fp4(xq, sx, packed, bs, 16, gs), TOL)
+    npo.check_close(ref, (npo.f64(xq) * float(sx)) @ npo.nvfp4_weight(packed, bs, gs).T, TOL)
+
+
+def test_w4a8_nvfp4_blocks_are_scaled_separately():
+    """Each 16-block of a 32-deep MMA piece gets its own scale: weights and codes all ones and block
+    scales 1 and 2**j per piece give every output exactly sum_j (16 + 16 * 2**j) * x_scale (any mixing of
+    the two halves of a piece would show)."""
+    m, n, k = 16, 16, 128
+    xq = np.ones((m, k), ml_dtypes.float8_e4m3fn)
+    packed = np.full((n, k // 2), 0x22, np.uint8)                                # code 2 = 1.0, both nibbles
+    bs = np.ones((n, k // 16), np.float32)
+    bs[:, 1::2] = 2.0 ** np.arange(k // 32)[None]
+    want = 16.0 * (k // 32 + np.sum(2.0 ** np.arange(k // 32)))
+    for cfg in (Packed4Config(16, 16, 128), Packed4Config(16, 16, 32, split_k=2), Packed4Config(1, 16, 64)):
+        out = w4a8_fp4.nvfp4_fp8_matmul(xq, np.float32(0.5), packed, npo.e4m3(bs), np.float32(1.0),
+                                        config=cfg, out_dtype=jnp.float32, interpret=True)
+        np.testing.assert_array_equal(np.asarray(out), np.full((m, n), 0.5 * want, np.float32))
+
+
+def test_w4a8_fp4_unsupported_falls_back_to_reference():
+    rng = npo.rng_for("w4a8_fp4_fallback")
+    xq = npo.rand_e4m3_x(rng, 2, 128)
+    packed = npo.rand_packed(rng, 8, 128)
+    bs = npo.e4m3(rng.uniform(0.5, 4, (8, 8)))
+    bad_cfg = Packed4Config(16, 16, 16)                                          # below the FP8 MMA depth
+    assert not fp4.can_use_fp4_matmul(w4a8_fp4.NVFP4_FP8, xq, packed, bs, bad_cfg)
+    assert not fp4.can_use_fp4_matmul(w4a8_fp4.NVFP4_FP8, npo.rand_x(rng, 2, 128), packed, bs)  # bf16 x
+    out = w4a8_fp4.nvfp4_fp8_matmul(xq, np.float32(0.1), packed, bs, np.float32(0.5), config=bad_cfg,
+                                    interpret=True)
+    npo.check_close(out, w4a8_fp4.nvfp4_fp8_matmul_reference(xq, np.float32(0.1), packed, bs, np.float32(0.5)), TOL)
+
+
 # --------------------------------------------------------------------------------------------- FP8
 
 FP8_CASES = [
@@ -209,6 +280,11 @@ def test_kernels_lower_to_triton_ir():
                          x, packed, sds((n, k // 32), jnp.uint8))
         _lowers_for_cuda(lambda x, p, s: w4a8.w4a8_matmul(x, p, s, 0.5, config=cfg),
                          x, packed, sds((n, k // 128), jnp.float32))
+        xq = sds((m, k), jnp.float8_e4m3fn)
+        _lowers_for_cuda(lambda x, p, s: w4a8_fp4.mxfp4_fp8_matmul(x, 0.5, p, s, config=cfg),
+                         xq, packed, sds((n, k // 32), jnp.uint8))
+        _lowers_for_cuda(lambda x, p, s: w4a8_fp4.nvfp4_fp8_matmul(x, 0.5, p, s, 0.25, config=cfg),
+                         xq, packed, sds((n, k // 16), jnp.float8_e4m3fn))
     for cfg in (Fp8Config(16, 64, 64, split_k=2, swap_ab=True), Fp8Config(128, 128, 128)):
         _lowers_for_cuda(lambda x, w, s: fp8.fp8_block_matmul(x, w, s, config=cfg),
                          x, sds((n, k), jnp.float8_e4m3fn), sds((1, 3), jnp.float32))
