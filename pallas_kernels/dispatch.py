@@ -15,9 +15,15 @@ Weights per recipe (the canonical layouts of each kernel module):
   nvfp4:       packed, block_scale e4m3 [N, K/16], global_scale f32 []
   mxfp4:       packed, scale u8 [N, K/32]
   w4a8:        packed, weight_scale [N, K/G], input_scale f32 []
+  w4a8_mxfp4:  packed, scale u8 [N, K/32], input_scale f32 []               (FP8 activations x MXFP4)
+  w4a8_nvfp4:  packed, block_scale e4m3 [N, K/16], global_scale f32 [], input_scale f32 []
   fp8_block:   wq e4m3 [N, K], w_scale f32 [ceil(N/128), ceil(K/128)]
   fp8:         wq e4m3 [N, K], w_scale f32 [], input_scale f32 [] (static activation scale)
   fp8_rowwise: wq e4m3 [N, K], w_scale f32 [N] (activations quantized per token, dynamically)
+
+Activations: x in its model dtype, quantized here where the recipe has FP8 activations (static ones as
+e4m3(x / input_scale)). The FP4 x FP8 recipes (W4A8_FP4) also take x already as float8_e4m3fn codes:
+then input_scale is their dequant multiplier, and out_dtype (default bf16) the result's dtype.
 """
 import dataclasses
 import functools
@@ -27,12 +33,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _common as cm
-from pallas_kernels import fp4, fp8, packed4, w4a8, w4a16, w4a16_gemv
+from pallas_kernels import fp4, fp8, packed4, w4a8, w4a8_fp4, w4a16, w4a16_gemv
 from pallas_kernels.fp8 import Fp8Config
 from pallas_kernels.packed4 import Packed4Config
 from pallas_kernels.w4a16_gemv import GemvConfig
 
-RECIPES = ("w4a16", "nvfp4", "mxfp4", "w4a8", "fp8_block", "fp8", "fp8_rowwise")
+RECIPES = ("w4a16", "nvfp4", "mxfp4", "w4a8", "w4a8_mxfp4", "w4a8_nvfp4", "fp8_block", "fp8", "fp8_rowwise")
+W4A8_FP4 = ("w4a8_mxfp4", "w4a8_nvfp4")  # FP4 weights x static FP8 activations (w4a8_fp4.py)
 M_BUCKETS = (1, 16, 64, 256, 1024, 4096)
 
 
@@ -51,10 +58,13 @@ def m_bucket(m: int) -> int:
 # (benchmarks/results/gemm_NVIDIA_H100_80GB_HBM3_2026-11-27*.json): at M=256 the tuned packed-4 kernel
 # beat XLA dequant-then-dot on every 8B layer (e.g. 8b.gate_up 257 us vs 412 us); from M=1024 the
 # dequant-then-cuBLAS path wins (8b.qkv M=1024: 146 us vs 212 us). FP8 block: the Pallas kernel beat
-# the bf16-dequant path at every M tried (256..4096), so it has no entry.
-XLA_DEQUANT_FROM: dict[str, int] = {"w4a16": 1024, "nvfp4": 1024, "mxfp4": 1024, "w4a8": 1024}
+# the bf16-dequant path at every M tried (256..4096), so it has no entry. The W4A8_FP4 recipes take the
+# packed-4 crossover too: assumed, not yet measured for them.
+XLA_DEQUANT_FROM: dict[str, int] = {"w4a16": 1024, "nvfp4": 1024, "mxfp4": 1024, "w4a8": 1024,
+                                    "w4a8_mxfp4": 1024, "w4a8_nvfp4": 1024}
 
-# Packed-4 tiles per M bucket, tuned on W4A16 (shared by NVFP4/MXFP4/W4A8: one skeleton), H100:
+# Packed-4 tiles per M bucket, tuned on W4A16 (shared by every packed-4 recipe: one skeleton; the W4A8_FP4
+# recipes' block-MMA mode ignores presplit_x and is not yet tuned), H100:
 # (block_m, block_n, num_warps, unroll, presplit_x); split_k then fills about one wave of SMs.
 PACKED4_TILES: dict[int, tuple[int, int, int, int, bool]] = {
     1: (16, 64, 2, 2, False),       # N < GEMV_MIN_N: MMA with split-K (8b.o 12.9 us)
@@ -129,24 +139,29 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128) -> Plan:
         "nvfp4": fp4.NVFP4,
         "mxfp4": fp4.MXFP4,
         "w4a8": packed4.Packed4Format("int4", group, act="fp8", has_global=True),
+        "w4a8_mxfp4": w4a8_fp4.MXFP4_FP8,
+        "w4a8_nvfp4": w4a8_fp4.NVFP4_FP8,
     }[recipe]
     return Plan("pallas", packed4_config(fmt, m, n, k))
 
 
-def _xla_dot(x, w):
-    """x [M, K] @ w[N, K]^T on cuBLAS, no transpose ("TN"), f32 accumulation, x.dtype out."""
+def _xla_dot(x, w, out_dtype=None):
+    """x [M, K] @ w[N, K]^T on cuBLAS, no transpose ("TN"), f32 accumulation, out_dtype (default x.dtype) out."""
     return lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())),
-                           preferred_element_type=jnp.float32).astype(x.dtype)
+                           preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
 
 
 def dequantize_bf16(recipe: str, **w) -> jax.Array:
-    """The recipe's weights as bf16 [N, K] (the 'xla_dequant' path; one fused XLA pass)."""
+    """The recipe's weights as bf16 [N, K] (the 'xla_dequant' path; one fused XLA pass). W4A8_FP4: without
+    NVFP4's global scale (applied after the dot), so the bf16 weights are exact (<= 6 significant bits)."""
     if recipe == "w4a16":
         deq = w4a16.w4a16_dequantize(w["packed"], w["scale"], w.get("zero"))
     elif recipe == "nvfp4":
         deq = fp4.nvfp4_dequantize(w["packed"], w["block_scale"], w["global_scale"])
-    elif recipe == "mxfp4":
+    elif recipe in ("mxfp4", "w4a8_mxfp4"):
         deq = fp4.mxfp4_dequantize(w["packed"], w["scale"])
+    elif recipe == "w4a8_nvfp4":
+        deq = fp4.nvfp4_dequantize(w["packed"], w["block_scale"], 1.0)
     elif recipe == "w4a8":
         deq = w4a16.w4a16_dequantize(w["packed"], w["weight_scale"])
     else:
@@ -156,11 +171,30 @@ def dequantize_bf16(recipe: str, **w) -> jax.Array:
     return deq.astype(jnp.bfloat16)
 
 
-@functools.partial(jax.jit, static_argnames=("recipe", "plan_override", "interpret"))
-def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None = None,
+def _w4a8_fp4(x, recipe: str, w: dict, p: Plan, out_dtype, interpret: bool) -> jax.Array:
+    """The W4A8_FP4 recipes on plan p: x quantized as e4m3(x / input_scale), or given as E4M3 codes."""
+    if x.dtype == jnp.float8_e4m3fn:
+        xq, out_dtype = x, out_dtype or jnp.bfloat16
+    else:
+        xq, out_dtype = cm.quantize_fp8_static(x, w["input_scale"]), out_dtype or x.dtype
+    sx = w["input_scale"]
+    if p.path == "xla_dequant":                         # exact bf16 operands, per-tensor factor after the dot
+        factor = sx if recipe == "w4a8_mxfp4" else sx * w["global_scale"]
+        y = _xla_dot(xq.astype(jnp.bfloat16), dequantize_bf16(recipe, **w), jnp.float32)
+        return (y * factor).astype(out_dtype)
+    if recipe == "w4a8_mxfp4":
+        return w4a8_fp4.mxfp4_fp8_matmul(xq, sx, w["packed"], w["scale"], config=p.config, out_dtype=out_dtype,
+                                         interpret=interpret)
+    return w4a8_fp4.nvfp4_fp8_matmul(xq, sx, w["packed"], w["block_scale"], w["global_scale"], config=p.config,
+                                     out_dtype=out_dtype, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("recipe", "plan_override", "out_dtype", "interpret"))
+def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None = None, out_dtype=None,
                      interpret: bool = False) -> jax.Array:
     """y [M, N] = x [M, K] @ W^T for any recipe, through the planned path. weights: the dict of the
-    recipe's arrays named as in the module docstring."""
+    recipe's arrays named as in the module docstring; x as described there. out_dtype: only for the
+    W4A8_FP4 recipes (default x.dtype, bf16 for E4M3 codes); the others return x.dtype."""
     w = weights
     m, k = x.shape
     n = (w.get("packed") if "packed" in w else w["wq"]).shape[0]
@@ -168,6 +202,8 @@ def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None =
     if recipe in ("w4a16", "w4a8"):
         group = k // w["scale" if recipe == "w4a16" else "weight_scale"].shape[1]
     p = plan_override or plan(recipe, m, n, k, group)
+    if recipe in W4A8_FP4:
+        return _w4a8_fp4(x, recipe, w, p, out_dtype, interpret)
     if p.path == "xla":
         if recipe == "fp8":
             xq = cm.quantize_fp8_static(x, w["input_scale"])

@@ -5,8 +5,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pallas_kernels import dispatch, fp4, fp8, w4a8, w4a16
+from pallas_kernels import dispatch, fp4, fp8, w4a8, w4a8_fp4, w4a16
 from pallas_kernels import _common as cm
+from pallas_kernels import packed4
 
 from . import np_oracle as npo
 
@@ -23,6 +24,13 @@ def test_plan_buckets():
     assert dispatch.plan("w4a16", 4096, 4096, 4096).path == "xla_dequant"
     assert dispatch.plan("fp8_rowwise", 16, 4096, 4096).path == "xla"
     assert dispatch.plan("w4a16", 16, 4096, 4096, group=32).config.block_k == 32  # post-scale: bk <= G
+    for recipe in dispatch.W4A8_FP4:                  # the packed-4 tiles, valid for the block-MMA mode
+        fmt = w4a8_fp4.MXFP4_FP8 if recipe == "w4a8_mxfp4" else w4a8_fp4.NVFP4_FP8
+        for m in (1, 16, 64, 256):
+            for n in (4096, 28672):
+                p = dispatch.plan(recipe, m, n, 4096)
+                assert p.path == "pallas" and packed4.config_is_valid(fmt, p.config), (recipe, m, n, p)
+        assert dispatch.plan(recipe, 4096, 4096, 4096).path == "xla_dequant"
 
 
 def _weights(recipe, rng, n, k):
@@ -38,6 +46,8 @@ def _weights(recipe, rng, n, k):
     if recipe == "w4a8":
         return {"packed": packed, "weight_scale": rng.uniform(0.01, 0.02, (n, k // 128)).astype(np.float32),
                 "input_scale": np.float32(4 / 448)}
+    if recipe in dispatch.W4A8_FP4:
+        return {**_weights(recipe[5:], rng, n, k), "input_scale": np.float32(4 / 448)}
     wq = npo.e4m3(rng.standard_normal((n, k)) * 64)
     if recipe == "fp8_block":
         return {"wq": wq, "w_scale": rng.uniform(1e-4, 4e-4, (-(-n // 128), -(-k // 128))).astype(np.float32)}
@@ -55,6 +65,12 @@ def _reference(recipe, x, w):
         return fp4.mxfp4_matmul_reference(x, w["packed"], w["scale"])
     if recipe == "w4a8":
         return w4a8.w4a8_matmul_reference(x, w["packed"], w["weight_scale"], w["input_scale"])
+    if recipe in dispatch.W4A8_FP4:
+        xq, sx = cm.quantize_fp8_static(x, w["input_scale"]), w["input_scale"]
+        if recipe == "w4a8_mxfp4":
+            return w4a8_fp4.mxfp4_fp8_matmul_reference(xq, sx, w["packed"], w["scale"], x.dtype)
+        return w4a8_fp4.nvfp4_fp8_matmul_reference(xq, sx, w["packed"], w["block_scale"], w["global_scale"],
+                                                   x.dtype)
     if recipe == "fp8_block":
         return fp8.fp8_block_matmul_reference(x, w["wq"], w["w_scale"])
     if recipe == "fp8":
@@ -76,6 +92,27 @@ def test_quantized_matmul_paths(recipe, m, path):
     override = dispatch.Plan(path) if path else None
     out = dispatch.quantized_matmul(x, recipe, w, plan_override=override, interpret=True)
     npo.check_close(out, _reference(recipe, x, w), 1e-2)
+
+
+@pytest.mark.parametrize("recipe", dispatch.W4A8_FP4)
+@pytest.mark.parametrize("path", [None, "xla_dequant"])
+def test_w4a8_fp4_takes_fp8_codes(recipe, path):
+    """Given E4M3 codes, the W4A8_FP4 recipes use them as they are (input_scale their multiplier) and
+    return out_dtype."""
+    rng = npo.rng_for("dispatch_codes", recipe, path)
+    n, k = 40, 256
+    xq = npo.rand_e4m3_x(rng, 3, k)
+    w = {name: jnp.asarray(v) for name, v in _weights(recipe, rng, n, k).items()}
+    override = dispatch.Plan(path) if path else None
+    out = dispatch.quantized_matmul(xq, recipe, w, plan_override=override, out_dtype=jnp.float32, interpret=True)
+    assert out.dtype == jnp.float32
+    sx = w["input_scale"]
+    if recipe == "w4a8_mxfp4":
+        ref = w4a8_fp4.mxfp4_fp8_matmul_reference(xq, sx, w["packed"], w["scale"], jnp.float32)
+    else:
+        ref = w4a8_fp4.nvfp4_fp8_matmul_reference(xq, sx, w["packed"], w["block_scale"], w["global_scale"],
+                                                  jnp.float32)
+    npo.check_close(out, ref, 1e-4)                   # exact products, f32 sums: only summation order differs
 
 
 def test_gemv_path_gathers_act_order_activations():
