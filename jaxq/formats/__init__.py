@@ -10,7 +10,7 @@ Types (each with .dequantize(dtype) and the dequantisation formula in its docstr
 
 from jaxq.formats.elements import (E2M1_MAX, E2M1_VALUES, E4M3_MAX, decode_e2m1, decode_e8m0, encode_e2m1,
                                    encode_e8m0, exact_divide, pack_nibbles, round_to, to_e4m3, unpack_nibbles)
-from jaxq.formats.fp8 import FP8Tensor, fake_quant_fp8_static, quantize_fp8
+from jaxq.formats.fp8 import FP8Tensor, fake_quant_fp8_static, quantize_fp8, quantize_fp8_static_modelopt
 from jaxq.formats.int4 import Int4Tensor, g_idx_from_perm, perm_from_g_idx, quantize_int4, sort_by_g_idx
 from jaxq.formats.layouts.autoawq import from_autoawq, to_autoawq
 from jaxq.formats.layouts.compressed_tensors import (compressed_tensors_global_scale, from_compressed_tensors_int4,
@@ -32,7 +32,8 @@ __all__ = [
     "fp8_from_checkpoint", "from_autoawq", "from_compressed_tensors_int4", "from_compressed_tensors_nvfp4",
     "from_gpt_oss_mxfp4", "from_gptq", "from_modelopt_int4", "from_modelopt_mxfp4", "from_modelopt_nvfp4",
     "g_idx_from_perm", "global_scale_from_amax", "interleave_gate_up", "pack_nibbles", "perm_from_g_idx",
-    "quantize_fp8", "quantize_int4", "quantize_mxfp4", "quantize_nvfp4", "round_to", "sort_by_g_idx", "to_autoawq",
+    "quantize_fp8", "quantize_fp8_static_modelopt", "quantize_int4", "quantize_mxfp4", "quantize_nvfp4",
+    "round_to", "sort_by_g_idx", "to_autoawq",
     "to_compressed_tensors_int4", "to_compressed_tensors_nvfp4", "to_e4m3", "to_gpt_oss_mxfp4", "to_gptq",
     "to_modelopt_int4", "to_modelopt_mxfp4", "to_modelopt_nvfp4", "unpack_nibbles",
 ]

@@ -132,10 +132,33 @@ def fake_quant_fp8_static(x, scale, dtype=None):
     return _fake_quant_fp8_static(x, jnp.asarray(scale, jnp.float32), dtype=dtype or x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames="dtype")
-def _fake_quant_fp8_static(x, scale, *, dtype):
+def quantize_fp8_static_modelopt(x, scale) -> FP8Tensor:
+    """The codes of fake_quant_fp8_static: FP8Tensor(data=q, scale=1 / s, "tensor") for x [..., K] and a
+    scalar `scale`, with q and s exactly as there, so dequantize() equals fake_quant_fp8_static(x, scale)
+    in float32 bit for bit. For FP8 GEMM kernels that must start from the reference's own codes
+    (quantize_fp8(x, "tensor", scale=scale) divides by scale instead, which differs at E4M3 ties)."""
+    x = jnp.asarray(x)
+    _checks.check_floating("quantize_fp8_static_modelopt", "x", x)
+    scale = jnp.asarray(scale, jnp.float32)
+    _checks.check_shape("quantize_fp8_static_modelopt", "scale", scale, (), "one per-tensor scale")
+    return _quantize_fp8_static_modelopt(x, scale)
+
+
+@jax.jit
+def _quantize_fp8_static_modelopt(x, scale):
+    q, inv_s = _static_codes(x, scale)
+    return FP8Tensor(data=q, scale=inv_s, granularity="tensor")
+
+
+def _static_codes(x, scale):
+    """(q, 1 / s) of fake_quant_fp8_static, float32 throughout."""
     amax = scale * E4M3_MAX
     amax = jnp.where(amax <= _TINY_AMAX, 1.0, amax)
     s = exact_divide(E4M3_MAX, amax)
-    x_hat = to_e4m3(x.astype(jnp.float32) * s).astype(jnp.float32) * exact_divide(1.0, s)
-    return x_hat.astype(dtype)
+    return to_e4m3(x.astype(jnp.float32) * s), exact_divide(1.0, s)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _fake_quant_fp8_static(x, scale, *, dtype):
+    q, inv_s = _static_codes(x, scale)
+    return (q.astype(jnp.float32) * inv_s).astype(dtype)

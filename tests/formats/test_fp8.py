@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxq.formats.fp8 import FP8Tensor, fake_quant_fp8_static, quantize_fp8
+from jaxq.formats.fp8 import FP8Tensor, fake_quant_fp8_static, quantize_fp8, quantize_fp8_static_modelopt
 
 from . import np_ref
 
@@ -137,6 +137,24 @@ def test_fake_quant_fp8_static_modelopt_op_order():
     # an unused quantizer (amax <= 2**-24) behaves as amax = 1
     np.testing.assert_array_equal(np.asarray(fake_quant_fp8_static(jnp.asarray(x), 0.0)),
                                   np_ref.f32(np_ref.e4m3(x * np.float32(448))) * (np.float32(1) / np.float32(448)))
+
+
+def test_quantize_fp8_static_modelopt_gives_the_fake_quant_codes():
+    rng = np.random.default_rng(19)
+    x = (rng.standard_normal((16, 64)) * 2).astype(np.float32)
+    x[0, :4] = [1e4, -1e4, 0.0, 1e-9]                 # saturation, zero, underflow
+    for input_scale in (np.float32(0.0123), np.float32(0.0)):
+        t = quantize_fp8_static_modelopt(jnp.asarray(x), input_scale)
+        assert t.data.dtype == jnp.float8_e4m3fn and t.granularity == "tensor" and t.scale.shape == ()
+        np.testing.assert_array_equal(np.asarray(t.dequantize()),
+                                      np.asarray(fake_quant_fp8_static(jnp.asarray(x), input_scale)))
+    amax = np.float32(0.0123) * np.float32(448)
+    s = np.float32(448) / amax
+    t = quantize_fp8_static_modelopt(jnp.asarray(x), np.float32(0.0123))
+    np.testing.assert_array_equal(np.asarray(t.data).astype(np.float32), np_ref.f32(np_ref.e4m3(x * s)))
+    assert float(t.scale) == np.float32(1) / s
+    with pytest.raises(ValueError, match="one per-tensor scale"):
+        quantize_fp8_static_modelopt(jnp.asarray(x), np.ones(16, np.float32))
 
 
 def test_fp8_tensor_is_a_pytree_and_jits():
