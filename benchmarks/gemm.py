@@ -6,6 +6,7 @@ times it against XLA bf16, XLA dequant-then-dot, XLA/torch FP8 and torch's tinyg
   PYTHONPATH=. python3 benchmarks/gemm.py --steps check         # correctness only
   PYTHONPATH=. python3 benchmarks/gemm.py --steps sweep --sweep int4 --ms 1,16 --models 8b
   options: --models 8b,70b  --ms 1,16,64,256,1024,4096  --recipes ...  --out DIR
+           --sweep int4,fp4,w4a8,w4a8_fp4,fp8 (tile families for --steps sweep)
 
 Timing (METHOD.md): each measured executable runs the op R times on R distinct weight sets (R chosen so
 the weights of one executable exceed L2 and its GPU time dwarfs host dispatch), many executions back to
@@ -29,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels import _common as cm  # noqa: E402
-from pallas_kernels import dispatch, fp4, fp8, w4a8, w4a16  # noqa: E402
+from pallas_kernels import dispatch, fp4, fp8, w4a8, w4a8_fp4, w4a16  # noqa: E402
 from pallas_kernels.fp8 import Fp8Config  # noqa: E402
 from pallas_kernels.packed4 import Packed4Config  # noqa: E402
 
@@ -43,7 +44,7 @@ L2_BYTES = 60e6
 TOL = 1e-2
 INTERPRET = False   # --smoke: tiny shapes, kernels in interpret mode, no torch (a CPU dry run)
 RECIPES = ("xla_bf16", "torch_bf16", "xla_deq_int4", "tinygemm", "w4a16", "w4a16_asym", "nvfp4", "mxfp4",
-           "w4a8", "fp8_block", "fp8_xla", "fp8_rowwise_xla", "fp8_rowwise_pallas", "torch_fp8",
+           "w4a8", "w4a8_mxfp4", "w4a8_nvfp4", "fp8_block", "fp8_xla", "fp8_rowwise_xla", "fp8_rowwise_pallas", "torch_fp8",
            "torch_fp8_rowwise")
 
 
@@ -145,6 +146,8 @@ def make_weights(recipe: str, n: int, k: int, seed: int):
         return {"packed": packed(),
                 "weight_scale": jax.random.uniform(ks[1], (n, k // GROUP), jnp.float32, 0.005, 0.02),
                 "input_scale": jnp.float32(4.0 / 448)}
+    if recipe in dispatch.W4A8_FP4:                   # FP4 weights x static FP8 activations
+        return {**make_weights(recipe[len("w4a8_"):], n, k, seed), "input_scale": jnp.float32(4.0 / 448)}
     if recipe in ("fp8_block", "fp8_xla", "fp8_rowwise_xla", "fp8_rowwise_pallas"):
         wq = cm.cast_e4m3_saturating(jax.random.normal(ks[0], (n, k), jnp.float32) * 64)
         if recipe == "fp8_block":
@@ -194,6 +197,12 @@ def reference(recipe: str, x, w):
         return fp4.mxfp4_matmul_reference(x, w["packed"], w["scale"])
     if recipe == "w4a8":
         return w4a8.w4a8_matmul_reference(x, w["packed"], w["weight_scale"], w["input_scale"])
+    if recipe in dispatch.W4A8_FP4:                   # x quantized as dispatch does: e4m3(x / input_scale)
+        xq, sx = cm.quantize_fp8_static(x, w["input_scale"]), w["input_scale"]
+        if recipe == "w4a8_mxfp4":
+            return w4a8_fp4.mxfp4_fp8_matmul_reference(xq, sx, w["packed"], w["scale"], x.dtype)
+        return w4a8_fp4.nvfp4_fp8_matmul_reference(xq, sx, w["packed"], w["block_scale"], w["global_scale"],
+                                                   x.dtype)
     if recipe == "fp8_block":
         return fp8.fp8_block_matmul_reference(x, w["wq"], w["w_scale"])
     if recipe == "fp8_xla":
@@ -258,6 +267,12 @@ def step_check(results):
         cases.append(("fp8_xla", m, n, k, None))
         cases.append(("fp8_rowwise_xla", m, n, k, None))
     for recipe in ("w4a16", "w4a16_asym", "nvfp4", "mxfp4", "w4a8", "fp8_block", "fp8_rowwise_pallas"):
+        for m in (() if INTERPRET else (1, 256)):
+            cases.append((recipe, m, 4096, 4096, None))
+    for recipe in dispatch.W4A8_FP4:                  # appended: the cases above keep their seeds
+        for m, n, k in [(1, 200, 384), (17, 520, 640)]:
+            for cfg in p4cfgs:
+                cases.append((recipe, m, n, k, cfg))
         for m in (() if INTERPRET else (1, 256)):
             cases.append((recipe, m, 4096, 4096, None))
     n_fail = 0
@@ -336,7 +351,7 @@ def fp8_candidates(m: int, n: int, k: int):
 
 def step_sweep(families, models, layers, ms, results, flush):
     """Time candidate configs per (family, shape, M); print and record the best."""
-    recipe_of = {"int4": "w4a16", "fp4": "nvfp4", "w4a8": "w4a8", "fp8": "fp8_block"}
+    recipe_of = {"int4": "w4a16", "fp4": "nvfp4", "w4a8": "w4a8", "w4a8_fp4": "w4a8_nvfp4", "fp8": "fp8_block"}
     for family in families:
         recipe = recipe_of[family]
         for model in models:
@@ -404,14 +419,15 @@ def torch_ops(n, k, m, reps, seed):
     return ops
 
 
-PACKED4_RECIPES = ("w4a16", "w4a16_asym", "nvfp4", "mxfp4", "w4a8")
+PACKED4_RECIPES = ("w4a16", "w4a16_asym", "nvfp4", "mxfp4", "w4a8") + dispatch.W4A8_FP4
 
 
 def tune_plans(m, n, k, recipes, log_rows):
     """Quick per-point autotune: tile candidates for the packed-4 skeleton (timed on W4A16, shared by
-    the packed-4 recipes) and for FP8 block at large M, plus 'xla_dequant' where M >= 256. Returns
-    {recipe: Plan}; the winners are frozen into pallas_kernels/dispatch.py. At M=1 W4A16 also tries the
-    dispatcher's word-GEMV plan."""
+    the packed-4 recipes; the FP4 x FP8 recipes, whose block-MMA mode computes differently, timed on
+    w4a8_nvfp4) and for FP8 block at large M, plus 'xla_dequant' where M >= 256. Returns {recipe: Plan};
+    the winners are frozen into pallas_kernels/dispatch.py. At M=1 W4A16 also tries the dispatcher's
+    word-GEMV plan."""
     plans = {}
     tried = []
     if any(r in recipes for r in PACKED4_RECIPES):
@@ -421,6 +437,10 @@ def tune_plans(m, n, k, recipes, log_rows):
         best = _fastest("w4a16", m, n, k, cands, tried)
         for r in PACKED4_RECIPES:
             plans[r] = best
+        if any(r in recipes for r in dispatch.W4A8_FP4):
+            best_fp4 = _fastest("w4a8_nvfp4", m, n, k, cands, tried)
+            for r in dispatch.W4A8_FP4:
+                plans[r] = best_fp4
         gemv = dispatch.plan("w4a16", m, n, k, GROUP)
         if gemv.path == "gemv":                        # W4A16 alone has the word GEMV at M=1
             plans["w4a16"] = plans["w4a16_asym"] = _fastest("w4a16", m, n, k, [best, gemv], tried)
