@@ -157,33 +157,29 @@ W4A8_FP4_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kind", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("m,n,k,cfg", W4A8_FP4_CASES)
-def test_w4a8_mxfp4_kernel_matches_reference(m, n, k, cfg):
-    rng = npo.rng_for("w4a8_mxfp4", m, n, k)
+def test_w4a8_fp4_kernel_matches_reference(kind, m, n, k, cfg):
+    rng = npo.rng_for("w4a8_" + kind, m, n, k)
     xq = npo.rand_e4m3_x(rng, m, k)
     sx = np.float32(rng.uniform(1e-3, 1e-2))
     packed = npo.rand_packed(rng, n, k)
-    scale = rng.integers(110, 135, (n, k // 32)).astype(np.uint8)
-    out = w4a8_fp4.mxfp4_fp8_matmul(xq, sx, packed, scale, config=cfg, interpret=True)
-    ref = w4a8_fp4.mxfp4_fp8_matmul_reference(xq, sx, packed, scale)
+    if kind == "mxfp4":
+        block, gs = 32, 1.0
+        scales = (rng.integers(110, 135, (n, k // 32)).astype(np.uint8),)
+        kernel, reference = w4a8_fp4.mxfp4_fp8_matmul, w4a8_fp4.mxfp4_fp8_matmul_reference
+        w = npo.mxfp4_weight(packed, *scales)
+    else:
+        block, gs = 16, np.float32(rng.uniform(1e-4, 1e-3))
+        bs = npo.e4m3(rng.uniform(0.0, 448, (n, k // 16)) * 2.0 ** rng.integers(-12, 1, (n, k // 16)))  # subnormals
+        scales = (bs, gs)
+        kernel, reference = w4a8_fp4.nvfp4_fp8_matmul, w4a8_fp4.nvfp4_fp8_matmul_reference
+        w = npo.nvfp4_weight(packed, bs, gs)
+    out = kernel(xq, sx, packed, *scales, config=cfg, interpret=True)
+    ref = reference(xq, sx, packed, *scales)
     npo.check_close(out, ref, TOL)
-    npo.check_close(ref, npo.fp8_x_fp4(xq, sx, packed, scale, 32), TOL)
-    npo.check_close(ref, (npo.f64(xq) * float(sx)) @ npo.mxfp4_weight(packed, scale).T, TOL)
-
-
-@pytest.mark.parametrize("m,n,k,cfg", W4A8_FP4_CASES)
-def test_w4a8_nvfp4_kernel_matches_reference(m, n, k, cfg):
-    rng = npo.rng_for("w4a8_nvfp4", m, n, k)
-    xq = npo.rand_e4m3_x(rng, m, k)
-    sx = np.float32(rng.uniform(1e-3, 1e-2))
-    packed = npo.rand_packed(rng, n, k)
-    bs = npo.e4m3(rng.uniform(0.0, 448, (n, k // 16)) * 2.0 ** rng.integers(-12, 1, (n, k // 16)))  # subnormals too
-    gs = np.float32(rng.uniform(1e-4, 1e-3))
-    out = w4a8_fp4.nvfp4_fp8_matmul(xq, sx, packed, bs, gs, config=cfg, interpret=True)
-    ref = w4a8_fp4.nvfp4_fp8_matmul_reference(xq, sx, packed, bs, gs)
-    npo.check_close(out, ref, TOL)
-    npo.check_close(ref, npo.fp8_x_fp4(xq, sx, packed, bs, 16, gs), TOL)
-    npo.check_close(ref, (npo.f64(xq) * float(sx)) @ npo.nvfp4_weight(packed, bs, gs).T, TOL)
+    npo.check_close(ref, npo.fp8_x_fp4(xq, sx, packed, scales[0], block, gs), TOL)
+    npo.check_close(ref, (npo.f64(xq) * float(sx)) @ w.T, TOL)
 
 
 def test_w4a8_nvfp4_blocks_are_scaled_separately():
