@@ -10,6 +10,10 @@ Inputs:
   NVFP4    packed uint8 [N, K/2], block_scale float8_e4m3fn [N, K/16], global_scale f32 []
   (weight layouts as in fp4.py, the canonical ones of jaxq.formats).
 
+In jaxq, MXFP4 x FP8 is the recipe get_recipe("mxfp4", activation="fp8_static") (ModelOpt's
+W4A8_MXFP4_FP8); NVFP4 x FP8 only the override get_recipe("nvfp4", activation="fp8_static"), which QDense
+and jaxq.quantize handle but no checkpoint loader produces (the ModelOpt loader refuses W4A8_NVFP4_FP8).
+
 Numerics (kernel and reference):
   y[m, n] = x_scale (* global_scale) * sum_b s[n, b] * sum_{k in b} xq[m, k] * e2m1[n, k]
 E2M1 values are exact in E4M3, so the codes enter the FP8 MMA unscaled; every product xq * e2m1 is exact
