@@ -131,7 +131,7 @@ def time_decode(model, kv: str, batch: int, context: int, steps: int) -> dict:
 
 
 def write_results(out_dir: str, env: dict, rows: list, steps: int, context: int) -> pathlib.Path:
-    """Writes decode_<platform>_<date>.json and .md (after every row, so a later failure keeps them)."""
+    """Writes decode_<device>_<date>.json and .md (after every row, so a later failure keeps them)."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"decode_{env['device'].replace(' ', '_')}_{env['date']}"

@@ -106,3 +106,16 @@ def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def multiple_of(v, m: int):
     return pl.multiple_of(v, m) if isinstance(v, jax.Array) else v
+
+
+def k_loop(load, accumulate, first_chunk, chunks: int, unroll: int, acc):
+    """The K loop of a split-K program: `chunks` chunks from `first_chunk` (a multiple of unroll), `unroll`
+    chunks per iteration with all their loads issued before their math (memory-level parallelism where
+    Triton's pipeliner does not apply). load(chunk) -> tile; accumulate(acc, tile) -> acc."""
+    def body(i, acc):
+        tiles = [load(first_chunk + i * unroll + u) for u in range(unroll)]
+        for t in tiles:
+            acc = accumulate(acc, t)
+        return acc
+
+    return lax.fori_loop(0, chunks // unroll, body, acc)

@@ -318,13 +318,7 @@ def packed4_matmul_kernel(*refs, fmt: Packed4Format, cfg: Packed4Config, m: int,
         hi = _e2m1_scaled_f32(wb >> 4, sc).astype(jnp.bfloat16)
         return acc + _mac(lo, xe) + _mac(hi, xo)
 
-    def body(i, acc):
-        tiles = [load(ps * per_split + i * unroll + u) for u in range(unroll)]
-        for t in tiles:
-            acc = accumulate(acc, t)
-        return acc
-
-    acc = lax.fori_loop(0, per_split // unroll, body, jnp.zeros((bn, bm), jnp.float32))
+    acc = cm.k_loop(load, accumulate, ps * per_split, per_split, unroll, jnp.zeros((bn, bm), jnp.float32))
     if g_ref is not None:
         acc = acc * g_ref[0]
     out = acc.T.astype(o_ref.dtype)                     # [bm, bn]

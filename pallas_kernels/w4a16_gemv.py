@@ -135,13 +135,7 @@ def w4a16_gemv_kernel(*refs, cfg: GemvConfig, n: int, k: int, group: int, asym: 
         s = per_word(t["s"].astype(jnp.float32))
         return acc + s * (dot - c * xsum[None, :])
 
-    def body(i, acc):
-        tiles = [load(ps * per_split + i * unroll + u) for u in range(unroll)]
-        for t in tiles:
-            acc = accumulate(acc, t)
-        return acc
-
-    acc = lax.fori_loop(0, per_split // unroll, body, jnp.zeros((bn, words), jnp.float32))
+    acc = cm.k_loop(load, accumulate, ps * per_split, per_split, unroll, jnp.zeros((bn, words), jnp.float32))
     y = jnp.sum(acc, axis=1)                            # [bn]
     idx = (jnp.int32(0), n_rows) if split == 1 else (ps, n_rows)
     cm.masked_store(o_ref, idx, y.astype(o_ref.dtype), n_mask)
