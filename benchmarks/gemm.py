@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels import _common as cm  # noqa: E402
-from pallas_kernels import dispatch, fp4, fp8, w4a8, w4a8_fp4, w4a16  # noqa: E402
+from pallas_kernels import dispatch, fp8  # noqa: E402
 from pallas_kernels.fp8 import Fp8Config  # noqa: E402
 from pallas_kernels.packed4 import Packed4Config  # noqa: E402
 
@@ -189,27 +189,9 @@ def jax_op(recipe: str, plan=None):
 def reference(recipe: str, x, w):
     if recipe == "xla_bf16":
         return jnp.dot(x.astype(jnp.float32), w["w"].astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
-    if recipe in ("w4a16", "w4a16_asym", "xla_deq_int4"):
-        return w4a16.w4a16_matmul_reference(x, w["packed"], w["scale"], w.get("zero"))
-    if recipe == "nvfp4":
-        return fp4.nvfp4_matmul_reference(x, w["packed"], w["block_scale"], w["global_scale"])
-    if recipe == "mxfp4":
-        return fp4.mxfp4_matmul_reference(x, w["packed"], w["scale"])
-    if recipe == "w4a8":
-        return w4a8.w4a8_matmul_reference(x, w["packed"], w["weight_scale"], w["input_scale"])
-    if recipe in dispatch.W4A8_FP4:                   # x quantized as dispatch does: e4m3(x / input_scale)
-        xq, sx = cm.quantize_fp8_static(x, w["input_scale"]), w["input_scale"]
-        if recipe == "w4a8_mxfp4":
-            return w4a8_fp4.mxfp4_fp8_matmul_reference(xq, sx, w["packed"], w["scale"], x.dtype)
-        return w4a8_fp4.nvfp4_fp8_matmul_reference(xq, sx, w["packed"], w["block_scale"], w["global_scale"],
-                                                   x.dtype)
-    if recipe == "fp8_block":
-        return fp8.fp8_block_matmul_reference(x, w["wq"], w["w_scale"])
-    if recipe == "fp8_xla":
-        xq = cm.quantize_fp8_static(x, w["input_scale"])
-        return fp8.fp8_rowwise_matmul_reference(xq, w["input_scale"], w["wq"], w["w_scale"])
-    xq, sx = fp8.quantize_fp8_rowwise(x)
-    return fp8.fp8_rowwise_matmul_reference(xq, sx, w["wq"], w["w_scale"])
+    name = {"w4a16_asym": "w4a16", "xla_deq_int4": "w4a16", "fp8_xla": "fp8", "fp8_rowwise_xla": "fp8_rowwise",
+            "fp8_rowwise_pallas": "fp8_rowwise"}.get(recipe, recipe)
+    return dispatch.reference_matmul(x, name, w)
 
 
 def slice_n(recipe: str, w: dict, n_keep: int) -> dict:

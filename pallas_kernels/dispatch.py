@@ -189,6 +189,35 @@ def _w4a8_fp4(x, recipe: str, w: dict, p: Plan, out_dtype, interpret: bool) -> j
                                      out_dtype=out_dtype, interpret=interpret)
 
 
+def reference_matmul(x, recipe: str, weights: dict) -> jax.Array:
+    """The pure-jnp reference of quantized_matmul for any recipe (weights named as in the module docstring,
+    x in bf16, activations quantized as quantized_matmul quantizes them)."""
+    w = weights
+    if recipe == "w4a16":
+        return w4a16.w4a16_matmul_reference(x, w["packed"], w["scale"], w.get("zero"))
+    if recipe == "nvfp4":
+        return fp4.nvfp4_matmul_reference(x, w["packed"], w["block_scale"], w["global_scale"])
+    if recipe == "mxfp4":
+        return fp4.mxfp4_matmul_reference(x, w["packed"], w["scale"])
+    if recipe == "w4a8":
+        return w4a8.w4a8_matmul_reference(x, w["packed"], w["weight_scale"], w["input_scale"])
+    if recipe in W4A8_FP4:                              # x quantized as e4m3(x / input_scale)
+        xq, sx = cm.quantize_fp8_static(x, w["input_scale"]), w["input_scale"]
+        if recipe == "w4a8_mxfp4":
+            return w4a8_fp4.mxfp4_fp8_matmul_reference(xq, sx, w["packed"], w["scale"], x.dtype)
+        return w4a8_fp4.nvfp4_fp8_matmul_reference(xq, sx, w["packed"], w["block_scale"], w["global_scale"],
+                                                   x.dtype)
+    if recipe == "fp8_block":
+        return fp8.fp8_block_matmul_reference(x, w["wq"], w["w_scale"])
+    if recipe == "fp8":
+        xq = cm.quantize_fp8_static(x, w["input_scale"])
+        return fp8.fp8_rowwise_matmul_reference(xq, w["input_scale"], w["wq"], w["w_scale"])
+    if recipe == "fp8_rowwise":
+        xq, sx = fp8.quantize_fp8_rowwise(x)
+        return fp8.fp8_rowwise_matmul_reference(xq, sx, w["wq"], w["w_scale"])
+    raise ValueError(f"unknown recipe {recipe!r}; expected one of {RECIPES}")
+
+
 @functools.partial(jax.jit, static_argnames=("recipe", "plan_override", "out_dtype", "interpret"))
 def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None = None, out_dtype=None,
                      interpret: bool = False) -> jax.Array:

@@ -5,8 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pallas_kernels import dispatch, fp4, fp8, w4a8, w4a8_fp4, w4a16
-from pallas_kernels import _common as cm
+from pallas_kernels import dispatch, w4a8_fp4, w4a16
 from pallas_kernels import packed4
 
 from . import np_oracle as npo
@@ -56,30 +55,6 @@ def _weights(recipe, rng, n, k):
     return {"wq": wq, "w_scale": rng.uniform(1e-4, 4e-4, (n,)).astype(np.float32)}
 
 
-def _reference(recipe, x, w):
-    if recipe == "w4a16":
-        return w4a16.w4a16_matmul_reference(x, w["packed"], w["scale"], w["zero"])
-    if recipe == "nvfp4":
-        return fp4.nvfp4_matmul_reference(x, w["packed"], w["block_scale"], w["global_scale"])
-    if recipe == "mxfp4":
-        return fp4.mxfp4_matmul_reference(x, w["packed"], w["scale"])
-    if recipe == "w4a8":
-        return w4a8.w4a8_matmul_reference(x, w["packed"], w["weight_scale"], w["input_scale"])
-    if recipe in dispatch.W4A8_FP4:
-        xq, sx = cm.quantize_fp8_static(x, w["input_scale"]), w["input_scale"]
-        if recipe == "w4a8_mxfp4":
-            return w4a8_fp4.mxfp4_fp8_matmul_reference(xq, sx, w["packed"], w["scale"], x.dtype)
-        return w4a8_fp4.nvfp4_fp8_matmul_reference(xq, sx, w["packed"], w["block_scale"], w["global_scale"],
-                                                   x.dtype)
-    if recipe == "fp8_block":
-        return fp8.fp8_block_matmul_reference(x, w["wq"], w["w_scale"])
-    if recipe == "fp8":
-        xq = cm.quantize_fp8_static(x, w["input_scale"])
-        return fp8.fp8_rowwise_matmul_reference(xq, w["input_scale"], w["wq"], w["w_scale"])
-    xq, sx = fp8.quantize_fp8_rowwise(x)
-    return fp8.fp8_rowwise_matmul_reference(xq, sx, w["wq"], w["w_scale"])
-
-
 @pytest.mark.parametrize("recipe", dispatch.RECIPES)
 @pytest.mark.parametrize("m,path", [(1, None), (3, "xla_dequant")])
 def test_quantized_matmul_paths(recipe, m, path):
@@ -91,7 +66,7 @@ def test_quantized_matmul_paths(recipe, m, path):
     w = {name: jnp.asarray(v) for name, v in _weights(recipe, rng, n, k).items()}
     override = dispatch.Plan(path) if path else None
     out = dispatch.quantized_matmul(x, recipe, w, plan_override=override, interpret=True)
-    npo.check_close(out, _reference(recipe, x, w), 1e-2)
+    npo.check_close(out, dispatch.reference_matmul(x, recipe, w), 1e-2)
 
 
 @pytest.mark.parametrize("recipe", dispatch.W4A8_FP4)
