@@ -3,9 +3,11 @@ FP8 tensor cores, on the shared packed-4 skeleton (packed4.py, block-MMA mode).
 
 Inputs:
   xq       float8_e4m3fn [M, K]: the activation codes, quantized by the caller with a static per-tensor
-           scale; x_scale f32 []: their dequant multiplier (x ~ f32(xq) * x_scale). jaxq's QDense kernel
-           entry passes ModelOpt's codes (jaxq.formats.quantize_fp8_static_modelopt, the codes of its
-           reference's fake quant); pallas_kernels.dispatch quantizes as e4m3(x / input_scale).
+           scale; x_scale f32 []: their dequant multiplier (x ~ f32(xq) * x_scale). ModelOpt's codes (those
+           of QDense's reference fake quant) come from jaxq.formats.quantize_fp8_static_modelopt;
+           pallas_kernels.dispatch quantizes as e4m3(x / input_scale). QDense does not select this kernel
+           yet: it is wired in once it has been compiled and timed on a GPU (benchmarks/gemm.py); until
+           then QDense runs these recipes on the bf16 FP4 kernel (fp4.py) with fake-quantized x.
   MXFP4    packed uint8 [N, K/2] (low nibble = even k), scale uint8 E8M0 [N, K/32] (valid for u <= 248)
   NVFP4    packed uint8 [N, K/2], block_scale float8_e4m3fn [N, K/16], global_scale f32 []
   (weight layouts as in fp4.py, the canonical ones of jaxq.formats).

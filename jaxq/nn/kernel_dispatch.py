@@ -12,11 +12,8 @@ Kernel numerics against the reference (all accumulate in float32; see the pallas
     the final rounding (FP8 activation codes come from jaxq.nn.activation_quant).
   fp8 (static): x_q = e4m3(x / input_scale), the TRT-LLM/vLLM run-time order, not ModelOpt's
     x * (448 / amax), which differs at FP8 ties (frequent with bf16 inputs).
-  nvfp4 W4A4: the activation fake quant runs in float32 and is rounded to x.dtype (bf16) for the
-    W4A16-style kernel (Hopper has no FP4 tensor cores).
-  mxfp4 / nvfp4 with activation fp8_static (W4A8 with FP4 weights): the FP8 kernel gets the reference's own
-    E4M3 codes and multiplier (jaxq.formats.quantize_fp8_static_modelopt); E2M1 weights enter the FP8 MMA
-    exactly, block scales multiply each block's partial sum: the reference's up to f32 rounding.
+  nvfp4 W4A4, mxfp4 with FP8 input: the activation fake quant runs in float32 and is rounded to x.dtype
+    (bf16) for the W4A16-style kernel (Hopper has no FP4 tensor cores).
   w4a8: pallas_kernels.w4a8 keeps the INT4 weights exact and rescales per group, so it skips the
     reference's FP8 rounding of W with weight_scale_2, and quantizes x as e4m3(x / input_scale) itself.
   At large M, pallas_kernels.dispatch may pick its 'xla_dequant' path for the 4-bit recipes: weights
@@ -29,9 +26,8 @@ import dataclasses
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
-from jaxq.formats import FP8Tensor, Int4Tensor, MXFP4Tensor, NVFP4Tensor, quantize_fp8_static_modelopt
+from jaxq.formats import FP8Tensor, Int4Tensor, MXFP4Tensor, NVFP4Tensor
 from jaxq.nn.activation_quant import apply_pre_quant_scale, fake_quant_activation, quantize_activation_fp8
 from jaxq.nn.quantized_weight import QuantizedWeight
 
@@ -98,9 +94,9 @@ def _bf16_input(x, w: QuantizedWeight):
                                  w.input_scale).astype(x.dtype)
 
 
-def _dispatch(recipe: str, x, weights: dict, **kw):
+def _dispatch(recipe: str, x, weights: dict):
     from pallas_kernels.dispatch import quantized_matmul
-    return quantized_matmul(x, recipe, weights, **kw)
+    return quantized_matmul(x, recipe, weights)
 
 
 def _w4a16(x, w):
@@ -115,37 +111,19 @@ def _w4a16_ok(x, w):
 
 
 def _fp4(x, w):
-    recipe, weights = _fp4_parts(w.weight)
-    return _dispatch(recipe, _bf16_input(x, w), weights)
-
-
-def _fp4_ok(x, w, fp8_codes: bool = False):
-    """can_use of the FP4 kernel for this weight: bf16 x, or (fp8_codes) E4M3 codes of x's shape."""
-    from pallas_kernels import fp4, w4a8_fp4
     t = w.weight
-    nv = isinstance(t, NVFP4Tensor)
-    if fp8_codes:
-        fmt = w4a8_fp4.NVFP4_FP8 if nv else w4a8_fp4.MXFP4_FP8
-        x = jax.ShapeDtypeStruct(x.shape, jnp.float8_e4m3fn)
-    else:
-        fmt = fp4.NVFP4 if nv else fp4.MXFP4
-    if nv:
-        return t.global_scale.ndim == 0 and fp4.can_use_fp4_matmul(fmt, x, t.packed, t.block_scale)
-    return fp4.can_use_fp4_matmul(fmt, x, t.packed, t.scale)
-
-
-def _fp4_parts(t) -> tuple[str, dict]:
-    """(pallas_kernels.dispatch weight-only recipe, weights dict) of an NVFP4Tensor / MXFP4Tensor."""
     if isinstance(t, NVFP4Tensor):
-        return "nvfp4", {"packed": t.packed, "block_scale": t.block_scale, "global_scale": t.global_scale}
-    return "mxfp4", {"packed": t.packed, "scale": t.scale}
+        weights = {"packed": t.packed, "block_scale": t.block_scale, "global_scale": t.global_scale}
+        return _dispatch("nvfp4", _bf16_input(x, w), weights)
+    return _dispatch("mxfp4", _bf16_input(x, w), {"packed": t.packed, "scale": t.scale})
 
 
-def _w4a8_fp4(x, w):
-    """FP4 weights x static FP8 activations on the FP8 MMA, from the reference's codes (ModelOpt's order)."""
-    xq = quantize_fp8_static_modelopt(apply_pre_quant_scale(x, w.pre_quant_scale), w.input_scale)
-    recipe, weights = _fp4_parts(w.weight)
-    return _dispatch("w4a8_" + recipe, xq.data, {**weights, "input_scale": xq.scale}, out_dtype=x.dtype)
+def _fp4_ok(x, w):
+    from pallas_kernels.fp4 import MXFP4, NVFP4, can_use_fp4_matmul
+    t = w.weight
+    if isinstance(t, NVFP4Tensor):
+        return t.global_scale.ndim == 0 and can_use_fp4_matmul(NVFP4, x, t.packed, t.block_scale)
+    return can_use_fp4_matmul(MXFP4, x, t.packed, t.scale)
 
 
 def _w4a8(x, w):
@@ -189,10 +167,7 @@ def _fp8_weight(granularity: str, activation: str):
 register_kernel("pallas_w4a16", lambda w: isinstance(w.weight, Int4Tensor) and w.weight.g_idx is None
                 and w.recipe.activation == "none", _w4a16, can_use=_w4a16_ok)
 register_kernel("pallas_fp4", lambda w: isinstance(w.weight, (NVFP4Tensor, MXFP4Tensor))
-                and w.recipe.activation in ("none", "nvfp4"), _fp4, can_use=_fp4_ok)
-register_kernel("pallas_w4a8_fp4", lambda w: isinstance(w.weight, (NVFP4Tensor, MXFP4Tensor))
-                and w.recipe.activation == "fp8_static" and w.weight_scale_2 is None, _w4a8_fp4,
-                can_use=lambda x, w: _fp4_ok(x, w, fp8_codes=True))
+                and w.recipe.activation in ("none", "nvfp4", "fp8_static"), _fp4, can_use=_fp4_ok)
 register_kernel("pallas_w4a8", lambda w: isinstance(w.weight, Int4Tensor) and w.weight.g_idx is None
                 and w.recipe.activation == "fp8_static" and w.weight_scale_2 is not None, _w4a8, can_use=_w4a8_ok)
 register_kernel("pallas_fp8_block", _fp8_weight("block", "fp8_group"), _fp8_block)

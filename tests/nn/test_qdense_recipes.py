@@ -269,50 +269,7 @@ def test_kernels_match_the_reference(name, m):
     exact_int4 = qw.replace(weight_scale_2=None) if kernel.name == "pallas_w4a8" else qw
     ref = np.asarray(quantized_matmul_reference(x, exact_int4), np.float32)
     rms = np.sqrt(np.mean(ref**2))
-    fp4 = type(qw.weight).__name__[:5].lower()
-    recipe = {"pallas_w4a16": "w4a16", "pallas_w4a8": "w4a8", "pallas_fp4": fp4, "pallas_w4a8_fp4": "w4a8_" + fp4}
+    recipe = {"pallas_w4a16": "w4a16", "pallas_w4a8": "w4a8", "pallas_fp4": type(qw.weight).__name__[:5].lower()}
     path = plan(recipe[kernel.name], m, qw.shape[0], qw.shape[1]).path if kernel.name in recipe else "pallas"
     tol = 6e-2 * rms if path == "xla_dequant" else 1e-2 * np.abs(ref) + 1e-2 * rms
     assert np.all(np.abs(got - ref) <= tol), (kernel.name, path, float(np.max(np.abs(got - ref)) / rms))
-
-
-@pytest.mark.parametrize("name,kernel", [("mxfp4_fp8", "pallas_w4a8_fp4"), ("nvfp4_fp8", "pallas_w4a8_fp4"),
-                                         ("mxfp4", "pallas_fp4"), ("nvfp4", "pallas_fp4"), ("nvfp4_wo", "pallas_fp4")])
-def test_gpu_kernel_selection_for_fp4_weights(name, kernel):
-    """On a GPU backend (asked for by name, so this runs on a CPU), FP4 weights with static FP8 activations
-    go to the FP8 kernel, the other FP4 recipes to the bf16 one; an FP8 weight stage (weight_scale_2,
-    which the FP8 kernel does not apply) leaves the call to the reference."""
-    qw, *_ = build_case(name, np.random.RandomState(8))
-    x = jnp.ones((5, qw.shape[1]), jnp.bfloat16)
-    assert kernel_dispatch.select_kernel(x, qw, "gpu").name == kernel
-    if kernel == "pallas_w4a8_fp4":
-        assert kernel_dispatch.select_kernel(x, qw.replace(weight_scale_2=jnp.float32(1.0)), "gpu") is None
-
-
-@pytest.mark.parametrize("name", ["mxfp4_fp8", "nvfp4_fp8"])
-@pytest.mark.parametrize("m", [1, 3, 17])
-def test_w4a8_fp4_kernel_entry_in_interpret_mode(name, m, monkeypatch):
-    """The GPU entry for FP4 weights x static FP8 activations, run on a CPU with its Pallas kernel in
-    interpret mode, against the NumPy fake quant: the same activation codes (ModelOpt's order), so only
-    float32 summation error remains (float32 x); bf16 x: one bf16 rounding of that."""
-    import functools
-
-    from pallas_kernels import dispatch
-
-    monkeypatch.setattr(dispatch, "quantized_matmul", functools.partial(dispatch.quantized_matmul, interpret=True))
-    rng = np.random.RandomState(hash((name, m)) % 2**31)
-    qw, w_ref, recipe, in_scale, pqs = build_case(name, rng, n=40)
-    x = (rng.randn(m, qw.shape[1]) * rng.uniform(0.5, 3, (m, 1))).astype(F32)
-    x[0, :5] = 0.0
-    kernel = kernel_dispatch.select_kernel(jnp.asarray(x), qw, "gpu")
-    assert kernel.name == "pallas_w4a8_fp4"
-    x_hat, y_ref = np_reference(x, (w_ref, recipe, in_scale, pqs))
-    y = kernel.fn(jnp.asarray(x), qw)
-    assert y.dtype == jnp.float32 and y.shape == (m, qw.shape[0])
-    assert_close_f32(y, x_hat, w_ref, y_ref)
-    xb = jnp.asarray(x, jnp.bfloat16)
-    yb = kernel.fn(xb, qw)
-    x_hat_b, y_ref_b = np_reference(np.asarray(xb, F32), (w_ref, recipe, in_scale, pqs))
-    ref_b = np.asarray(jnp.asarray(y_ref_b, jnp.float32).astype(jnp.bfloat16), F32)
-    assert yb.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(yb, F32), ref_b, rtol=2.0**-7, atol=1e-6)
