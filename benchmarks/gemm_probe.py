@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from pallas_kernels import _common as cm  # noqa: E402
-from pallas_kernels import dispatch, fp8, w4a16_gemv  # noqa: E402
+from pallas_kernels import fp8, w4a16_gemv  # noqa: E402
 from pallas_kernels.w4a16_gemv import GemvConfig  # noqa: E402
 
 
