@@ -78,22 +78,27 @@ def _nibble_plus_128(words, j: int):
     return lax.bitcast_convert_type((moved & 0x000F0000) | 0x43000000, jnp.float32)
 
 
-def _deinterleave(v, ways: int):
+def deinterleave(v, ways: int):
     """v [L] -> `ways` arrays [L / ways], the j-th holding v[ways * i + j] (halving splits: Triton splits
     a trailing axis of 2 in registers)."""
     if ways == 1:
         return [v]
     even, odd = jnp.unstack(v.reshape(v.shape[0] // 2, 2), axis=-1)
-    lo, hi = _deinterleave(even, ways // 2), _deinterleave(odd, ways // 2)
+    lo, hi = deinterleave(even, ways // 2), deinterleave(odd, ways // 2)
     return [part for pair in zip(lo, hi) for part in pair]
 
 
-def w4a16_gemv_kernel(*refs, cfg: GemvConfig, n: int, k: int, group: int, asym: bool):
-    """refs: x [1, K] bf16, words [N, K/8] int32, scale [N, K/G], zero [N, K/G] (asym only),
-    out [1, N] (split_k 1) or f32 [split_k, N]."""
-    x_ref, w_ref, s_ref, *rest = refs
-    z_ref = rest.pop(0) if asym else None
-    (o_ref,) = rest
+def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig, n: int, k: int, group: int,
+                      word_dot, post=None):
+    """The program shared by the word GEMVs (this module, fp4_gemv.py), for the output channels of
+    program_id(0) and the K range of split program_id(1).
+
+    x_ref [1, K]; w_ref int32 words [N, K/8]; group_refs: name -> ref [N, K/group] of per-group values
+    (scales, zeros); o_ref [1, N] (split_k 1) or f32 [split_k, N]. Per K chunk it loads the words
+    [bn, bk/8], the x chunk de-interleaved into the 8 vectors x[8i + j], and each group ref broadcast to
+    one value per word column ([bn, bk/8], or [bn, 1] when a group spans the chunk), and adds
+    word_dot(words, xs, groups) -> f32 [bn, bk/8] to the accumulator. After the K loop the word columns are
+    summed, multiplied by `post` (a traced scalar, optional) and stored."""
     bn, bk, split, unroll = cfg.block_n, cfg.block_k, cfg.split_k, cfg.unroll
     words = bk // WORD
     pn, ps = pl.program_id(0), pl.program_id(1)
@@ -106,39 +111,52 @@ def w4a16_gemv_kernel(*refs, cfg: GemvConfig, n: int, k: int, group: int, asym: 
     per_chunk = max(bk // group, 1)                     # groups in one chunk
     group_words = group // WORD
 
-    def load(chunk):
-        k0 = cm.multiple_of(chunk * bk, bk)
-        i0 = cm.multiple_of(chunk * words, words)
-        w_mask = cm.range_mask(i0, words, k // WORD, k_ragged)
-        t = {"w": cm.masked_load(w_ref, (n_rows, pl.ds(i0, words)), cm.and_masks(n_mask, w_mask))}
-        t["x"] = cm.masked_load(x_ref, (jnp.int32(0), pl.ds(k0, bk)), cm.range_mask(k0, bk, k, k_ragged))  # [bk]
-        g0 = k0 // group
-        g_mask = cm.range_mask(g0, per_chunk, k // group, k_ragged)
-        sz_idx = (n_rows, pl.ds(g0, per_chunk))
-        t["s"] = cm.masked_load(s_ref, sz_idx, cm.and_masks(n_mask, g_mask))           # [bn, per_chunk]
-        if asym:
-            t["z"] = cm.masked_load(z_ref, sz_idx, cm.and_masks(n_mask, g_mask))
-        return t
-
     def per_word(v):
         """[bn, per_chunk] group values -> [bn, words], one per word column of the chunk."""
         if per_chunk == 1:
             return v
-        rep = jnp.broadcast_to(v[:, :, None], (bn, per_chunk, group_words))
-        return rep.reshape(bn, words)
+        return jnp.broadcast_to(v[:, :, None], (bn, per_chunk, group_words)).reshape(bn, words)
+
+    def load(chunk):
+        k0 = cm.multiple_of(chunk * bk, bk)
+        i0 = cm.multiple_of(chunk * words, words)
+        w_mask = cm.range_mask(i0, words, k // WORD, k_ragged)
+        g0 = k0 // group
+        g_mask = cm.and_masks(n_mask, cm.range_mask(g0, per_chunk, k // group, k_ragged))
+        t = {name: cm.masked_load(ref, (n_rows, pl.ds(g0, per_chunk)), g_mask) for name, ref in group_refs.items()}
+        t["_w"] = cm.masked_load(w_ref, (n_rows, pl.ds(i0, words)), cm.and_masks(n_mask, w_mask))
+        t["_x"] = cm.masked_load(x_ref, (jnp.int32(0), pl.ds(k0, bk)), cm.range_mask(k0, bk, k, k_ragged))
+        return t
 
     def accumulate(acc, t):
-        xs = _deinterleave(t["x"].astype(jnp.float32), WORD)
-        dot = sum(_nibble_plus_128(t["w"], j) * xs[j][None, :] for j in range(WORD))   # [bn, words]
-        xsum = sum(xs)                                                                   # [words]
-        c = 128.0 + per_word(t["z"].astype(jnp.float32)) if asym else 136.0
-        s = per_word(t["s"].astype(jnp.float32))
-        return acc + s * (dot - c * xsum[None, :])
+        xs = deinterleave(t["_x"].astype(jnp.float32), WORD)
+        groups = {name: per_word(t[name]) for name in group_refs}
+        return acc + word_dot(t["_w"], xs, groups)
 
     acc = cm.k_loop(load, accumulate, ps * per_split, per_split, unroll, jnp.zeros((bn, words), jnp.float32))
     y = jnp.sum(acc, axis=1)                            # [bn]
+    if post is not None:
+        y = y * post
     idx = (jnp.int32(0), n_rows) if split == 1 else (ps, n_rows)
     cm.masked_store(o_ref, idx, y.astype(o_ref.dtype), n_mask)
+
+
+def w4a16_gemv_kernel(*refs, cfg: GemvConfig, n: int, k: int, group: int, asym: bool):
+    """refs: x [1, K] bf16, words [N, K/8] int32, scale [N, K/G], zero [N, K/G] (asym only),
+    out [1, N] (split_k 1) or f32 [split_k, N]."""
+    x_ref, w_ref, s_ref, *rest = refs
+    group_refs = {"s": s_ref}
+    if asym:
+        group_refs["z"] = rest.pop(0)
+    (o_ref,) = rest
+
+    def word_dot(w, xs, g):
+        dot = sum(_nibble_plus_128(w, j) * xs[j][None, :] for j in range(WORD))         # [bn, words]
+        xsum = sum(xs)                                                                   # [words]
+        c = 128.0 + g["z"].astype(jnp.float32) if asym else 136.0
+        return g["s"].astype(jnp.float32) * (dot - c * xsum[None, :])
+
+    word_gemv_program(x_ref, w_ref, group_refs, o_ref, cfg=cfg, n=n, k=k, group=group, word_dot=word_dot)
 
 
 def as_words(packed: jax.Array) -> jax.Array:
@@ -157,18 +175,24 @@ def w4a16_gemv(x, packed, scale, zero=None, *, config: GemvConfig | None = None,
     group = k // scale.shape[1]
     cfg = config or default_config(n, k, group)
     asym = zero is not None
-    args = [x, as_words(packed), scale] + ([zero] if asym else [])
-    split = cfg.split_k
-    out_shape = jax.ShapeDtypeStruct((1, n) if split == 1 else (split, n), x.dtype if split == 1 else jnp.float32)
     kernel = functools.partial(w4a16_gemv_kernel, cfg=cfg, n=n, k=k, group=group, asym=asym)
+    args = [x, as_words(packed), scale] + ([zero] if asym else [])
+    return call_word_gemv(kernel, args, x.dtype, n, cfg, interpret, "w4a16_gemv")
+
+
+def call_word_gemv(kernel, args, out_dtype, n: int, cfg: GemvConfig, interpret: bool, name: str) -> jax.Array:
+    """Launches a word GEMV kernel (grid: output channel blocks x split_k) and, with split-K, sums its f32
+    partials in one XLA fusion; y [1, N] in out_dtype."""
+    split = cfg.split_k
+    out_shape = jax.ShapeDtypeStruct((1, n) if split == 1 else (split, n), out_dtype if split == 1 else jnp.float32)
     y = pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=(cm.cdiv(n, cfg.block_n), split),
         compiler_params=cm.triton_params(cfg.num_warps, cfg.num_stages),
         interpret=interpret,
-        name="w4a16_gemv",
+        name=name,
     )(*args)
     if split > 1:
-        y = jnp.sum(y, axis=0, keepdims=True).astype(x.dtype)
+        y = jnp.sum(y, axis=0, keepdims=True).astype(out_dtype)
     return y

@@ -1,0 +1,167 @@
+"""FP4 weights (NVFP4, MXFP4) x bf16 activations at M=1 (decode): y[N] = x[K] . W[N, K]^T on the CUDA
+cores, the int32-word GEMV of w4a16_gemv.py with an E2M1 decoder and 16/32-element block scales.
+
+Contract (weight layouts as fp4.py defines them; code = sign * 8 + idx into {0, .5, 1, 1.5, 2, 3, 4, 6}):
+  nvfp4_gemv: packed u8 [N, K/2] (low nibble = even k), block_scale float8_e4m3fn [N, K/16], global_scale
+              f32 scalar; W = e2m1(code) * f32(block_scale[n, k // 16]) * global_scale.
+  mxfp4_gemv: packed u8 [N, K/2], scale u8 E8M0 [N, K/32]; W = e2m1(code) * 2^(scale[n, k // 32] - 127).
+              2^(u - 127) is built from exponent bits: valid for u in [1, 248] (the limit fp4.py states);
+              E8M0 NaN (255) is not special-cased.
+  x [1, K]; y [1, N] in x.dtype. The caller (dispatch) has checked shape_is_supported and, for a given
+  config, config_is_valid; the wrappers still refuse mismatched operand shapes with a ValueError.
+
+Layout (as w4a16_gemv): the packed bytes are read as little-endian int32 words [N, K/8], nibble j of word
+i being k = 8i + j. A program holds words [bn, bk/8] and the x chunk [bk] de-interleaved into x[8i + j]
+per j, and keeps one f32 accumulator per word column, reduced once after the K loop. Split-K programs
+write f32 partials [split_k, N] that one XLA fusion sums and casts.
+
+Decode (integer bit operations on the word, no table, no f32 denormals). For nibble j with magnitude bits
+m = (E, M) (E: bits 1-2, M: bit 0) and sign bit S (bit 3):
+  a = word shifted so that m sits at f32 bits 22..24 (M the top mantissa bit, E the exponent's low bits)
+  q = f32 bits (a & 0x01C00000) | 0x3E000000       exponent field 124 + E: q = 2^(E-3) (1 + M/2), which
+                                                    is e2m1(m) / 4 for E >= 1, but 1/8 and 3/16 for m = 0, 1
+  r = min(q, 2q - 1/4)                              fixes m = 0, 1 (2q - 1/4 = 0, 1/8) and leaves E >= 1
+                                                    alone (there q >= 1/4, so 2q - 1/4 >= q)
+  w = f32 bits of r | (word shifted so that S sits at bit 31) & 0x80000000
+so w = e2m1(code) / 4 exactly, for 2 shifts and 2 and/or (LOP3) integer ops, an FMA and a min per
+weight, then the FMA with x. The factor 4 is restored once per output, after the reduction (NVFP4:
+together with the global scale, as 4 * global_scale).
+Per word column t[n, i] = sum_j w[n, 8i + j] * x[8i + j] (8 FMAs), and acc[n, i] += s[n, i] * t[n, i] with
+the word's block scale (NVFP4: f32(e4m3), one per 2 words; MXFP4: f32 bits u << 23 = 2^(u - 127), one
+per 4 words).
+
+Numerics: the decoded values and their products with x are exact in f32 (E2M1 has 2 significant bits,
+bf16 8), as are e2m1 x block scale (<= 6 bits, fp4.py); everything else accumulates in f32, in another
+order than the reference (8 products per word, times the word's scale, summed over word columns at the
+end), the power-of-two 1/4 and 4 cancel exactly (barring f32 underflow), and the output is rounded to
+x.dtype once (split-K: each program scales its f32 partial, XLA sums them and rounds once). Tolerance
+used by tests/pallas_kernels/test_fp4_gemv.py: |y - ref| <= 1e-2 * |ref| + 1e-2 * rms(ref).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import _common as cm
+from pallas_kernels import w4a16_gemv
+from pallas_kernels.w4a16_gemv import WORD, GemvConfig
+
+GROUPS = {"nvfp4": 16, "mxfp4": 32}                    # K elements per block scale
+_MAG_BITS = 0x01C00000                                  # f32 bits 22..24: E2M1 magnitude after the shift
+_EXP_124 = 0x3E000000                                   # exponent field 124 (no bit shared with _MAG_BITS)
+_SIGN_BIT = -0x80000000                                 # int32 bit 31
+_QUARTER_UNDO = 4.0                                     # the decoder yields e2m1 / 4
+
+
+def _group(fmt_kind: str) -> int:
+    if fmt_kind not in GROUPS:
+        raise ValueError(f"fp4_gemv: unknown format {fmt_kind!r}, expected one of {sorted(GROUPS)}")
+    return GROUPS[fmt_kind]
+
+
+def config_is_valid(fmt_kind: str, cfg: GemvConfig) -> bool:
+    """Block sizes powers of two and block_k >= 32, so every chunk spans whole 16/32 blocks."""
+    _group(fmt_kind)
+    sizes = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.unroll)
+    return all(cm.is_pow2(v) for v in sizes) and cfg.block_k >= 32
+
+
+def shape_is_supported(fmt_kind: str, m: int, n: int, k: int) -> bool:
+    """M = 1 and K a positive multiple of the block (16 NVFP4, 32 MXFP4; whole int32 words either way)."""
+    group = _group(fmt_kind)
+    return m == 1 and n >= 1 and k >= group and k % group == 0 and k % WORD == 0
+
+
+def default_config(n: int, k: int) -> GemvConfig:
+    """Heuristic (either format): the word GEMV's, 32 channels and 256 K per program, split K until the
+    grid holds about four programs per SM (256 spans whole 16 and 32 blocks)."""
+    return w4a16_gemv.default_config(n, k, GROUPS["mxfp4"])
+
+
+def _shift_left(words, s: int):
+    """words << s, a logical right shift for negative s."""
+    if s >= 0:
+        return words << s if s else words
+    return lax.shift_right_logical(words, jnp.int32(-s))
+
+
+def _e2m1_quarter(words, j: int):
+    """f32 e2m1(code) / 4 for nibble j of every int32 word (the decode in the module docstring)."""
+    mag = _shift_left(words, 22 - 4 * j) & _MAG_BITS
+    q = lax.bitcast_convert_type(mag | _EXP_124, jnp.float32)
+    r = jnp.minimum(q, q * 2.0 - 0.25)
+    sign = _shift_left(words, 28 - 4 * j) & _SIGN_BIT
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(r, jnp.int32) | sign, jnp.float32)
+
+
+def _block_scale_f32(fmt_kind: str, raw):
+    """Raw block scales -> f32: e4m3 converted, E8M0 u as the f32 bits u << 23 (2^(u - 127))."""
+    if fmt_kind == "nvfp4":
+        return raw.astype(jnp.float32)
+    return lax.bitcast_convert_type(raw.astype(jnp.int32) << 23, jnp.float32)
+
+
+def fp4_gemv_kernel(*refs, fmt_kind: str, cfg: GemvConfig, n: int, k: int):
+    """refs: x [1, K], words [N, K/8] int32, scale [N, K/group] (e4m3 or u8), global [1] f32 (nvfp4 only),
+    out [1, N] (split_k 1) or f32 [split_k, N]."""
+    x_ref, w_ref, s_ref, *rest = refs
+    g_ref = rest.pop(0) if fmt_kind == "nvfp4" else None
+    (o_ref,) = rest
+
+    def word_dot(w, xs, g):
+        dot = sum(_e2m1_quarter(w, j) * xs[j][None, :] for j in range(WORD))            # [bn, words]
+        return _block_scale_f32(fmt_kind, g["s"]) * dot
+
+    post = g_ref[0] * _QUARTER_UNDO if g_ref is not None else _QUARTER_UNDO
+    w4a16_gemv.word_gemv_program(x_ref, w_ref, {"s": s_ref}, o_ref, cfg=cfg, n=n, k=k, group=GROUPS[fmt_kind],
+                                 word_dot=word_dot, post=post)
+
+
+def _check_operands(fn: str, x, packed, scale, scale_name: str, scale_dtype, group: int, global_scale=None):
+    """ValueError naming the argument, what was expected and what came, for mismatched operands."""
+    if x.ndim != 2 or x.shape[0] != 1:
+        raise ValueError(f"{fn}: x must have shape (1, K), got {tuple(x.shape)}")
+    k = x.shape[1]
+    if k % group != 0:
+        raise ValueError(f"{fn}: K = {k} (x {tuple(x.shape)}) must be a multiple of {group}")
+    if packed.ndim != 2 or packed.shape[1] * 2 != k:
+        raise ValueError(f"{fn}: packed must have shape (N, K/2) = (N, {k // 2}) for x {tuple(x.shape)}, "
+                         f"got {tuple(packed.shape)}")
+    if packed.dtype != jnp.uint8:
+        raise ValueError(f"{fn}: packed must be uint8, got {packed.dtype}")
+    want = (packed.shape[0], k // group)
+    if tuple(scale.shape) != want:
+        raise ValueError(f"{fn}: {scale_name} must have shape (N, K/{group}) = {want} for packed "
+                         f"{tuple(packed.shape)} and x {tuple(x.shape)}, got {tuple(scale.shape)}")
+    if scale.dtype != scale_dtype:
+        raise ValueError(f"{fn}: {scale_name} must be {jnp.dtype(scale_dtype)}, got {scale.dtype}")
+    if global_scale is not None and jnp.size(global_scale) != 1:
+        raise ValueError(f"{fn}: global_scale must be a scalar, got shape {tuple(jnp.shape(global_scale))}")
+
+
+def _fp4_gemv(fmt_kind: str, x, packed, scale, global_scale, cfg: GemvConfig | None, interpret: bool):
+    k = x.shape[1]
+    n = packed.shape[0]
+    cfg = cfg or default_config(n, k)
+    args = [x, w4a16_gemv.as_words(packed), scale]
+    if fmt_kind == "nvfp4":
+        args.append(jnp.reshape(global_scale, (1,)).astype(jnp.float32))
+    kernel = functools.partial(fp4_gemv_kernel, fmt_kind=fmt_kind, cfg=cfg, n=n, k=k)
+    return w4a16_gemv.call_word_gemv(kernel, args, x.dtype, n, cfg, interpret, f"{fmt_kind}_gemv")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def nvfp4_gemv(x, packed, block_scale, global_scale, *, config: GemvConfig | None = None,
+               interpret: bool = False):
+    """y [1, N] = x [1, K] @ W^T in x.dtype for NVFP4 weights (packed u8 [N, K/2], block_scale e4m3
+    [N, K/16], global_scale f32 scalar)."""
+    _check_operands("nvfp4_gemv", x, packed, block_scale, "block_scale", jnp.float8_e4m3fn, 16, global_scale)
+    return _fp4_gemv("nvfp4", x, packed, block_scale, global_scale, config, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def mxfp4_gemv(x, packed, scale, *, config: GemvConfig | None = None, interpret: bool = False):
+    """y [1, N] = x [1, K] @ W^T in x.dtype for MXFP4 weights (packed u8 [N, K/2], scale u8 E8M0 [N, K/32])."""
+    _check_operands("mxfp4_gemv", x, packed, scale, "scale", jnp.uint8, 32)
+    return _fp4_gemv("mxfp4", x, packed, scale, None, config, interpret)
