@@ -1,0 +1,41 @@
+"""The Mosaic GPU FP8 block-scaled kernel (pallas_kernels/fp8_block_mgpu.py) on the CPU: it has no interpret
+mode, so CI checks its shape rules, its input errors and that it lowers for CUDA to one Mosaic GPU kernel
+issuing e4m3 wgmma; benchmarks/gemm_probe.py --parts mgpu checks its numbers against the reference on a GPU."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import fp8_block_mgpu as mg
+from pallas_kernels.fp8_block_mgpu import MgpuFp8Config
+
+
+def test_shape_rules():
+    wide_m = MgpuFp8Config(64, 128, "m", 4)
+    assert (wide_m.cta_m, wide_m.cta_n) == (128, 128)
+    assert (mg.DEFAULT.cta_m, mg.DEFAULT.cta_n) == (64, 256)
+    assert mg.can_use(1000, 4096, 4096, wide_m)                  # M is padded inside the wrapper
+    assert not mg.can_use(1024, 4096 + 64, 4096, wide_m)         # N off the CTA tile
+    assert not mg.can_use(1024, 4096, 4096 + 64, wide_m)         # K off the 128 scale block
+    assert not mg.can_use(1024, 4096, 4096, MgpuFp8Config(32, 128))
+    assert not mg.can_use(1024, 4096, 4096, MgpuFp8Config(wg_dim="k"))
+
+
+def _operands(m, n, k, sw_shape=None):
+    return (jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
+            jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct(sw_shape or (n // 128, k // 128), jnp.float32))
+
+
+@pytest.mark.parametrize("cfg", [MgpuFp8Config(64, 128, "m", 4), MgpuFp8Config(64, 128, "n", 4)])
+def test_lowers_to_a_mosaic_gpu_kernel_with_fp8_wgmma(cfg):
+    text = mg.fp8_block_matmul_mgpu.trace(*_operands(200, 512, 1024), config=cfg).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in text
+
+
+def test_bad_shapes_name_what_is_wrong():
+    with pytest.raises(ValueError, match="N % 256"):
+        mg.fp8_block_matmul_mgpu.trace(*_operands(64, 384, 1024))
+    with pytest.raises(ValueError, match="w_scale"):
+        mg.fp8_block_matmul_mgpu.trace(*_operands(64, 512, 1024, sw_shape=(4, 7)))
