@@ -39,8 +39,10 @@ def on_gpu() -> bool:
 
 
 def unpack_nibbles(packed: jax.Array) -> jax.Array:
-    """uint8 [..., K/2] -> uint8 codes [..., K]; the low nibble holds the even k (the canonical layout)."""
-    codes = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
+    """uint8 [..., K/2] -> uint8 codes [..., K]; the low nibble holds the even k (the canonical layout).
+    Written as a bitcast to uint4 (low nibble first): XLA turns it into one vectorized shift-and-mask
+    fusion, which streamed the weights faster on an H100 than a stack of the two nibble planes."""
+    codes = lax.bitcast_convert_type(packed, jnp.uint4).astype(jnp.uint8)
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 

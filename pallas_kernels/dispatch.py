@@ -2,7 +2,10 @@
 
 Paths:
   'pallas'       the recipe's Pallas Triton kernel with a tuned config
-  'gemv'         W4A16 at M=1: the int32-word GEMV of w4a16_gemv.py (CUDA cores, no MMA)
+  'gemv'         M=1: the int32-word GEMVs (CUDA cores, no MMA) of w4a16_gemv.py (W4A16) and fp4_gemv.py
+                 (NVFP4, MXFP4)
+  'mgpu'         FP8 block-scaled at large M: the Mosaic GPU kernel of fp8_block_mgpu.py (TMA, wgmma, warp
+                 specialization; GPU only: in interpret mode the Triton kernel stands in for it)
   'xla_dequant'  dequantise the weights once per call to bf16, then XLA's cuBLAS dot (large M, where the
                  GEMM is compute-bound and cuBLAS beats the Pallas kernel by more than the dequant pass)
   'xla'          XLA's own FP8 cuBLASLt path (per-tensor and rowwise FP8)
@@ -33,8 +36,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _common as cm
-from pallas_kernels import fp4, fp8, packed4, w4a8, w4a8_fp4, w4a16, w4a16_gemv
+from pallas_kernels import fp4, fp4_gemv, fp8, fp8_block_mgpu, packed4, w4a8, w4a8_fp4, w4a16, w4a16_gemv
 from pallas_kernels.fp8 import Fp8Config
+from pallas_kernels.fp8_block_mgpu import MgpuFp8Config
 from pallas_kernels.packed4 import Packed4Config
 from pallas_kernels.w4a16_gemv import GemvConfig
 
@@ -45,8 +49,8 @@ M_BUCKETS = (1, 16, 64, 256, 1024, 4096)
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    path: str                                           # 'pallas' | 'gemv' | 'xla_dequant' | 'xla'
-    config: Packed4Config | Fp8Config | GemvConfig | None = None
+    path: str                                           # 'pallas' | 'gemv' | 'mgpu' | 'xla_dequant' | 'xla'
+    config: Packed4Config | Fp8Config | GemvConfig | MgpuFp8Config | None = None
 
 
 def m_bucket(m: int) -> int:
@@ -57,7 +61,8 @@ def m_bucket(m: int) -> int:
 # Smallest M bucket from which 'xla_dequant' beats the recipe's Pallas kernel. Measured on an H100
 # (benchmarks/results/gemm_NVIDIA_H100_80GB_HBM3_2026-11-27*.json): at M=256 the tuned packed-4 kernel
 # beat XLA dequant-then-dot on every 8B layer (e.g. 8b.gate_up 257 us vs 412 us); from M=1024 the
-# dequant-then-cuBLAS path wins (8b.qkv M=1024: 146 us vs 212 us). FP8 block: the Pallas kernel beat
+# dequant-then-cuBLAS path wins (8b.qkv M=1024: 146 us vs 212 us; 118 us since the dequant unpacks by a
+# uint4 bitcast, gemm_probe *_xla4.json, and 8b.gate_up 524 us, *_run5_bench.json). FP8 block: the Pallas kernel beat
 # the bf16-dequant path at every M tried (256..4096), so it has no entry. The W4A8_FP4 recipes take the
 # packed-4 crossover too: assumed, not yet measured for them.
 XLA_DEQUANT_FROM: dict[str, int] = {"w4a16": 1024, "nvfp4": 1024, "mxfp4": 1024, "w4a8": 1024,
@@ -86,7 +91,21 @@ GEMV_TILES: dict[str, tuple[int, int, int, int, int]] = {
     "deep": (32, 512, 1, 4, 512),    # K >= GEMV_DEEP_K (down)
     "small": (128, 256, 1, 8, 256),  # the rest (qkv, o): split-K fills the SMs
 }
+# NVFP4 / MXFP4 at M=1: the FP4 word GEMV beat the packed-4 plan on every 8B layer (H100,
+# benchmarks/results/gemm_probe_NVIDIA_H100_80GB_HBM3_2026-11-27_fp4gemv.json, NVFP4 / MXFP4 us):
+# gate_up 61.7 / 60.1 vs 69.2 / 68.7, down 34.3 / 33.5 vs 57.1 / 54.6, qkv 16.5 / 15.7 vs 26.0 / 25.4,
+# o 12.4 / 13.4 vs 20.7 / 20.4. Same shape classes and fields as GEMV_TILES.
+FP4_GEMV_TILES: dict[str, tuple[int, int, int, int, int]] = {
+    "wide": (32, 256, 1, 4, 0),
+    "deep": (32, 256, 2, 4, 512),
+    "small": (64, 256, 1, 4, 512),
+}
 FP8_LARGE_M = Fp8Config(128, 128, 128, split_k=1, swap_ab=False, num_warps=8, num_stages=4)
+# FP8 block-scaled from the M=256 bucket on: the Mosaic GPU kernel, H100 (gemm_probe *_mgpu.json), TFLOP/s:
+# 8b.gate_up M=4096 856-889 (Triton 336, XLA bf16 647-651), M=1024 806-877 (Triton 325-331); 8b.qkv M=4096
+# 851-868 (Triton 328), M=1024 760-767, M=256 435 with the warpgroups side by side along N (Triton 226).
+MGPU_FP8_FROM = 256
+MGPU_FP8_TILES = {256: MgpuFp8Config(64, 128, "n", 4), "larger": MgpuFp8Config(64, 128, "m", 4)}
 
 
 def fill_split(progs: int, chunks: int, target: int) -> int:
@@ -97,15 +116,26 @@ def fill_split(progs: int, chunks: int, target: int) -> int:
     return split
 
 
-def gemv_config(n: int, k: int, group: int) -> GemvConfig:
-    """The measured GEMV tile for this shape class, split-K sized for it; the heuristic where invalid."""
+def _gemv_tile(n: int, k: int, tiles: dict) -> GemvConfig:
+    """The GEMV tile of this shape class, split-K sized so the grid reaches the class's program target."""
     shape_class = "wide" if n >= GEMV_WIDE_N else "deep" if k >= GEMV_DEEP_K else "small"
-    bn, bk, unroll, warps, target = GEMV_TILES[shape_class]
+    bn, bk, unroll, warps, target = tiles[shape_class]
     iterations, split = cm.cdiv(k, bk) // unroll, 1
     while cm.cdiv(n, bn) * split < target and iterations >= 4 * split:     # >= 2 iterations per split
         split *= 2
-    cfg = GemvConfig(bn, bk, split, unroll, warps, 3)
+    return GemvConfig(bn, bk, split, unroll, warps, 3)
+
+
+def gemv_config(n: int, k: int, group: int) -> GemvConfig:
+    """W4A16: the measured GEMV tile for this shape class; the heuristic where invalid."""
+    cfg = _gemv_tile(n, k, GEMV_TILES)
     return cfg if w4a16_gemv.config_is_valid(group, cfg) else w4a16_gemv.default_config(n, k, group)
+
+
+def fp4_gemv_config(fmt_kind: str, n: int, k: int) -> GemvConfig:
+    """NVFP4 / MXFP4: the measured FP4 GEMV tile for this shape class; the heuristic where invalid."""
+    cfg = _gemv_tile(n, k, FP4_GEMV_TILES)
+    return cfg if fp4_gemv.config_is_valid(fmt_kind, cfg) else fp4_gemv.default_config(n, k)
 
 
 def packed4_config(fmt: packed4.Packed4Format, m: int, n: int, k: int) -> Packed4Config:
@@ -131,9 +161,15 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128) -> Plan:
     if m_bucket(m) >= XLA_DEQUANT_FROM.get(recipe, 1 << 30):
         return Plan("xla_dequant")
     if recipe == "fp8_block":
+        bucket = m_bucket(m)
+        mgpu = MGPU_FP8_TILES.get(bucket, MGPU_FP8_TILES["larger"])
+        if bucket >= MGPU_FP8_FROM and fp8_block_mgpu.can_use(m, n, k, mgpu):
+            return Plan("mgpu", mgpu)
         return Plan("pallas", FP8_LARGE_M if m > 64 else fp8.fp8_default_config(m, n, k))
     if recipe == "w4a16" and w4a16_gemv.shape_is_supported(m, n, k, group):
         return Plan("gemv", gemv_config(n, k, group))
+    if recipe in ("nvfp4", "mxfp4") and fp4_gemv.shape_is_supported(recipe, m, n, k):
+        return Plan("gemv", fp4_gemv_config(recipe, n, k))
     fmt = {
         "w4a16": packed4.Packed4Format("int4", group),
         "nvfp4": fp4.NVFP4,
@@ -152,15 +188,14 @@ def _xla_dot(x, w, out_dtype=None):
 
 
 def dequantize_bf16(recipe: str, **w) -> jax.Array:
-    """The recipe's weights as bf16 [N, K] (the 'xla_dequant' path; one fused XLA pass). W4A8_FP4: without
-    NVFP4's global scale (applied after the dot), so the bf16 weights are exact (<= 6 significant bits)."""
+    """The recipe's weights as bf16 [N, K] (the 'xla_dequant' path; one fused XLA pass). NVFP4 (both
+    recipes): without the global scale, which the caller applies to the f32 product as the references do,
+    so the bf16 weights are exact (e2m1 x e4m3 has <= 6 significant bits)."""
     if recipe == "w4a16":
         deq = w4a16.w4a16_dequantize(w["packed"], w["scale"], w.get("zero"))
-    elif recipe == "nvfp4":
-        deq = fp4.nvfp4_dequantize(w["packed"], w["block_scale"], w["global_scale"])
     elif recipe in ("mxfp4", "w4a8_mxfp4"):
         deq = fp4.mxfp4_dequantize(w["packed"], w["scale"])
-    elif recipe == "w4a8_nvfp4":
+    elif recipe in ("nvfp4", "w4a8_nvfp4"):
         deq = fp4.nvfp4_dequantize(w["packed"], w["block_scale"], 1.0)
     elif recipe == "w4a8":
         deq = w4a16.w4a16_dequantize(w["packed"], w["weight_scale"])
@@ -250,8 +285,16 @@ def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None =
             xq, sx = fp8.quantize_fp8_1x128(x)
             xd = (xq.astype(jnp.float32) * jnp.repeat(sx, 128, axis=1)[:, :k]).astype(x.dtype)
             return _xla_dot(xd, dequantize_bf16(recipe, **w))
+        if recipe == "nvfp4":
+            y = _xla_dot(x, dequantize_bf16(recipe, **w), jnp.float32)
+            return (y * w["global_scale"]).astype(x.dtype)
         return _xla_dot(x, dequantize_bf16(recipe, **w))
     cfg = p.config
+    if p.path == "gemv" and recipe == "nvfp4":
+        return fp4_gemv.nvfp4_gemv(x, w["packed"], w["block_scale"], w["global_scale"], config=cfg,
+                                   interpret=interpret)
+    if p.path == "gemv" and recipe == "mxfp4":
+        return fp4_gemv.mxfp4_gemv(x, w["packed"], w["scale"], config=cfg, interpret=interpret)
     if p.path == "gemv":
         if w.get("perm") is not None:
             x = jnp.take(x, w["perm"], axis=1)
@@ -267,4 +310,15 @@ def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None =
     if recipe == "w4a8":
         return w4a8.w4a8_matmul(x, w["packed"], w["weight_scale"], w["input_scale"], config=cfg,
                                 interpret=interpret)
-    return fp8.fp8_block_matmul(x, w["wq"], w["w_scale"], config=cfg, interpret=interpret)
+    xq, sx = fp8.quantize_fp8_1x128(x)
+    return fp8_block_prequantized(xq, sx, w["wq"], w["w_scale"], p, x.dtype, interpret)
+
+
+def fp8_block_prequantized(xq, x_scale, wq, w_scale, p: Plan, out_dtype, interpret: bool = False) -> jax.Array:
+    """FP8 block-scaled GEMM of already quantized operands (fp8.py layouts) on plan p ('mgpu' or 'pallas').
+    The Mosaic GPU kernel has no interpret mode: there the Triton kernel with the large-M tile stands in."""
+    if p.path == "mgpu" and not interpret:
+        return fp8_block_mgpu.fp8_block_matmul_mgpu(xq, x_scale, wq, w_scale, config=p.config, out_dtype=out_dtype)
+    cfg = FP8_LARGE_M if p.path == "mgpu" else p.config if p.path == "pallas" else None
+    return fp8.fp8_matmul(xq, x_scale, wq, w_scale, mode="block", config=cfg, out_dtype=out_dtype,
+                          interpret=interpret)

@@ -147,13 +147,12 @@ def _fp8_xla(x, w):
 
 
 def _fp8_block(x, w):
-    """The block-scaled FP8 Pallas kernel with the tuned tiles of pallas_kernels.dispatch.plan."""
-    from pallas_kernels.dispatch import plan
-    from pallas_kernels.fp8 import fp8_matmul
+    """The block-scaled FP8 kernels on pallas_kernels.dispatch.plan's path and tiles: Triton at small M,
+    the Mosaic GPU kernel at large M."""
+    from pallas_kernels.dispatch import fp8_block_prequantized, plan
     xq = quantize_activation_fp8(apply_pre_quant_scale(x, w.pre_quant_scale), "fp8_group")
     p = plan("fp8_block", x.shape[0], w.shape[0], x.shape[1])
-    return fp8_matmul(xq.data, xq.scale, w.weight.data, w.weight.scale, mode="block",
-                      config=p.config if p.path == "pallas" else None, out_dtype=x.dtype)
+    return fp8_block_prequantized(xq.data, xq.scale, w.weight.data, w.weight.scale, p, x.dtype)
 
 
 def _fp8_weight(granularity: str, activation: str):

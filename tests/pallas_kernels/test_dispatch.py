@@ -18,8 +18,13 @@ def test_plan_buckets():
     assert wide.config.split_k == 1 and small.config.split_k == 8                # split-K fills the SMs
     assert dispatch.plan("w4a16", 1, 4096, 4096, group=16).path == "pallas"       # GEMV needs G >= 32
     assert dispatch.plan("w4a16", 2, 4096, 4096).config.block_m == 16            # MMA + split-K
-    assert dispatch.plan("nvfp4", 1, 28672, 4096).config.block_m == 1            # packed-4 GEMV path
-    assert dispatch.plan("nvfp4", 1, 4096, 4096).config.block_m == 16
+    assert dispatch.plan("nvfp4", 1, 28672, 4096).path == "gemv"                 # FP4 word GEMV
+    assert dispatch.plan("mxfp4", 1, 4096, 4096).config.split_k == 8
+    assert dispatch.plan("w4a8", 1, 28672, 4096).config.block_m == 1             # packed-4 GEMV tile
+    assert dispatch.plan("fp8_block", 1024, 4096, 4096).path == "mgpu"           # Mosaic GPU at large M
+    assert dispatch.plan("fp8_block", 256, 4096, 4096).config.wg_dim == "n"
+    assert dispatch.plan("fp8_block", 1024, 4096 + 64, 4096).path == "pallas"    # N off the CTA tile
+    assert dispatch.plan("fp8_block", 64, 4096, 4096).path == "pallas"
     assert dispatch.plan("w4a16", 4096, 4096, 4096).path == "xla_dequant"
     assert dispatch.plan("fp8_rowwise", 16, 4096, 4096).path == "xla"
     assert dispatch.plan("w4a16", 16, 4096, 4096, group=32).config.block_k == 32  # post-scale: bk <= G
@@ -56,9 +61,10 @@ def _weights(recipe, rng, n, k):
 
 
 # Every recipe on its planned path at M=1, and on 'xla_dequant' at M=3 where it has one (FP8 per-tensor and
-# rowwise have only the XLA path).
+# rowwise have only the XLA path); the 'mgpu' plan of FP8 block-scaled in interpret mode.
 PATH_CASES = [(r, 1, None) for r in dispatch.RECIPES] + [
-    (r, 3, "xla_dequant") for r in dispatch.RECIPES if r not in ("fp8", "fp8_rowwise")]
+    (r, 3, "xla_dequant") for r in dispatch.RECIPES if r not in ("fp8", "fp8_rowwise")] + [
+    ("fp8_block", 3, "mgpu")]                         # interpret mode: the Triton kernel stands in
 
 
 @pytest.mark.parametrize("recipe,m,path", PATH_CASES)

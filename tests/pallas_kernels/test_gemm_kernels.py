@@ -249,6 +249,7 @@ def test_fp8_rowwise_kernel_and_xla_match_reference(m, n, k, cfg):
     out = fp8.fp8_matmul(xq, sx, wq, sw, mode="rowwise", config=cfg, interpret=True)
     npo.check_close(out, ref, TOL)
     npo.check_close(fp8.fp8_matmul_xla(xq, sx, wq, sw), ref, TOL)
+    npo.check_close(fp8.fp8_matmul_xla(xq, sx, wq, sw, fast_accumulation=True), ref, TOL)
     pt = fp8.fp8_rowwise_matmul_reference(xq, sx[0], wq, sw[0])
     npo.check_close(fp8.fp8_matmul_xla(xq, sx[0], wq, sw[0]), pt, TOL)
 
