@@ -12,7 +12,8 @@ Timing (METHOD.md): each measured executable runs the op R times on R distinct w
 the weights of one executable exceed L2 and its GPU time dwarfs host dispatch), many executions back to
 back, median of 5 trials. Correctness is checked on fresh random data before timing. TB/s counts the
 bytes the op must move (weights + scales + x + y), % copy compares with a device-to-device copy measured
-in the same run. Results: <out>/gemm_<card>_<date>.json/.md and <out>/gemm_summary.json.
+in the same run. Results: <out>/gemm_<card>_<date>.json/.md, and <out>/gemm_summary.json, where a run
+replaces the rows of the points it measured and keeps the others.
 """
 import argparse
 import dataclasses
@@ -44,8 +45,8 @@ L2_BYTES = 60e6
 TOL = 1e-2
 INTERPRET = False   # --smoke: tiny shapes, kernels in interpret mode, no torch (a CPU dry run)
 RECIPES = ("xla_bf16", "torch_bf16", "xla_deq_int4", "tinygemm", "w4a16", "w4a16_asym", "nvfp4", "mxfp4",
-           "w4a8", "w4a8_mxfp4", "w4a8_nvfp4", "fp8_block", "fp8_xla", "fp8_rowwise_xla", "fp8_rowwise_pallas", "torch_fp8",
-           "torch_fp8_rowwise")
+           "w4a8", "w4a8_mxfp4", "w4a8_nvfp4", "fp8_block", "fp8_xla", "fp8_xla_fast", "fp8_rowwise_xla",
+           "fp8_rowwise_pallas", "torch_fp8", "torch_fp8_fast", "torch_fp8_rowwise")
 
 
 def log(*a):
@@ -148,12 +149,12 @@ def make_weights(recipe: str, n: int, k: int, seed: int):
                 "input_scale": jnp.float32(4.0 / 448)}
     if recipe in dispatch.W4A8_FP4:                   # FP4 weights x static FP8 activations
         return {**make_weights(recipe[len("w4a8_"):], n, k, seed), "input_scale": jnp.float32(4.0 / 448)}
-    if recipe in ("fp8_block", "fp8_xla", "fp8_rowwise_xla", "fp8_rowwise_pallas"):
+    if recipe in ("fp8_block", "fp8_xla", "fp8_xla_fast", "fp8_rowwise_xla", "fp8_rowwise_pallas"):
         wq = cm.cast_e4m3_saturating(jax.random.normal(ks[0], (n, k), jnp.float32) * 64)
         if recipe == "fp8_block":
             return {"wq": wq, "w_scale": jax.random.uniform(ks[1], (cm.cdiv(n, 128), cm.cdiv(k, 128)),
                                                             jnp.float32, 1e-4, 4e-4)}
-        if recipe == "fp8_xla":
+        if recipe in ("fp8_xla", "fp8_xla_fast"):
             return {"wq": wq, "w_scale": jnp.float32(3e-4), "input_scale": jnp.float32(4.0 / 448)}
         return {"wq": wq, "w_scale": jax.random.uniform(ks[1], (n,), jnp.float32, 1e-4, 4e-4)}
     if recipe == "xla_bf16":
@@ -176,6 +177,9 @@ def jax_op(recipe: str, plan=None):
         return lambda x, w: _dot_tn(x, w["w"])
     if recipe == "xla_deq_int4":
         return lambda x, w: _dot_tn(x, dispatch.dequantize_bf16("w4a16", **w))
+    if recipe == "fp8_xla_fast":                        # per-tensor FP8 in cuBLASLt's fast-accumulation mode
+        return lambda x, w: fp8.fp8_matmul_xla(cm.quantize_fp8_static(x, w["input_scale"]), w["input_scale"],
+                                               w["wq"], w["w_scale"], fast_accumulation=True)
     if recipe == "fp8_rowwise_pallas":
         def op(x, w):
             xq, sx = fp8.quantize_fp8_rowwise(x)
@@ -189,7 +193,8 @@ def jax_op(recipe: str, plan=None):
 def reference(recipe: str, x, w):
     if recipe == "xla_bf16":
         return jnp.dot(x.astype(jnp.float32), w["w"].astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
-    name = {"w4a16_asym": "w4a16", "xla_deq_int4": "w4a16", "fp8_xla": "fp8", "fp8_rowwise_xla": "fp8_rowwise",
+    name = {"w4a16_asym": "w4a16", "xla_deq_int4": "w4a16", "fp8_xla": "fp8", "fp8_xla_fast": "fp8",
+            "fp8_rowwise_xla": "fp8_rowwise",
             "fp8_rowwise_pallas": "fp8_rowwise"}.get(recipe, recipe)
     return dispatch.reference_matmul(x, name, w)
 
@@ -372,7 +377,8 @@ def step_sweep(families, models, layers, ms, results, flush):
 
 
 def torch_ops(n, k, m, reps, seed):
-    """Torch peers: cuBLAS bf16, tinygemm W4A16 (int4 g128), _scaled_mm FP8 per-tensor and rowwise."""
+    """Torch peers: cuBLAS bf16, tinygemm W4A16 (int4 g128), _scaled_mm FP8 per-tensor (precise and fast
+    accumulation) and rowwise."""
     import torch
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
@@ -396,6 +402,8 @@ def torch_ops(n, k, m, reps, seed):
     sa, sb = torch.rand(m, 1, device="cuda"), torch.rand(1, n, device="cuda")
     ops["torch_fp8"] = (lambda w: torch._scaled_mm(xq, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
                         [(w,) for w in w8], n * k)
+    ops["torch_fp8_fast"] = (lambda w: torch._scaled_mm(xq, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                                        use_fast_accum=True), [(w,) for w in w8], n * k)
     ops["torch_fp8_rowwise"] = (lambda w: torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sb,
                                                            out_dtype=torch.bfloat16), [(w,) for w in w8], n * k)
     return ops
@@ -532,7 +540,8 @@ def step_bench(models, layers, ms, recipes, env, rows, flush, tune=False, tune_r
                     torch.cuda.empty_cache()
                 for r in rows:
                     if r["shape"] == f"{model}.{layer}" and r["M"] == m:
-                        for b in ("xla_bf16", "torch_bf16", "tinygemm", "torch_fp8", "torch_fp8_rowwise"):
+                        for b in ("xla_bf16", "torch_bf16", "tinygemm", "torch_fp8", "torch_fp8_fast",
+                                  "torch_fp8_rowwise"):
                             if base.get(b) and r["us"]:
                                 r[f"speedup_vs_{b}"] = round(base[b] * 1e6 / r["us"], 3)
                 line = "  ".join(f"{r['recipe']}={r['us']:.1f}" for r in rows
@@ -603,9 +612,15 @@ def write_outputs(out_dir, env, rows, checks, sweeps):
     with open(base + ".json", "w") as f:
         json.dump({"env": env, "rows": rows, "checks": checks, "sweeps": sweeps}, f, indent=1)
     keys = ("recipe", "shape", "M", "us", "tbps", "pct_copy_bw", "tflops", "speedup_vs_xla_bf16", "card", "jax")
-    summary = [{kk: r.get(kk) for kk in keys} for r in rows]
-    with open(os.path.join(out_dir, "gemm_summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    fresh = [{kk: r.get(kk) for kk in keys} for r in rows]
+    summary_path = os.path.join(out_dir, "gemm_summary.json")
+    kept = []
+    if os.path.exists(summary_path):                  # a partial run replaces only the points it measured
+        with open(summary_path) as f:
+            measured = {(r["recipe"], r["shape"], r["M"], r["card"]) for r in fresh}
+            kept = [r for r in json.load(f) if (r["recipe"], r["shape"], r["M"], r["card"]) not in measured]
+    with open(summary_path, "w") as f:
+        json.dump(kept + fresh, f, indent=1)
     with open(base + ".md", "w") as f:
         f.write(f"# GEMM benchmark: {env['card']}, jax {env['jax']}, {env['date']}\n\n")
         f.write(f"copy bandwidth: {env['copy']}\n\n")

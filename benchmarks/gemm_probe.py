@@ -6,8 +6,18 @@
 2. The XLA FP8 path's output: f32 from cuBLASLt and a convert pass (today) against ways of asking for a
    bf16 result, per-tensor and rowwise, against torch._scaled_mm, with the custom call's output type from
    the compiled HLO.
+3. XLA with native 4-bit dtypes (`xla4`): weights stored as jnp.int4 / float4_e2m1fn [N, K], dequantised
+   by group scales inside the jitted matmul, so XLA may fuse the convert and scale into its own Triton
+   GEMM instead of materialising a bf16 weight; timed per M against XLA bf16 and today's dispatcher plan,
+   with the compiled HLO's kind of GEMM (cuBLAS call or Triton fusion).
 
-  PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # both; --parts gemv or fp8
+4. The Mosaic GPU FP8 block-scaled kernel (`mgpu`, pallas_kernels/fp8_block_mgpu.py): configs checked against
+   the reference, timed against the Triton kernel, XLA's FP8 per-tensor GEMM, torch._scaled_mm and XLA bf16.
+
+5. The FP4 word GEMV (`fp4gemv`, pallas_kernels/fp4_gemv.py) at M=1 for NVFP4 and MXFP4: a few tiles checked
+   against the reference, timed against the dispatcher's packed-4 plan.
+
+  PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu, fp4gemv
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
 Writes DIR/gemm_probe_<card>_<date>.json and prints a table.
 """
@@ -106,30 +116,24 @@ def probe_gemv(copy_tbps, rows, shapes, flush):
 
 
 def fp8_variants():
-    def f32_out(xq, sx, wq, sw):                        # today: f32 from cuBLASLt, then scale and convert
+    def f32_out(xq, sx, wq, sw):                        # f32 from cuBLASLt, then scale and convert
         return fp8.fp8_matmul_xla(xq, sx, wq, sw)
 
-    def bf16_dot(xq, sx, wq, sw):                       # bf16 straight out of the dot, scale after
-        y = lax.dot_general(xq, wq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
+    def xla_fast(xq, sx, wq, sw):                       # bf16 out of the GEMM (fast accumulation), scale after
+        return fp8.fp8_matmul_xla(xq, sx, wq, sw, fast_accumulation=True)
+
+    def bf16_highest(xq, sx, wq, sw):                   # the same at HIGHEST precision (no fast accumulation?)
+        y = lax.dot_general(xq, wq, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                            preferred_element_type=jnp.bfloat16)
         s = sx * sw if sx.ndim == 0 else sx[:, None] * sw[None, :]
         return (y.astype(jnp.float32) * s).astype(jnp.bfloat16)
 
-    def dequant_f32(xq, sx, wq, sw):                    # dequantise pattern in f32, bf16 result
-        a = xq.astype(jnp.float32) * sx
-        b = wq.astype(jnp.float32) * sw
-        return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
-
-    def dequant_bf16(xq, sx, wq, sw):                   # flax fp8_ops style: scales rounded to bf16
-        a = xq.astype(jnp.bfloat16) * sx.astype(jnp.bfloat16)
-        b = wq.astype(jnp.bfloat16) * sw.astype(jnp.bfloat16)
-        return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
-
-    return {"f32_out": f32_out, "bf16_dot": bf16_dot, "dequant_f32": dequant_f32, "dequant_bf16": dequant_bf16}
+    return {"f32_out": f32_out, "xla_fast": xla_fast, "bf16_highest": bf16_highest}
 
 
-def probe_fp8(rows, flush):
+def probe_fp8(rows, flush, shapes=("8b.gate_up", "8b.qkv"), ms=(1024, 4096)):
     import torch
-    for (model, layer), m in itertools.product([("8b", "gate_up"), ("8b", "qkv")], (1024, 4096)):
+    for (model, layer), m in itertools.product([s.split(".") for s in shapes], ms):
         n, k = G.SHAPES[model][layer]
         x = G.rand_x(m, k, seed=m + n)
         reps = 4
@@ -143,8 +147,6 @@ def probe_fp8(rows, flush):
                 sw = jax.random.uniform(jax.random.PRNGKey(9), (n,), jnp.float32, 1e-4, 4e-4)
             ref = fp8.fp8_rowwise_matmul_reference(xq, sx, wq[0], sw)
             for name, fn in fp8_variants().items():
-                if mode == "rowwise" and name.startswith("dequant"):
-                    continue                            # cuBLASLt on Hopper takes scalar scales only
                 hlo = jax.jit(fn).lower(xq, sx, wq[0], sw).compile().as_text()
                 calls = [ln for ln in hlo.splitlines() if "custom_call_target=" in ln]
                 out_types = sorted({ln.split("=", 1)[1].strip().split("[")[0].lstrip("(") for ln in calls})
@@ -154,17 +156,21 @@ def probe_fp8(rows, flush):
                 rows.append({"part": "fp8", "shape": f"{model}.{layer}", "M": m, "mode": mode, "variant": name,
                              "us": round(t * 1e6, 2), "tflops": round(2 * m * n * k / t / 1e12, 1),
                              "check_ok": ok, "err": err, "custom_call_out": out_types, "fusions": fusions,
-                             "cublaslt_f8": any("f8" in ln and "cublas" in ln for ln in calls)})
+                             "cublaslt_f8": any("f8" in ln and "cublas" in ln for ln in calls),
+                             "gemm_config": [ln[ln.find("backend_config"):][:700] for ln in calls if "cublas" in ln]})
             tx = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
             tw = [(torch.randn(n, k, device="cuda") * 64).clamp(-448, 448).to(torch.float8_e4m3fn) for _ in range(reps)]
             if mode == "per_tensor":
                 sa = sb = torch.tensor(1.0, device="cuda")
             else:
                 sa, sb = torch.rand(m, 1, device="cuda"), torch.rand(1, n, device="cuda")
-            t = G.time_torch(lambda w: torch._scaled_mm(tx, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
-                             [(w,) for w in tw])
-            rows.append({"part": "fp8", "shape": f"{model}.{layer}", "M": m, "mode": mode, "variant": "torch_scaled_mm",
-                         "us": round(t * 1e6, 2), "tflops": round(2 * m * n * k / t / 1e12, 1)})
+            for fast in (False, True):
+                t = G.time_torch(lambda w, f=fast: torch._scaled_mm(tx, w.t(), scale_a=sa, scale_b=sb,
+                                                                    out_dtype=torch.bfloat16, use_fast_accum=f),
+                                 [(w,) for w in tw])
+                rows.append({"part": "fp8", "shape": f"{model}.{layer}", "M": m, "mode": mode,
+                             "variant": f"torch_scaled_mm_fast{int(fast)}", "us": round(t * 1e6, 2),
+                             "tflops": round(2 * m * n * k / t / 1e12, 1)})
             del tw
             torch.cuda.empty_cache()
             flush()
@@ -172,10 +178,215 @@ def probe_fp8(rows, flush):
         gc.collect()
 
 
+def xla4_weights(variant, n, k, seed):
+    """Random weights in native 4-bit XLA dtypes; the dequantised bf16 matrix is `xla4_dequant`."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    if variant in ("s4_sym", "s4_asym"):
+        w = {"q": jax.random.randint(ks[0], (n, k), -8, 8).astype(jnp.int4),
+             "s": jax.random.uniform(ks[1], (n, k // 128), jnp.float32, 0.005, 0.02).astype(jnp.bfloat16)}
+        if variant == "s4_asym":
+            w["z"] = jax.random.randint(ks[2], (n, k // 128), -4, 4).astype(jnp.bfloat16)
+        return w
+    q = jax.random.normal(ks[0], (n, k), jnp.float32).astype(jnp.float4_e2m1fn)
+    if variant == "f4_nvfp4":
+        bs = cm.cast_e4m3_saturating(jax.random.uniform(ks[1], (n, k // 16), jnp.float32, 0.5, 400.0))
+        return {"q": q, "s": bs, "g": jnp.float32(2e-5)}
+    e = jax.random.randint(ks[1], (n, k // 32), 118, 126).astype(jnp.uint8)
+    return {"q": q, "s": lax.bitcast_convert_type(e, jnp.float8_e8m0fnu)}
+
+
+def xla4_dequant(variant, w, dtype=jnp.bfloat16):
+    """[N, K] dtype from the native 4-bit weights: convert, subtract zero (asym), times the group scale."""
+    q = w["q"]
+    n, k = q.shape
+    s = w["s"].astype(jnp.float32) * w["g"] if variant == "f4_nvfp4" else w["s"]
+    g = k // s.shape[1]
+    v = q.astype(dtype).reshape(n, k // g, g)
+    if "z" in w:
+        v = v - w["z"].astype(dtype)[:, :, None]
+    return (v * s.astype(dtype)[:, :, None]).reshape(n, k)
+
+
+def u4_bitcast_dequant(w):
+    """Our canonical uint8 [N, K/2] (low nibble = even k) bitcast to uint4 [N, K] inside the jit, then
+    (u - 8) * scale: whether XLA fuses this from today's storage."""
+    n = w["packed"].shape[0]
+    u = lax.bitcast_convert_type(w["packed"], jnp.uint4).reshape(n, -1)
+    return xla4_dequant("s4_sym", {"q": u.astype(jnp.bfloat16) - 8, "s": w["scale"]})
+
+
+def probe_xla4(copy_tbps, rows, shapes, ms, flush, hlo_dir=None):
+    """XLA's own fusion of a native-4-bit dequantise into the GEMM, per M, against bf16 and our plan."""
+    variants = ("s4_sym", "s4_asym", "f4_nvfp4", "f4_mxfp4")
+    for name in shapes:
+        model, layer = name.split(".")
+        n, k = G.SHAPES[model][layer]
+        for m in ms:
+            x = G.rand_x(m, k, seed=m + n)
+            ops = {"xla_bf16": ("xla_bf16", G.jax_op("xla_bf16"), G.make_weights),
+                   "plan_w4a16": ("w4a16", G.jax_op("w4a16"), G.make_weights)}
+            for v in variants:
+                ops[v] = (v, (lambda vv: lambda xx, w: G._dot_tn(xx, xla4_dequant(vv, w)))(v), xla4_weights)
+            ops["u4_bitcast"] = ("w4a16", lambda xx, w: G._dot_tn(xx, u4_bitcast_dequant(w)), G.make_weights)
+            for label, (kind, op, maker) in ops.items():
+                w0 = maker(kind, n, k, 11)
+                wb = G.weight_bytes(w0) if maker is G.make_weights else n * k // 2 + G.weight_bytes(
+                    {kk: vv for kk, vv in w0.items() if kk != "q"})
+                reps = G.reps_for(wb, wb / (copy_tbps * 1e12))
+                ws = [w0] + [maker(kind, n, k, 12 + r) for r in range(reps - 1)]
+                try:
+                    hlo = jax.jit(op).lower(x, w0).compile().as_text()
+                    if maker is xla4_weights:
+                        ref = jnp.dot(x.astype(jnp.float32), xla4_dequant(kind, w0, jnp.float32).T,
+                                      precision=lax.Precision.HIGHEST)
+                        ok, err = G.check_close(jax.jit(op)(x, w0), ref)
+                    elif kind == "w4a16":
+                        ok, err = G.check_op(kind, op, x, w0)
+                    else:
+                        ok, err = None, None
+                    t = G.time_jax(op, [(x, w) for w in ws])
+                except Exception as e:  # noqa: BLE001
+                    G.log(f"  xla4 {name} M={m} {label} failed: {repr(e)[:300]}")
+                    continue
+                floor_us = (wb + 2 * m * k + 2 * m * n) / (copy_tbps * 1e12) * 1e6
+                row = {"part": "xla4", "shape": name, "M": m, "variant": label, "us": round(t * 1e6, 2),
+                       "pct_copy_bw": round(100 * floor_us / (t * 1e6), 1),
+                       "tflops": round(2 * m * n * k / t / 1e12, 1), "check_ok": ok, "err": err,
+                       "triton_gemm": hlo.count('"kind":"__triton'), "cublas": hlo.count("__cublas"),
+                       "fusions": sum(" fusion(" in ln for ln in hlo.splitlines())}
+                rows.append(row)
+                if m in (1, 1024) and label in ("s4_sym", "u4_bitcast") and hlo_dir:
+                    with open(os.path.join(hlo_dir, f"hlo_xla4_{name}_{label}_m{m}.txt"), "w") as f:
+                        f.write(hlo)
+                G.log(f"xla4 {name} M={m} {label:12s} {row['us']:9.1f} us {row['pct_copy_bw']:5.1f}% copy "
+                      f"{row['tflops']:6.0f} TF ok={ok} triton={row['triton_gemm']} cublas={row['cublas']} "
+                      f"fusions={row['fusions']}")
+                del ws, w0
+                gc.collect()
+                flush()
+
+
+MGPU_CONFIGS = (("m64n128_wgN_s4", dict(tile_m=64, tile_n=128, wg_dim="n", stages=4)),
+                ("m64n128_wgM_s4", dict(tile_m=64, tile_n=128, wg_dim="m", stages=4)),
+                ("m64n128_wgM_s5", dict(tile_m=64, tile_n=128, wg_dim="m", stages=5)),
+                ("m64n128_wgM_s5_w16", dict(tile_m=64, tile_n=128, wg_dim="m", stages=5, grid_tile_width=16)),
+                ("m128n128_wgM_s3", dict(tile_m=128, tile_n=128, wg_dim="m", stages=3)),
+                ("m64n256_wgM_s3", dict(tile_m=64, tile_n=256, wg_dim="m", stages=3)))
+
+
+def probe_mgpu(rows, shapes, ms, flush):
+    """The Mosaic GPU FP8 block-scaled GEMM per config, against its reference and the other FP8 paths."""
+    import torch
+
+    from pallas_kernels import dispatch, fp8_block_mgpu as mg
+    for name in shapes:
+        model, layer = name.split(".")
+        n, k = G.SHAPES[model][layer]
+        for m in ms:
+            x = G.rand_x(m, k, seed=m + n)
+            xq, sx = fp8.quantize_fp8_1x128(x)
+            ws = [G.make_weights("fp8_block", n, k, seed=40 + r) for r in range(2)]
+            ref = fp8.fp8_block_scaled_reference(xq[:64], sx[:64], ws[0]["wq"][:1024], ws[0]["w_scale"][:8])
+
+            def record(variant, op, check=True):
+                try:
+                    ok, err = G.check_close(jax.jit(op)(xq, sx, ws[0])[:64, :1024], ref) if check else (None, None)
+                    t = G.time_jax(op, [(xq, sx, w) for w in ws])
+                except Exception as e:  # noqa: BLE001
+                    G.log(f"  mgpu {name} M={m} {variant} failed: {repr(e)[:600]}")
+                    return
+                row = {"part": "mgpu", "shape": name, "M": m, "variant": variant, "us": round(t * 1e6, 2),
+                       "tflops": round(2 * m * n * k / t / 1e12, 1), "check_ok": ok, "err": err}
+                rows.append(row)
+                G.log(f"mgpu {name} M={m} {variant:18s} {row['us']:9.1f} us {row['tflops']:7.1f} TF ok={ok} err={err}")
+                flush()
+
+            for label, kw in MGPU_CONFIGS:
+                cfg = mg.MgpuFp8Config(**kw)
+                if mg.can_use(m, n, k, cfg):
+                    record(label, lambda a, s, w, c=cfg: mg.fp8_block_matmul_mgpu(a, s, w["wq"], w["w_scale"], config=c))
+            p = dispatch.plan("fp8_block", m, n, k)
+            record("triton_plan", lambda a, s, w: fp8.fp8_matmul(a, s, w["wq"], w["w_scale"], mode="block",
+                                                                  config=p.config if p.path == "pallas" else None))
+            for fast in (False, True):
+                record(f"xla_fp8_pt_fast{int(fast)}", lambda a, s, w, f=fast: fp8.fp8_matmul_xla(
+                    a, jnp.float32(1e-2), w["wq"], jnp.float32(3e-4), fast_accumulation=f), check=False)
+            wb = [G.make_weights("xla_bf16", n, k, seed=50 + r) for r in range(2)]
+            t = G.time_jax(G.jax_op("xla_bf16"), [(x, w) for w in wb])
+            rows.append({"part": "mgpu", "shape": name, "M": m, "variant": "xla_bf16", "us": round(t * 1e6, 2),
+                         "tflops": round(2 * m * n * k / t / 1e12, 1)})
+            tx = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+            tw = [(torch.randn(n, k, device="cuda") * 64).clamp(-448, 448).to(torch.float8_e4m3fn) for _ in range(2)]
+            one = torch.tensor(1.0, device="cuda")
+            for fast in (False, True):
+                t = G.time_torch(lambda w, f=fast: torch._scaled_mm(tx, w.t(), scale_a=one, scale_b=one,
+                                                                    out_dtype=torch.bfloat16, use_fast_accum=f),
+                                 [(w,) for w in tw])
+                rows.append({"part": "mgpu", "shape": name, "M": m, "variant": f"torch_scaled_mm_fast{int(fast)}",
+                             "us": round(t * 1e6, 2), "tflops": round(2 * m * n * k / t / 1e12, 1)})
+            for r in rows[-3:]:
+                G.log(f"mgpu {name} M={m} {r['variant']:18s} {r['us']:9.1f} us {r['tflops']:7.1f} TF")
+            del ws, wb, tw
+            torch.cuda.empty_cache()
+            gc.collect()
+            flush()
+
+
+def fp4_gemv_candidates(n, k):
+    from pallas_kernels import dispatch, fp4_gemv
+    out = [fp4_gemv.default_config(n, k)]
+    w4 = dispatch.gemv_config(n, k, 128)
+    for cfg in (w4, GemvConfig(16, 512, w4.split_k, 2, 4, 3), GemvConfig(32, 256, w4.split_k, 2, 4, 3),
+                GemvConfig(64, 256, max(w4.split_k, 1), 1, 4, 3)):
+        if cfg not in out and fp4_gemv.config_is_valid("nvfp4", cfg):
+            out.append(cfg)
+    return out
+
+
+def probe_fp4_gemv(copy_tbps, rows, shapes, flush):
+    """NVFP4 / MXFP4 at M=1: the word GEMV per tile against the packed-4 plan."""
+    from pallas_kernels import fp4_gemv
+    for name in shapes:
+        model, layer = name.split(".")
+        n, k = G.SHAPES[model][layer]
+        x = G.rand_x(1, k, seed=n + 7)
+        for recipe in ("nvfp4", "mxfp4"):
+            w0 = G.make_weights(recipe, n, k, seed=11)
+            wb = G.weight_bytes(w0)
+            reps = G.reps_for(wb, wb / (copy_tbps * 1e12))
+            ws = [w0] + [G.make_weights(recipe, n, k, seed=12 + r) for r in range(reps - 1)]
+            floor_us = (wb + 2 * k + 2 * n) / (copy_tbps * 1e12) * 1e6
+
+            def gemv(c):
+                if recipe == "nvfp4":
+                    return lambda xx, w: fp4_gemv.nvfp4_gemv(xx, w["packed"], w["block_scale"], w["global_scale"],
+                                                             config=c)
+                return lambda xx, w: fp4_gemv.mxfp4_gemv(xx, w["packed"], w["scale"], config=c)
+
+            for variant, op in [("packed4_plan", G.jax_op(recipe))] + [(str(c), gemv(c)) for c in
+                                                                       fp4_gemv_candidates(n, k)]:
+                try:
+                    ok, err = G.check_op(recipe, op, x, w0)
+                    t = G.time_jax(op, [(x, w) for w in ws])
+                except Exception as e:  # noqa: BLE001
+                    G.log(f"  fp4gemv {name} {recipe} {variant} failed: {repr(e)[:300]}")
+                    continue
+                row = {"part": "fp4gemv", "shape": name, "recipe": recipe, "variant": variant,
+                       "us": round(t * 1e6, 2), "pct_copy_bw": round(100 * floor_us / (t * 1e6), 1),
+                       "check_ok": ok, "err": err}
+                rows.append(row)
+                G.log(f"fp4gemv {name} {recipe} {variant[:60]:60s} {row['us']:8.1f} us {row['pct_copy_bw']:5.1f}% "
+                      f"ok={ok}")
+            del ws, w0
+            gc.collect()
+            flush()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="gemv,fp8")
     ap.add_argument("--shapes", default="8b.gate_up,8b.o,8b.qkv,8b.down,70b.gate_up,70b.down")
+    ap.add_argument("--ms", default="1,16,64,256,1024,4096", help="M values of the xla4, mgpu and fp8 parts")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     card = jax.devices()[0].device_kind
@@ -193,10 +404,20 @@ def main():
         if "gemv" in args.parts:
             probe_gemv(copy_tbps, rows, args.shapes.split(","), flush)
         if "fp8" in args.parts:
-            probe_fp8(rows, flush)
+            probe_fp8(rows, flush, args.shapes.split(","), [int(v) for v in args.ms.split(",")])
+        if "fp4gemv" in args.parts:
+            probe_fp4_gemv(copy_tbps, rows, args.shapes.split(","), flush)
+        if "mgpu" in args.parts:
+            probe_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
+        if "xla4" in args.parts:
+            probe_xla4(copy_tbps, rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush,
+                       args.out)
     finally:
         flush()
         for r in rows:
+            if r["part"] == "xla4":
+                G.log(f"xla4 {r['shape']} M={r['M']} {r['variant']:12s} {r['us']:9.1f} us {r['pct_copy_bw']:5.1f}% "
+                      f"{r['tflops']:6.0f} TF ok={r['check_ok']} triton={r['triton_gemm']} cublas={r['cublas']}")
             if r["part"] == "fp8":
                 G.log(f"fp8 {r['shape']} M={r['M']} {r['mode']:10s} {r['variant']:16s} {r['us']:9.1f} us "
                       f"{r['tflops']:6.0f} TF ok={r.get('check_ok')} out={r.get('custom_call_out')} "
