@@ -241,8 +241,9 @@ def test_kernel_registry_selects_by_backend_recipe_and_m():
         assert float(jnp.abs(qmatmul(x, qw)).sum()) == 0.0 and calls == [12]  # M = 12: the fake kernel
         assert float(jnp.abs(qmatmul(x[:1, :1], qw)).sum()) > 0               # M = 1 < min_m: reference
         assert float(jnp.abs(qmatmul(jnp.ones((20, qw.shape[1])), qw)).sum()) > 0  # M > max_m
-        other, *_ = build_case("fp8", rng)
-        assert kernel_dispatch.select_kernel(jnp.ones((4, other.shape[1])), other, backend) is None
+        other, *_ = build_case("fp8", rng)                                  # not claimed by the fake
+        chosen = kernel_dispatch.select_kernel(jnp.ones((4, other.shape[1])), other, backend)
+        assert chosen is None or chosen.name != "test_fake"             # (a GPU's own FP8 kernel may claim it)
     finally:
         kernel_dispatch.unregister_kernel("test_fake")
     if backend == "cpu":  # built-in kernels are GPU-only: the CPU always runs the reference
