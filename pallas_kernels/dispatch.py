@@ -3,7 +3,8 @@
 Paths:
   'pallas'       the recipe's Pallas Triton kernel with a tuned config
   'gemv'         M=1: the int32-word GEMVs (CUDA cores, no MMA) of w4a16_gemv.py (W4A16) and fp4_gemv.py
-                 (NVFP4, MXFP4)
+                 (NVFP4, MXFP4); W4A8 can take it too (its E4M3 codes as x, input_scale after the sum) but
+                 plans the packed-4 kernel until a GPU run has timed it there
   'mgpu'         FP8 block-scaled at large M: the Mosaic GPU kernel of fp8_block_mgpu.py (TMA, wgmma, warp
                  specialization; GPU only: in interpret mode the Triton kernel stands in for it)
   'xla_dequant'  dequantise the weights once per call to bf16, then XLA's cuBLAS dot (large M, where the
@@ -295,6 +296,10 @@ def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None =
                                    interpret=interpret)
     if p.path == "gemv" and recipe == "mxfp4":
         return fp4_gemv.mxfp4_gemv(x, w["packed"], w["scale"], config=cfg, interpret=interpret)
+    if p.path == "gemv" and recipe == "w4a8":          # E4M3 codes are exact in bf16; input_scale after the sum
+        xq = cm.quantize_fp8_static(x, w["input_scale"]).astype(jnp.bfloat16)
+        return w4a16_gemv.w4a16_gemv(xq, w["packed"], w["weight_scale"], post_scale=w["input_scale"],
+                                     config=cfg or gemv_config(n, k, group), out_dtype=x.dtype, interpret=interpret)
     if p.path == "gemv":
         if w.get("perm") is not None:
             x = jnp.take(x, w["perm"], axis=1)

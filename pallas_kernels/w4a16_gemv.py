@@ -141,13 +141,14 @@ def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig,
     cm.masked_store(o_ref, idx, y.astype(o_ref.dtype), n_mask)
 
 
-def w4a16_gemv_kernel(*refs, cfg: GemvConfig, n: int, k: int, group: int, asym: bool):
-    """refs: x [1, K] bf16, words [N, K/8] int32, scale [N, K/G], zero [N, K/G] (asym only),
-    out [1, N] (split_k 1) or f32 [split_k, N]."""
+def w4a16_gemv_kernel(*refs, cfg: GemvConfig, n: int, k: int, group: int, asym: bool, has_post: bool):
+    """refs: x [1, K] bf16, words [N, K/8] int32, scale [N, K/G], zero [N, K/G] (asym only), post f32 [1]
+    (has_post only), out [1, N] (split_k 1) or f32 [split_k, N]."""
     x_ref, w_ref, s_ref, *rest = refs
     group_refs = {"s": s_ref}
     if asym:
         group_refs["z"] = rest.pop(0)
+    post = rest.pop(0)[0] if has_post else None
     (o_ref,) = rest
 
     def word_dot(w, xs, g):
@@ -156,7 +157,8 @@ def w4a16_gemv_kernel(*refs, cfg: GemvConfig, n: int, k: int, group: int, asym: 
         c = 128.0 + g["z"].astype(jnp.float32) if asym else 136.0
         return g["s"].astype(jnp.float32) * (dot - c * xsum[None, :])
 
-    word_gemv_program(x_ref, w_ref, group_refs, o_ref, cfg=cfg, n=n, k=k, group=group, word_dot=word_dot)
+    word_gemv_program(x_ref, w_ref, group_refs, o_ref, cfg=cfg, n=n, k=k, group=group, word_dot=word_dot,
+                      post=post)
 
 
 def as_words(packed: jax.Array) -> jax.Array:
@@ -165,19 +167,24 @@ def as_words(packed: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(packed.reshape(n, half // 4, 4), jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def w4a16_gemv(x, packed, scale, zero=None, *, config: GemvConfig | None = None, interpret: bool = False):
-    """y [1, N] = x [1, K] @ W^T in x.dtype, W as w4a16.py defines it (packed u8 [N, K/2], scale and zero
-    [N, K/G]). The caller (w4a16.w4a16_matmul / dispatch) has checked shape_is_supported and, for a given
-    config, config_is_valid."""
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "interpret"))
+def w4a16_gemv(x, packed, scale, zero=None, *, post_scale=None, config: GemvConfig | None = None, out_dtype=None,
+               interpret: bool = False):
+    """y [1, N] = x [1, K] @ W^T in out_dtype (default x.dtype), W as w4a16.py defines it (packed u8 [N, K/2],
+    scale and zero [N, K/G]). post_scale: an f32 scalar multiplying the f32 result before its one rounding
+    (W4A8 at M=1 passes its E4M3 activation codes as x and input_scale here). The caller (w4a16.w4a16_matmul
+    / dispatch) has checked shape_is_supported and, for a given config, config_is_valid."""
     m, k = x.shape
     n = packed.shape[0]
     group = k // scale.shape[1]
     cfg = config or default_config(n, k, group)
     asym = zero is not None
-    kernel = functools.partial(w4a16_gemv_kernel, cfg=cfg, n=n, k=k, group=group, asym=asym)
+    has_post = post_scale is not None
+    kernel = functools.partial(w4a16_gemv_kernel, cfg=cfg, n=n, k=k, group=group, asym=asym, has_post=has_post)
     args = [x, as_words(packed), scale] + ([zero] if asym else [])
-    return call_word_gemv(kernel, args, x.dtype, n, cfg, interpret, "w4a16_gemv")
+    if has_post:
+        args.append(jnp.reshape(post_scale, (1,)).astype(jnp.float32))
+    return call_word_gemv(kernel, args, out_dtype or x.dtype, n, cfg, interpret, "w4a16_gemv")
 
 
 def call_word_gemv(kernel, args, out_dtype, n: int, cfg: GemvConfig, interpret: bool, name: str) -> jax.Array:

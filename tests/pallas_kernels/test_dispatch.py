@@ -64,7 +64,8 @@ def _weights(recipe, rng, n, k):
 # rowwise have only the XLA path); the 'mgpu' plan of FP8 block-scaled in interpret mode.
 PATH_CASES = [(r, 1, None) for r in dispatch.RECIPES] + [
     (r, 3, "xla_dequant") for r in dispatch.RECIPES if r not in ("fp8", "fp8_rowwise")] + [
-    ("fp8_block", 3, "mgpu")]                         # interpret mode: the Triton kernel stands in
+    ("fp8_block", 3, "mgpu"),                         # interpret mode: the Triton kernel stands in
+    ("w4a8", 1, "gemv")]                              # the word GEMV on E4M3 codes (not yet planned)
 
 
 @pytest.mark.parametrize("recipe,m,path", PATH_CASES)

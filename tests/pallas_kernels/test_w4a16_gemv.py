@@ -2,6 +2,7 @@
 NumPy float64 oracle: fresh random operands, ragged N and K against the tiles, groups below, equal to and
 above block_k, split-K with a ragged last split, symmetric and asymmetric (fractional zeros too).
 Outputs start as NaN in interpret mode (test_gemm_kernels checks that), so an unwritten element fails."""
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -42,6 +43,16 @@ def test_gemv_matches_reference(n, k, group, zero_kind, cfg):
     assert out.shape == (1, n) and out.dtype == ref.dtype
     npo.check_close(out, ref, TOL)
     npo.check_close(out, npo.f64(x) @ npo.int4_weight(packed, scale, zero).T, TOL)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_post_scale_multiplies_the_f32_sum_before_the_one_rounding(split):
+    x, packed, scale, zero = _operands(40, 384, 128, None)
+    cfg = GemvConfig(block_n=16, block_k=128, split_k=split)
+    out = w4a16_gemv.w4a16_gemv(x, packed, scale, post_scale=np.float32(3e-3), config=cfg,
+                                out_dtype=jnp.float32, interpret=True)
+    assert out.dtype == jnp.float32
+    npo.check_close(out, npo.f64(x) @ npo.int4_weight(packed, scale, zero).T * 3e-3, 1e-5)
 
 
 def test_gemv_words_are_the_canonical_bytes():
