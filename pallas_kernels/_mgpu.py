@@ -1,0 +1,112 @@
+"""The Mosaic GPU skeleton shared by the large-M GEMMs (fp8_block_mgpu.py, w4a16_mgpu.py).
+
+A persistent grid walks the output's CTA tiles in a snake order (L2 reuse). Per tile, a TMA producer
+warpgroup streams one K-step of every operand per pipeline stage to shared memory, and two compute
+warpgroups each carry an f32 register sum for their own [tile_m, tile_n] part of the CTA tile through
+`step`, then write it out in [tile_m, epi_n] pieces through a double-buffered shared-memory epilogue.
+Mosaic GPU needs a Hopper GPU (no interpret mode); the module imports it lazily so the CPU can still lower.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NUM_SMS = 132                                           # H100/H200 SXM; the device's own count where it has one
+
+
+def tiled_swizzle(row_bytes: int, itemsize_bits: int):
+    """Shared-memory transforms for rows of row_bytes (the largest swizzle that fits), in element units."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    swizzle = plgpu.find_swizzle(row_bytes * 8)
+    return plgpu.TilingTransform((8, swizzle * 8 // itemsize_bits)), plgpu.SwizzleTransform(swizzle)
+
+
+def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, grid, k_iters: int, stages: int,
+                      grid_tile_width: int, step, scratch: dict):
+    """Kernel body: refs = the gmem operands, then the gmem output [M, N].
+
+    in_specs: one plgpu.BlockSpec per operand for one K-step (index map kb -> block index);
+    views(mi, ni, operands): the operands' gmem views for CTA tile (mi, ni), in in_specs order; cta = (cta_m, cta_n);
+    wg_offset(wg) -> (row, col) of warpgroup wg's tile inside the CTA tile; tile = (tile_m, tile_n);
+    grid = (m_iters, n_iters) CTA tiles; scratch: extra shared-memory allocations (name -> plgpu.SMEM);
+    step(wg, scratch_refs, *operand_smem_refs, acc) -> acc: one K-step of a compute warpgroup, acc its f32
+    [tile_m, tile_n] register sum (WGMMA layout)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    *operands, out_gmem = refs
+    (tile_m, tile_n), (cta_m, cta_n), (m_iters, n_iters) = tile, cta, grid
+    out_dtype = out_gmem.dtype
+    out_bits = jnp.dtype(out_dtype).itemsize * 8
+
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_iters,), memory_registers=40, in_specs=in_specs, wg_axis="wg", num_compute_wgs=2,
+            max_concurrent_steps=stages, compute_context=context)
+
+    ignore = lambda *_, **__: None  # noqa: E731  (allocation sizes do not depend on the body)
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore).get_allocations(*operands),
+        out_smem=plgpu.SMEM((2, 2, tile_m, epi_n), out_dtype,
+                            transforms=tiled_swizzle(epi_n * out_bits // 8, out_bits)),
+        **scratch,
+        collective_axes="wg",
+    )
+    def _scope(allocs, out_smem, **scratch_refs):
+        wg = lax.axis_index("wg")
+        row0, col0 = wg_offset(wg)
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tiles(info):
+            (lin,) = info.index
+            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, grid_tile_width)
+
+            def context(run):
+                zeros = plgpu.layout_cast(jnp.full((tile_m, tile_n), 0, jnp.float32), plgpu.Layout.WGMMA)
+                acc = run(zeros).astype(out_dtype)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                for e in range(tile_n // epi_n):
+                    slot = e % 2
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                    out_smem[wg, slot] = acc[:, e * epi_n:(e + 1) * epi_n]
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        out_smem.at[wg, slot],
+                        out_gmem.at[pl.ds(mi * cta_m + row0, tile_m), pl.ds(ni * cta_n + col0 + e * epi_n, epi_n)])
+
+            def body(_, *smem_and_acc):
+                return step(wg, scratch_refs, *smem_and_acc)
+
+            pipeline(body, context)(*views(mi, ni, operands), allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def launch(kernel, operands, out_shape: tuple[int, int], out_dtype, tiles: int):
+    """Runs a persistent_kernel body on min(SMs, tiles) CTAs of three warpgroups."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        grid=(min(getattr(jax.devices()[0], "core_count", NUM_SMS), tiles),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )(*operands)
+
+
+def scaled_sum(acc, part, row_scale=None, col_scale=None):
+    """acc + part * row_scale[m] * col_scale[n] for [tile_m, tile_n] WGMMA-layout arrays (scales optional
+    vectors in the WGMMA row / column layouts)."""
+    shape = part.shape
+    scale = None
+    if row_scale is not None:
+        scale = lax.broadcast_in_dim(row_scale, shape, [0])
+    if col_scale is not None:
+        col = lax.broadcast_in_dim(col_scale, shape, [1])
+        scale = col if scale is None else scale * col
+    return acc + (part if scale is None else part * scale)
