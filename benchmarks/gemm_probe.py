@@ -17,7 +17,12 @@
 5. The FP4 word GEMV (`fp4gemv`, pallas_kernels/fp4_gemv.py) at M=1 for NVFP4 and MXFP4: a few tiles checked
    against the reference, timed against the dispatcher's packed-4 plan.
 
-  PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu, fp4gemv
+6. The experimental Mosaic GPU W4A16 kernel (`w4mgpu`, pallas_kernels/w4a16_mgpu.py) at large M: tilings
+   checked against the W4A16 reference, timed with the weights given as uint8 (a conversion pass per call)
+   and as int4 (kernel only), against the dispatcher's plan and XLA bf16.
+
+  PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
+                                                              # fp4gemv, w4mgpu
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
 Writes DIR/gemm_probe_<card>_<date>.json and prints a table.
 """
@@ -266,6 +271,31 @@ def probe_xla4(copy_tbps, rows, shapes, ms, flush, hlo_dir=None):
                 flush()
 
 
+def _large_m_points(shapes, ms):
+    """(shape name, M, N, K, fresh x [M, K]) for every "model.layer" shape and M."""
+    for name in shapes:
+        model, layer = name.split(".")
+        n, k = G.SHAPES[model][layer]
+        for m in ms:
+            yield name, m, n, k, G.rand_x(m, k, seed=m + n)
+
+
+def _record_large_m(rows, flush, part, shape, m, n, k, variant, op, arg_sets, checker=None):
+    """Checks (checker() -> (ok, err), optional) and times op over arg_sets, appends and logs a row; a
+    failure is logged and skipped."""
+    try:
+        ok, err = checker() if checker else (None, None)
+        t = G.time_jax(op, arg_sets)
+    except Exception as e:  # noqa: BLE001
+        G.log(f"  {part} {shape} M={m} {variant} failed: {repr(e)[:600]}")
+        return
+    row = {"part": part, "shape": shape, "M": m, "variant": variant, "us": round(t * 1e6, 2),
+           "tflops": round(2 * m * n * k / t / 1e12, 1), "check_ok": ok, "err": err}
+    rows.append(row)
+    G.log(f"{part} {shape} M={m} {variant:18s} {row['us']:9.1f} us {row['tflops']:7.1f} TF ok={ok} err={err}")
+    flush()
+
+
 MGPU_CONFIGS = (("m64n128_wgN_s4", dict(tile_m=64, tile_n=128, wg_dim="n", stages=4)),
                 ("m64n128_wgM_s4", dict(tile_m=64, tile_n=128, wg_dim="m", stages=4)),
                 ("m64n128_wgM_s5", dict(tile_m=64, tile_n=128, wg_dim="m", stages=5)),
@@ -279,57 +309,42 @@ def probe_mgpu(rows, shapes, ms, flush):
     import torch
 
     from pallas_kernels import dispatch, fp8_block_mgpu as mg
-    for name in shapes:
-        model, layer = name.split(".")
-        n, k = G.SHAPES[model][layer]
-        for m in ms:
-            x = G.rand_x(m, k, seed=m + n)
-            xq, sx = fp8.quantize_fp8_1x128(x)
-            ws = [G.make_weights("fp8_block", n, k, seed=40 + r) for r in range(2)]
-            ref = fp8.fp8_block_scaled_reference(xq[:64], sx[:64], ws[0]["wq"][:1024], ws[0]["w_scale"][:8])
+    for name, m, n, k, x in _large_m_points(shapes, ms):
+        xq, sx = fp8.quantize_fp8_1x128(x)
+        ws = [G.make_weights("fp8_block", n, k, seed=40 + r) for r in range(2)]
+        ref = fp8.fp8_block_scaled_reference(xq[:64], sx[:64], ws[0]["wq"][:1024], ws[0]["w_scale"][:8])
 
-            def record(variant, op, check=True):
-                try:
-                    ok, err = G.check_close(jax.jit(op)(xq, sx, ws[0])[:64, :1024], ref) if check else (None, None)
-                    t = G.time_jax(op, [(xq, sx, w) for w in ws])
-                except Exception as e:  # noqa: BLE001
-                    G.log(f"  mgpu {name} M={m} {variant} failed: {repr(e)[:600]}")
-                    return
-                row = {"part": "mgpu", "shape": name, "M": m, "variant": variant, "us": round(t * 1e6, 2),
-                       "tflops": round(2 * m * n * k / t / 1e12, 1), "check_ok": ok, "err": err}
-                rows.append(row)
-                G.log(f"mgpu {name} M={m} {variant:18s} {row['us']:9.1f} us {row['tflops']:7.1f} TF ok={ok} err={err}")
-                flush()
+        def record(variant, op, check=True):
+            checker = (lambda: G.check_close(jax.jit(op)(xq, sx, ws[0])[:64, :1024], ref)) if check else None
+            _record_large_m(rows, flush, "mgpu", name, m, n, k, variant, op, [(xq, sx, w) for w in ws], checker)
 
-            for label, kw in MGPU_CONFIGS:
-                cfg = mg.MgpuFp8Config(**kw)
-                if mg.can_use(m, n, k, cfg):
-                    record(label, lambda a, s, w, c=cfg: mg.fp8_block_matmul_mgpu(a, s, w["wq"], w["w_scale"], config=c))
-            p = dispatch.plan("fp8_block", m, n, k)
-            record("triton_plan", lambda a, s, w: fp8.fp8_matmul(a, s, w["wq"], w["w_scale"], mode="block",
-                                                                  config=p.config if p.path == "pallas" else None))
-            for fast in (False, True):
-                record(f"xla_fp8_pt_fast{int(fast)}", lambda a, s, w, f=fast: fp8.fp8_matmul_xla(
-                    a, jnp.float32(1e-2), w["wq"], jnp.float32(3e-4), fast_accumulation=f), check=False)
-            wb = [G.make_weights("xla_bf16", n, k, seed=50 + r) for r in range(2)]
-            t = G.time_jax(G.jax_op("xla_bf16"), [(x, w) for w in wb])
-            rows.append({"part": "mgpu", "shape": name, "M": m, "variant": "xla_bf16", "us": round(t * 1e6, 2),
-                         "tflops": round(2 * m * n * k / t / 1e12, 1)})
-            tx = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
-            tw = [(torch.randn(n, k, device="cuda") * 64).clamp(-448, 448).to(torch.float8_e4m3fn) for _ in range(2)]
-            one = torch.tensor(1.0, device="cuda")
-            for fast in (False, True):
-                t = G.time_torch(lambda w, f=fast: torch._scaled_mm(tx, w.t(), scale_a=one, scale_b=one,
-                                                                    out_dtype=torch.bfloat16, use_fast_accum=f),
-                                 [(w,) for w in tw])
-                rows.append({"part": "mgpu", "shape": name, "M": m, "variant": f"torch_scaled_mm_fast{int(fast)}",
-                             "us": round(t * 1e6, 2), "tflops": round(2 * m * n * k / t / 1e12, 1)})
-            for r in rows[-3:]:
-                G.log(f"mgpu {name} M={m} {r['variant']:18s} {r['us']:9.1f} us {r['tflops']:7.1f} TF")
-            del ws, wb, tw
-            torch.cuda.empty_cache()
-            gc.collect()
-            flush()
+        for label, kw in MGPU_CONFIGS:
+            cfg = mg.MgpuFp8Config(**kw)
+            if mg.can_use(m, n, k, cfg):
+                record(label, lambda a, s, w, c=cfg: mg.fp8_block_matmul_mgpu(a, s, w["wq"], w["w_scale"],
+                                                                               config=c))
+        record("triton", lambda a, s, w: fp8.fp8_matmul(a, s, w["wq"], w["w_scale"], mode="block",
+                                                         config=dispatch.FP8_LARGE_M if m > 64 else None))
+        for fast in (False, True):
+            record(f"xla_fp8_pt_fast{int(fast)}", lambda a, s, w, f=fast: fp8.fp8_matmul_xla(
+                a, jnp.float32(1e-2), w["wq"], jnp.float32(3e-4), fast_accumulation=f), check=False)
+        wb = [G.make_weights("xla_bf16", n, k, seed=50 + r) for r in range(2)]
+        _record_large_m(rows, flush, "mgpu", name, m, n, k, "xla_bf16", G.jax_op("xla_bf16"), [(x, w) for w in wb])
+        tx = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+        tw = [(torch.randn(n, k, device="cuda") * 64).clamp(-448, 448).to(torch.float8_e4m3fn) for _ in range(2)]
+        one = torch.tensor(1.0, device="cuda")
+        for fast in (False, True):
+            t = G.time_torch(lambda w, f=fast: torch._scaled_mm(tx, w.t(), scale_a=one, scale_b=one,
+                                                                out_dtype=torch.bfloat16, use_fast_accum=f),
+                             [(w,) for w in tw])
+            rows.append({"part": "mgpu", "shape": name, "M": m, "variant": f"torch_scaled_mm_fast{int(fast)}",
+                         "us": round(t * 1e6, 2), "tflops": round(2 * m * n * k / t / 1e12, 1)})
+        for r in rows[-2:]:
+            G.log(f"mgpu {name} M={m} {r['variant']:18s} {r['us']:9.1f} us {r['tflops']:7.1f} TF")
+        del ws, wb, tw
+        torch.cuda.empty_cache()
+        gc.collect()
+        flush()
 
 
 def fp4_gemv_candidates(n, k):
@@ -382,11 +397,41 @@ def probe_fp4_gemv(copy_tbps, rows, shapes, flush):
             flush()
 
 
+W4MGPU_CONFIGS = (("n128_s3", dict(tile_n=128, stages=3)), ("n64_s4", dict(tile_n=64, stages=4)),
+                  ("n128_s2", dict(tile_n=128, stages=2)))
+
+
+def probe_w4_mgpu(rows, shapes, ms, flush):
+    """The Mosaic GPU W4A16 kernel per tiling against the reference, the dispatcher's plan and XLA bf16."""
+    from pallas_kernels import w4a16_mgpu as w4
+    for name, m, n, k, x in _large_m_points(shapes, ms):
+        ws = [G.make_weights("w4a16", n, k, seed=60 + r) for r in range(2)]
+        for w in ws:
+            w["int4"] = w4.as_int4(w["packed"])
+
+        def record(variant, op, check=True):
+            checker = (lambda: G.check_op("w4a16", op, x, ws[0])) if check else None
+            _record_large_m(rows, flush, "w4mgpu", name, m, n, k, variant, op, [(x, w) for w in ws], checker)
+
+        for label, kw in W4MGPU_CONFIGS:
+            cfg = w4.MgpuW4Config(**kw)
+            if w4.can_use(m, n, k, 128, cfg):
+                record(label + "_int4", lambda xx, w, c=cfg: w4.w4a16_matmul_mgpu(xx, w["int4"], w["scale"],
+                                                                                  config=c))
+        record("n128_s3_uint8", lambda xx, w: w4.w4a16_matmul_mgpu(xx, w["packed"], w["scale"]))
+        record("plan", lambda xx, w: G.jax_op("w4a16")(xx, {kk: v for kk, v in w.items() if kk != "int4"}))
+        wb = [G.make_weights("xla_bf16", n, k, seed=70 + r) for r in range(2)]
+        _record_large_m(rows, flush, "w4mgpu", name, m, n, k, "xla_bf16", G.jax_op("xla_bf16"), [(x, w) for w in wb])
+        del ws, wb
+        gc.collect()
+        flush()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="gemv,fp8")
     ap.add_argument("--shapes", default="8b.gate_up,8b.o,8b.qkv,8b.down,70b.gate_up,70b.down")
-    ap.add_argument("--ms", default="1,16,64,256,1024,4096", help="M values of the xla4, mgpu and fp8 parts")
+    ap.add_argument("--ms", default="1,16,64,256,1024,4096", help="M values of the xla4, mgpu, w4mgpu and fp8 parts")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     card = jax.devices()[0].device_kind
@@ -405,6 +450,8 @@ def main():
             probe_gemv(copy_tbps, rows, args.shapes.split(","), flush)
         if "fp8" in args.parts:
             probe_fp8(rows, flush, args.shapes.split(","), [int(v) for v in args.ms.split(",")])
+        if "w4mgpu" in args.parts:
+            probe_w4_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "fp4gemv" in args.parts:
             probe_fp4_gemv(copy_tbps, rows, args.shapes.split(","), flush)
         if "mgpu" in args.parts:
