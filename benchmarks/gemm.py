@@ -13,7 +13,8 @@ the weights of one executable exceed L2 and its GPU time dwarfs host dispatch), 
 back, median of 5 trials. Correctness is checked on fresh random data before timing. TB/s counts the
 bytes the op must move (weights + scales + x + y), % copy compares with a device-to-device copy measured
 in the same run. Results: <out>/gemm_<card>_<date>.json/.md, and <out>/gemm_summary.json, where a run
-replaces the rows of the points it measured and keeps the others.
+replaces the rows of the points it measured and keeps the others; then gemm_targets.py rechecks the
+issue's targets from it (<out>/gemm_targets.md/.json).
 """
 import argparse
 import dataclasses
@@ -34,6 +35,8 @@ from pallas_kernels import _common as cm  # noqa: E402
 from pallas_kernels import dispatch, fp8  # noqa: E402
 from pallas_kernels.fp8 import Fp8Config  # noqa: E402
 from pallas_kernels.packed4 import Packed4Config  # noqa: E402
+
+import gemm_targets  # noqa: E402  (benchmarks/, the script's own folder)
 
 SHAPES = {   # Llama-3.1 layer (N, K), HF orientation [out, in]
     "8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
@@ -621,6 +624,7 @@ def write_outputs(out_dir, env, rows, checks, sweeps):
             kept = [r for r in json.load(f) if (r["recipe"], r["shape"], r["M"], r["card"]) not in measured]
     with open(summary_path, "w") as f:
         json.dump(kept + fresh, f, indent=1)
+    gemm_targets.write(summary_path, out_dir)
     with open(base + ".md", "w") as f:
         f.write(f"# GEMM benchmark: {env['card']}, jax {env['jax']}, {env['date']}\n\n")
         f.write(f"copy bandwidth: {env['copy']}\n\n")

@@ -1,0 +1,122 @@
+"""Issue 7's GEMM speed targets, checked mechanically from benchmarks/results/gemm_summary.json (written by
+benchmarks/gemm.py on a GPU): one row per target with the measured value, the worst point, met or not,
+and the Llama-3.1 shapes it has no rows for.
+
+  python benchmarks/gemm_targets.py [--summary PATH] [--out DIR]     # writes DIR/gemm_targets.{md,json}
+
+A ratio against a baseline divides the baseline's time by the recipe's time at the same (shape, M, card);
+points without both rows are skipped (and reported as missing). Values aggregate by geometric mean where
+the issue says so, by minimum where the target holds at every point ("not slower than").
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+
+SHAPES = tuple(f"{model}.{layer}" for model in ("8b", "70b") for layer in ("qkv", "o", "gate_up", "down"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """recipe at the Ms; metric 'pct_copy' (pct_copy_bw / 100) or a ratio us(baseline) / us(recipe);
+    threshold on the aggregate ('geomean' or 'min') over the shapes x Ms present."""
+
+    name: str
+    recipe: str
+    ms: tuple[int, ...]
+    threshold: float
+    baseline: str | None = None                     # None: the copy-bandwidth fraction
+    agg: str = "geomean"
+
+
+def _targets() -> list[Target]:
+    out = []
+    for recipe in ("w4a16", "w4a16_asym", "nvfp4", "mxfp4"):
+        out.append(Target(f"{recipe} M=1,16: >= 75 % of copy bandwidth (geomean)", recipe, (1, 16), 0.75))
+        out.append(Target(f"{recipe} M=1: >= 3.0x XLA bf16 (geomean)", recipe, (1,), 3.0, "xla_bf16"))
+    out += [
+        Target("w4a16 M=1: >= 1.4x tinygemm", "w4a16", (1,), 1.4, "tinygemm"),
+        Target("w4a16 M=1: >= 2.5x torch cuBLAS bf16", "w4a16", (1,), 2.5, "torch_bf16"),
+        Target("w4a16 M=16: >= 2.5x torch cuBLAS bf16", "w4a16", (16,), 2.5, "torch_bf16"),
+        Target("w4a16 M=64: >= 1.8x XLA bf16", "w4a16", (64,), 1.8, "xla_bf16"),
+        Target("w4a16 every M >= 256: >= 0.95x XLA bf16 (min)", "w4a16", (256, 1024, 4096), 0.95, "xla_bf16",
+               "min"),
+        Target("w4a8 M=1,16: >= 75 % of copy bandwidth (geomean)", "w4a8", (1, 16), 0.75),
+        Target("w4a8 M=256: >= 1.5x XLA bf16", "w4a8", (256,), 1.5, "xla_bf16"),
+        Target("fp8_block M=4096: >= 60 % of cuBLASLt FP8 per-tensor (XLA)", "fp8_block", (4096,), 0.6, "fp8_xla"),
+        Target("fp8_block M=4096: >= 1.4x XLA bf16", "fp8_block", (4096,), 1.4, "xla_bf16"),
+        Target("fp8 per tensor (XLA) M >= 1024: >= 90 % of torch._scaled_mm (min)", "fp8_xla", (1024, 4096), 0.9,
+               "torch_fp8", "min"),
+        Target("fp8 rowwise (XLA) M >= 1024: >= 90 % of torch._scaled_mm (min)", "fp8_rowwise_xla", (1024, 4096),
+               0.9, "torch_fp8_rowwise", "min"),
+    ]
+    return out
+
+
+TARGETS = _targets()
+
+
+def evaluate(rows: list[dict], target: Target) -> dict:
+    """{value, worst, points, met, missing}: value None (and met None) when no point has its rows."""
+    us = {(r["recipe"], r["shape"], r["M"], r["card"]): r for r in rows if r.get("us")}
+    values, missing = [], set()
+    for shape in SHAPES:
+        for m in target.ms:
+            found = False
+            for (recipe, s, mm, card), r in us.items():
+                if recipe != target.recipe or s != shape or mm != m:
+                    continue
+                if target.baseline is None:
+                    v = r.get("pct_copy_bw")
+                    v = v / 100 if v else None
+                else:
+                    base = us.get((target.baseline, shape, m, card))
+                    v = base["us"] / r["us"] if base else None
+                if v:
+                    values.append(v)
+                    found = True
+            if not found:
+                missing.add(shape)
+    if not values:
+        return {"value": None, "worst": None, "points": 0, "met": None, "missing": sorted(missing)}
+    agg = min(values) if target.agg == "min" else math.exp(sum(map(math.log, values)) / len(values))
+    return {"value": round(agg, 3), "worst": round(min(values), 3), "points": len(values),
+            "met": agg >= target.threshold, "missing": sorted(missing)}
+
+
+def table(rows: list[dict]) -> tuple[list[dict], str]:
+    results = [{"target": t.name, "threshold": t.threshold, **evaluate(rows, t)} for t in TARGETS]
+    cards = sorted({r["card"] for r in rows})
+    lines = [f"# GEMM targets (issue 7), from gemm_summary.json: {', '.join(cards)}", "",
+             "| target | value | worst point | points | status | shapes without rows |", "|---|---|---|---|---|---|"]
+    for r in results:
+        status = "no data" if r["met"] is None else "met" if r["met"] else "not met"
+        lines.append(f"| {r['target']} | {r['value']} | {r['worst']} | {r['points']} | {status} | "
+                     f"{', '.join(r['missing']) or '-'} |")
+    return results, "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    ap.add_argument("--summary", default=os.path.join(here, "gemm_summary.json"))
+    ap.add_argument("--out", default=here)
+    args = ap.parse_args(argv)
+    print(write(args.summary, args.out))
+
+
+def write(summary_path: str, out_dir: str) -> str:
+    """Evaluates the summary's rows; writes out_dir/gemm_targets.json and .md; returns the markdown."""
+    with open(summary_path) as f:
+        rows = json.load(f)
+    results, md = table(rows)
+    with open(os.path.join(out_dir, "gemm_targets.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "gemm_targets.md"), "w") as f:
+        f.write(md)
+    return md
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""benchmarks/gemm_targets.py: the targets computed from summary rows (ratios at the same point, geomean or
+minimum, the copy-bandwidth fraction), shapes without rows reported, and no verdict without data."""
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location(
+    "gemm_targets", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gemm_targets.py")
+gt = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(gt)
+
+CARD = "H100"
+
+
+def _row(recipe, shape, m, us, pct=None):
+    return {"recipe": recipe, "shape": shape, "M": m, "us": us, "pct_copy_bw": pct, "card": CARD}
+
+
+def _target(name):
+    return next(t for t in gt.TARGETS if t.name.startswith(name))
+
+
+def test_ratio_targets_use_the_same_point_and_aggregate():
+    rows = [_row("xla_bf16", "8b.qkv", 1, 32.0), _row("w4a16", "8b.qkv", 1, 10.0),        # 3.2x
+            _row("xla_bf16", "8b.o", 1, 29.0), _row("w4a16", "8b.o", 1, 10.0),            # 2.9x
+            _row("w4a16", "8b.down", 1, 10.0)]                                           # no baseline row
+    r = gt.evaluate(rows, _target("w4a16 M=1: >= 3.0x XLA bf16"))
+    assert r["points"] == 2 and r["value"] == pytest.approx((3.2 * 2.9) ** 0.5, abs=1e-3)
+    assert r["met"] and r["worst"] == pytest.approx(2.9)
+    assert "8b.down" in r["missing"] and "70b.qkv" in r["missing"] and "8b.qkv" not in r["missing"]
+
+
+def test_min_targets_fail_on_one_slow_point():
+    rows = []
+    for m, ratio in ((256, 1.1), (1024, 0.94), (4096, 1.3)):
+        rows += [_row("xla_bf16", "8b.gate_up", m, 100.0 * ratio), _row("w4a16", "8b.gate_up", m, 100.0)]
+    r = gt.evaluate(rows, _target("w4a16 every M >= 256"))
+    assert r["value"] == pytest.approx(0.94) and r["met"] is False
+
+
+def test_copy_bandwidth_target_and_no_data():
+    rows = [_row("nvfp4", "8b.qkv", 1, 5.0, pct=80.0), _row("nvfp4", "8b.qkv", 16, 6.0, pct=76.0)]
+    assert gt.evaluate(rows, _target("nvfp4 M=1,16"))["met"] is True
+    rows[1]["pct_copy_bw"] = 50.0
+    assert gt.evaluate(rows, _target("nvfp4 M=1,16"))["met"] is False
+    empty = gt.evaluate([], _target("w4a8 M=256"))
+    assert empty["met"] is None and empty["points"] == 0
+
+
+def test_main_writes_the_table(tmp_path):
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps([_row("xla_bf16", "8b.qkv", 4096, 300.0), _row("fp8_block", "8b.qkv", 4096, 200.0)]))
+    gt.main(["--summary", str(summary), "--out", str(tmp_path)])
+    md = (tmp_path / "gemm_targets.md").read_text()
+    assert "| fp8_block M=4096: >= 1.4x XLA bf16 | 1.5 | 1.5 | 1 | met |" in md
+    assert len(json.loads((tmp_path / "gemm_targets.json").read_text())) == len(gt.TARGETS)
