@@ -17,12 +17,16 @@
 5. The FP4 word GEMV (`fp4gemv`, pallas_kernels/fp4_gemv.py) at M=1 for NVFP4 and MXFP4: a few tiles checked
    against the reference, timed against the dispatcher's packed-4 plan.
 
+7. W4A8 at M=1 on the word GEMV (`w4a8gemv`): the E4M3 activation codes as the GEMV's x and input_scale
+   after the sum, per tile, checked against the W4A8 reference, timed against the dispatcher's packed-4 plan
+   and XLA bf16.
+
 6. The experimental Mosaic GPU W4A16 kernel (`w4mgpu`, pallas_kernels/w4a16_mgpu.py) at large M: tilings
    checked against the W4A16 reference, timed with the weights given as uint8 (a conversion pass per call)
    and as int4 (kernel only), against the dispatcher's plan and XLA bf16.
 
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
-                                                              # fp4gemv, w4mgpu
+                                                              # fp4gemv, w4mgpu, w4a8gemv
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
 Writes DIR/gemm_probe_<card>_<date>.json and prints a table.
 """
@@ -397,32 +401,89 @@ def probe_fp4_gemv(copy_tbps, rows, shapes, flush):
             flush()
 
 
-W4MGPU_CONFIGS = (("n128_s3", dict(tile_n=128, stages=3)), ("n64_s4", dict(tile_n=64, stages=4)),
-                  ("n128_s2", dict(tile_n=128, stages=2)))
+def w4_mgpu_configs(m):
+    """(label, config): token tiles and K splits suited to M, stages as shared memory allows."""
+    from pallas_kernels import w4a16_mgpu as w4
+    if m <= 16:
+        points = [(16, 1), (16, 2), (16, 4)]
+    elif m <= 64:
+        points = [(64, 1), (64, 2), (64, 4), (32, 1)]
+    elif m <= 256:
+        points = [(128, 1), (128, 2), (64, 1), (64, 2)]
+    else:
+        points = [(128, 1), (256, 1)]
+    return [(f"t{t}_k{split}", w4.MgpuW4Config(tile_tokens=t, stages=w4.fit_stages(t), split_k=split))
+            for t, split in points]
 
 
 def probe_w4_mgpu(rows, shapes, ms, flush):
-    """The Mosaic GPU W4A16 kernel per tiling against the reference, the dispatcher's plan and XLA bf16."""
+    """The Mosaic GPU W4A16 kernel (swap-AB, weights decoded in registers) on the canonical uint8 weights:
+    symmetric per tiling, then the best tiling on pre-converted int4 weights and asymmetric, each checked
+    against the reference, against the dispatcher's plan and XLA bf16."""
     from pallas_kernels import w4a16_mgpu as w4
     for name, m, n, k, x in _large_m_points(shapes, ms):
-        ws = [G.make_weights("w4a16", n, k, seed=60 + r) for r in range(2)]
-        for w in ws:
-            w["int4"] = w4.as_int4(w["packed"])
+        best = None
+        for recipe in ("w4a16", "w4a16_asym"):
+            ws = [G.make_weights(recipe, n, k, seed=60 + r) for r in range(2)]
 
-        def record(variant, op, check=True):
-            checker = (lambda: G.check_op("w4a16", op, x, ws[0])) if check else None
-            _record_large_m(rows, flush, "w4mgpu", name, m, n, k, variant, op, [(x, w) for w in ws], checker)
+            def record(variant, op, arg_sets=None):
+                checker = None if arg_sets else (lambda: G.check_op(recipe, op, x, ws[0]))    # int4 ran in run 2
+                _record_large_m(rows, flush, "w4mgpu", name, m, n, k, f"{recipe}.{variant}", op,
+                                arg_sets or [(x, w) for w in ws], checker)
+                last = rows[-1] if rows else {}
+                return last["us"] if last.get("variant") == f"{recipe}.{variant}" and last.get("M") == m else None
 
-        for label, kw in W4MGPU_CONFIGS:
-            cfg = w4.MgpuW4Config(**kw)
-            if w4.can_use(m, n, k, 128, cfg):
-                record(label + "_int4", lambda xx, w, c=cfg: w4.w4a16_matmul_mgpu(xx, w["int4"], w["scale"],
-                                                                                  config=c))
-        record("n128_s3_uint8", lambda xx, w: w4.w4a16_matmul_mgpu(xx, w["packed"], w["scale"]))
-        record("plan", lambda xx, w: G.jax_op("w4a16")(xx, {kk: v for kk, v in w.items() if kk != "int4"}))
+            kernel = lambda c: lambda xx, w: w4.w4a16_matmul_mgpu(  # noqa: E731
+                xx, w["packed"], w["scale"], w.get("zero"), config=c)
+            for label, cfg in (w4_mgpu_configs(m) if best is None else [("best", best[1])]):
+                if w4.can_use(m, n, k, 128, cfg):
+                    t = record(label, kernel(cfg))
+                    if t is not None and recipe == "w4a16" and (best is None or t < best[0]):
+                        best = (t, cfg)
+            if best and recipe == "w4a16":             # the same tiling on weights converted to int4 beforehand
+                pre = [(x, {**w, "packed": w4.as_int4(w["packed"])}) for w in ws]
+                record("best_preconverted_int4", kernel(best[1]), pre)
+                del pre
+            record("plan", G.jax_op(recipe))
+            del ws
         wb = [G.make_weights("xla_bf16", n, k, seed=70 + r) for r in range(2)]
         _record_large_m(rows, flush, "w4mgpu", name, m, n, k, "xla_bf16", G.jax_op("xla_bf16"), [(x, w) for w in wb])
-        del ws, wb
+        del wb
+        gc.collect()
+        flush()
+
+
+def probe_w4a8_gemv(copy_tbps, rows, shapes, flush):
+    """W4A8 at M=1: the word GEMV per tile (Plan("gemv")) against the packed-4 plan and XLA bf16."""
+    from pallas_kernels import dispatch
+    for name in shapes:
+        model, layer = name.split(".")
+        n, k = G.SHAPES[model][layer]
+        x = G.rand_x(1, k, seed=n + 9)
+        w0 = G.make_weights("w4a8", n, k, seed=11)
+        wb = G.weight_bytes(w0)
+        reps = G.reps_for(wb, wb / (copy_tbps * 1e12))
+        ws = [w0] + [G.make_weights("w4a8", n, k, seed=12 + r) for r in range(reps - 1)]
+        floor_us = (wb + 2 * k + 2 * n) / (copy_tbps * 1e12) * 1e6
+        cands = [dispatch.gemv_config(n, k, 128)] + [c for c in gemv_candidates(n, k, n >= dispatch.GEMV_WIDE_N)[:4]]
+        variants = [("packed4_plan", G.jax_op("w4a8"))]
+        variants += [(str(c), G.jax_op("w4a8", dispatch.Plan("gemv", c))) for c in dict.fromkeys(cands)]
+        for variant, op in variants:
+            try:
+                ok, err = G.check_op("w4a8", op, x, w0)
+                t = G.time_jax(op, [(x, w) for w in ws])
+            except Exception as e:  # noqa: BLE001
+                G.log(f"  w4a8gemv {name} {variant} failed: {repr(e)[:300]}")
+                continue
+            rows.append({"part": "w4a8gemv", "shape": name, "recipe": "w4a8", "variant": variant,
+                         "us": round(t * 1e6, 2), "pct_copy_bw": round(100 * floor_us / (t * 1e6), 1),
+                         "check_ok": ok, "err": err})
+            G.log(f"w4a8gemv {name} {variant[:60]:60s} {t * 1e6:8.1f} us {100 * floor_us / (t * 1e6):5.1f}% ok={ok}")
+        wbf = [G.make_weights("xla_bf16", n, k, seed=5 + r) for r in range(G.reps_for(2 * n * k, 1e-5))]
+        tb = G.time_jax(G.jax_op("xla_bf16"), [(x, w) for w in wbf])
+        rows.append({"part": "w4a8gemv", "shape": name, "recipe": "xla_bf16", "variant": "xla", "us": round(tb * 1e6, 2)})
+        G.log(f"w4a8gemv {name} xla_bf16 {tb * 1e6:8.1f} us")
+        del ws, w0, wbf
         gc.collect()
         flush()
 
@@ -434,6 +495,7 @@ def main():
     ap.add_argument("--ms", default="1,16,64,256,1024,4096", help="M values of the xla4, mgpu, w4mgpu and fp8 parts")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     card = jax.devices()[0].device_kind
     copy = G.copy_bandwidth()
     copy_tbps = max(copy.values())
@@ -446,17 +508,19 @@ def main():
             json.dump({"card": card, "jax": jax.__version__, "copy": copy, "rows": rows}, f, indent=1)
 
     try:
-        if "gemv" in args.parts:
+        if "gemv" in parts:
             probe_gemv(copy_tbps, rows, args.shapes.split(","), flush)
-        if "fp8" in args.parts:
+        if "fp8" in parts:
             probe_fp8(rows, flush, args.shapes.split(","), [int(v) for v in args.ms.split(",")])
-        if "w4mgpu" in args.parts:
+        if "w4mgpu" in parts:
             probe_w4_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
-        if "fp4gemv" in args.parts:
+        if "w4a8gemv" in parts:
+            probe_w4a8_gemv(copy_tbps, rows, args.shapes.split(","), flush)
+        if "fp4gemv" in parts:
             probe_fp4_gemv(copy_tbps, rows, args.shapes.split(","), flush)
-        if "mgpu" in args.parts:
+        if "mgpu" in parts:
             probe_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
-        if "xla4" in args.parts:
+        if "xla4" in parts:
             probe_xla4(copy_tbps, rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush,
                        args.out)
     finally:

@@ -1,9 +1,11 @@
-"""The Mosaic GPU skeleton shared by the large-M GEMMs (fp8_block_mgpu.py, w4a16_mgpu.py).
+"""The Mosaic GPU skeleton shared by the GEMMs of fp8_block_mgpu.py and w4a16_mgpu.py.
 
-A persistent grid walks the output's CTA tiles in a snake order (L2 reuse). Per tile, a TMA producer
+A persistent grid walks the accumulator's CTA tiles in a snake order (L2 reuse). Per tile, a TMA producer
 warpgroup streams one K-step of every operand per pipeline stage to shared memory, and two compute
-warpgroups each carry an f32 register sum for their own [tile_m, tile_n] part of the CTA tile through
-`step`, then write it out in [tile_m, epi_n] pieces through a double-buffered shared-memory epilogue.
+warpgroups each carry an f32 sum for their own [tile_m, tile_n] part of the CTA tile through `step` (a
+register value, or a wgmma accumulator ref that every step's wgmma adds into), then write it out in
+[tile_m, epi_n] pieces through a double-buffered shared-memory epilogue: to out[rows, cols], or, for a
+transposed (swap-AB) product, to out[cols, rows].
 Mosaic GPU needs a Hopper GPU (no interpret mode); the module imports it lazily so the CPU can still lower.
 """
 import functools
@@ -15,6 +17,12 @@ from jax import lax
 NUM_SMS = 132                                           # H100/H200 SXM; the device's own count where it has one
 
 
+def is_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x), which these kernels need."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
 def tiled_swizzle(row_bytes: int, itemsize_bits: int):
     """Shared-memory transforms for rows of row_bytes (the largest swizzle that fits), in element units."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -23,15 +31,18 @@ def tiled_swizzle(row_bytes: int, itemsize_bits: int):
 
 
 def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, grid, k_iters: int, stages: int,
-                      grid_tile_width: int, step, scratch: dict):
-    """Kernel body: refs = the gmem operands, then the gmem output [M, N].
+                      grid_tile_width: int, step, scratch: dict, acc_in_ref: bool = False,
+                      transpose_out: bool = False):
+    """Kernel body: refs = the gmem operands, then the gmem output ([M, N], or [N, M] with transpose_out).
 
     in_specs: one plgpu.BlockSpec per operand for one K-step (index map kb -> block index);
     views(mi, ni, operands): the operands' gmem views for CTA tile (mi, ni), in in_specs order; cta = (cta_m, cta_n);
     wg_offset(wg) -> (row, col) of warpgroup wg's tile inside the CTA tile; tile = (tile_m, tile_n);
     grid = (m_iters, n_iters) CTA tiles; scratch: extra shared-memory allocations (name -> plgpu.SMEM);
     step(wg, scratch_refs, *operand_smem_refs, acc) -> acc: one K-step of a compute warpgroup, acc its f32
-    [tile_m, tile_n] register sum (WGMMA layout)."""
+    [tile_m, tile_n] register sum (WGMMA layout), or with acc_in_ref a zero-initialised wgmma accumulator ref
+    (plgpu.ACC) that step passes on. transpose_out: the output holds the accumulator transposed (the CTA tile
+    (mi, ni) lands at out[ni * cta_n + col, mi * cta_m + row])."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -50,8 +61,9 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(*operands),
-        out_smem=plgpu.SMEM((2, 2, tile_m, epi_n), out_dtype,
-                            transforms=tiled_swizzle(epi_n * out_bits // 8, out_bits)),
+        out_smem=(plgpu.SMEM((2, 2, epi_n, tile_m), out_dtype, transforms=tiled_swizzle(tile_m * out_bits // 8, out_bits))
+              if transpose_out else
+              plgpu.SMEM((2, 2, tile_m, epi_n), out_dtype, transforms=tiled_swizzle(epi_n * out_bits // 8, out_bits))),
         **scratch,
         collective_axes="wg",
     )
@@ -65,17 +77,25 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
             mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, grid_tile_width)
 
             def context(run):
-                zeros = plgpu.layout_cast(jnp.full((tile_m, tile_n), 0, jnp.float32), plgpu.Layout.WGMMA)
-                acc = run(zeros).astype(out_dtype)
+                if acc_in_ref:
+                    acc = pl.run_scoped(lambda acc_ref: run(acc_ref)[...], plgpu.ACC((tile_m, tile_n), jnp.float32))
+                else:
+                    acc = run(plgpu.layout_cast(jnp.full((tile_m, tile_n), 0, jnp.float32), plgpu.Layout.WGMMA))
+                acc = acc.astype(out_dtype)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                rows = pl.ds(mi * cta_m + row0, tile_m)
                 for e in range(tile_n // epi_n):
                     slot = e % 2
+                    cols = pl.ds(ni * cta_n + col0 + e * epi_n, epi_n)
+                    piece = acc[:, e * epi_n:(e + 1) * epi_n]
                     plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                    out_smem[wg, slot] = acc[:, e * epi_n:(e + 1) * epi_n]
+                    if transpose_out:
+                        out_smem.at[wg, slot].T[...] = plgpu.layout_cast(piece, plgpu.Layout.WGMMA_TRANSPOSED)
+                    else:
+                        out_smem[wg, slot] = piece
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(
-                        out_smem.at[wg, slot],
-                        out_gmem.at[pl.ds(mi * cta_m + row0, tile_m), pl.ds(ni * cta_n + col0 + e * epi_n, epi_n)])
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
+                                            out_gmem.at[cols, rows] if transpose_out else out_gmem.at[rows, cols])
 
             def body(_, *smem_and_acc):
                 return step(wg, scratch_refs, *smem_and_acc)

@@ -1,22 +1,30 @@
-"""W4A16 (symmetric INT4, group 128) for large M on Hopper with the Mosaic GPU lowering: an EXPERIMENT,
-not yet compiled or checked on a GPU and not planned by pallas_kernels.dispatch. It exists so the next
-device run can measure whether a Mosaic kernel closes the prefill gap that dequantise-then-cuBLAS leaves
-(71-73 % of XLA bf16 at M=1024, benchmarks/results/gemm_notes.md); benchmarks/gemm_probe.py --parts
-w4mgpu checks it against w4a16.w4a16_matmul_reference and times it.
+"""W4A16 (INT4 weights with per-group scales, optional zeros, bf16 activations) on Hopper with the Mosaic
+GPU lowering, for every M from 16 tokens up: the weights are wgmma's A operand, decoded in registers.
 
-The skeleton is fp8_block_mgpu.py's (persistent tiles, TMA producer warpgroup, two compute warpgroups side
-by side along N, one 128-K step per pipeline stage). Per step each compute warpgroup
-  1. loads its INT4 weight tile [tile_n, 128] from shared memory in the 4-bit-to-16-bit upcast register
-     layout and converts it to bf16 (q in [-8, 7], exact),
-  2. stores it to its own bf16 shared buffer, the K-major B operand of wgmma,
-  3. runs one wgmma of the x tile [64, 128] (A, shared memory) against it into a fresh f32 accumulator,
-  4. adds that partial sum, times the group's scale per output column, to its running f32 sum.
-So weights and products are exact and the scales apply in f32 per group, as in w4a16.py's numerics.
+The product is computed transposed (swap-AB): y^T [N, M] = W [N, K] @ x^T. Each compute warpgroup owns 64
+output channels (wgmma's M side, which must be 64) and `tile_tokens` tokens (wgmma's N side, 8..256), so a
+batch of 16 tokens wastes no MMA rows and a prefill tile is as wide as wgmma allows. On the skeleton of
+_mgpu.py (persistent tiles, a TMA producer warpgroup, two compute warpgroups side by side along the
+channels), per 128-K step each compute warpgroup
+  1. loads its INT4 tile [64, 128] from shared memory in Mosaic's 4-bit upcast register layout, moves it
+     to the wgmma operand layout while still 4-bit, and converts it to bf16 (q in [-8, 7], exact),
+  2. applies the group's zero and scale per channel in bf16: a = (q - (zero - 8)) * scale, one rounding,
+  3. issues one wgmma of a (registers) against the step's x tile (shared memory, read transposed) into the
+     warpgroup's f32 accumulator, which runs across all of K,
+and the epilogue writes the accumulator transposed (a register transpose and a transposed shared-memory
+store), so y comes out [M, N] with no extra pass.
+
+Numerics: the dequantised weight is rounded to bf16 once, (q - z) * s, as the 'xla_dequant' path and
+peer kernels (Marlin, Machete) do; products and sums are f32. Scales and zeros enter as bf16 (exact for
+bf16 checkpoints; an f16 or f32 scale is rounded to bf16 first). Tolerance stated by the tests and the
+probe: |y - ref| <= 1e-2 * |ref| + 1e-2 * rms(ref) against w4a16.w4a16_matmul_reference.
 
 Inputs: x bf16 [M, K]; the canonical packed uint8 [N, K/2] (codes u = q + 8, low nibble = even k), turned
-into jnp.int4 [N, K] by the wrapper (byte ^ 0x88 flips each code to q; one XLA pass over the weights that a
-loader could do once); scale [N, K/128] as f32 rows per K-step (transposed, [K/128, N]).
-Shapes: K % 128 == 0, N % (2 * tile_n) == 0; M is padded to 64.
+into jnp.int4 [N, K] by `as_int4` (one XLA pass over the weights; a caller holding the weights can do it
+once); scale [N, K/128] and zero [N, K/128] (optional) as rows per K-step ([K/128, N], transposed here).
+Shapes: group 128, K % 128 == 0, N % 128 == 0; M is padded to tile_tokens.
+The kernel needs a Hopper GPU and jax >= 0.11 (no interpret mode): CPU CI checks its rules and that it
+lowers; benchmarks/gemm_probe.py --parts w4mgpu checks it against the reference on a GPU.
 """
 import dataclasses
 import functools
@@ -28,28 +36,49 @@ from jax import lax
 from pallas_kernels import _mgpu
 
 GROUP = 128
+WG_CHANNELS = 64                                        # wgmma's M: output channels per compute warpgroup
+CTA_CHANNELS = 2 * WG_CHANNELS
 
 
 @dataclasses.dataclass(frozen=True)
 class MgpuW4Config:
-    """tile_n: one compute warpgroup's output columns (its rows are 64 tokens); stages: K-steps in flight."""
+    """tile_tokens: tokens per CTA tile (wgmma N, a multiple of 8 up to 256); stages: K-steps in flight
+    (shared memory per stage: tile_tokens * 256 + 8 KiB); grid_tile_width: tiles per band of the snake
+    order; epi_tokens: tokens per epilogue store (at most tile_tokens); split_k: K ranges computed by
+    separate tiles into f32 partial products that one XLA fusion sums (fills the SMs when N and M are
+    small)."""
 
-    tile_n: int = 128
-    stages: int = 3
+    tile_tokens: int = 128
+    stages: int = 4
     grid_tile_width: int = 8
-    epi_tile_n: int = 64
-
-    @property
-    def cta_n(self) -> int:
-        return 2 * self.tile_n
+    epi_tokens: int = 32
+    split_k: int = 1
 
 
-TILE_M = 64
 DEFAULT = MgpuW4Config()
 
 
 def can_use(m: int, n: int, k: int, group: int, cfg: MgpuW4Config = DEFAULT) -> bool:
-    return group == GROUP and k % GROUP == 0 and n % cfg.cta_n == 0 and cfg.tile_n % cfg.epi_tile_n == 0 and m >= 1
+    """Shapes and configs this kernel takes (callers check it, with a GPU backend, before calling)."""
+    t = cfg.tile_tokens
+    return (group == GROUP and k % (GROUP * cfg.split_k) == 0 and n % CTA_CHANNELS == 0 and m >= 1 and t % 8 == 0
+            and 8 <= t <= 256 and t % _epi_tokens(cfg) == 0 and cfg.epi_tokens % 8 == 0 and cfg.stages >= 2)
+
+
+SMEM_BYTES = 232448                                     # a Hopper CTA's shared memory (227 KiB)
+
+
+def fit_stages(tile_tokens: int, most: int = 8, split_k: int = 1, asym: bool = True) -> int:
+    """The most K-steps in flight (<= most) whose operand buffers (each rounded to 1 KiB) and epilogue (f32
+    with split_k > 1) fit in shared memory, with room for the barriers (measured: 4 KiB)."""
+    kib = lambda b: -(-b // 1024) * 1024  # noqa: E731
+    per_stage = kib(tile_tokens * GROUP * 2) + kib(CTA_CHANNELS * GROUP // 2) + (2 if asym else 1) * 1024
+    epilogue = 2 * 2 * min(DEFAULT.epi_tokens, tile_tokens) * WG_CHANNELS * (4 if split_k > 1 else 2)
+    return max(min(most, (SMEM_BYTES - epilogue - 4608) // per_stage), 1)
+
+
+def _epi_tokens(cfg: MgpuW4Config) -> int:
+    return min(cfg.epi_tokens, cfg.tile_tokens)
 
 
 def as_int4(packed: jax.Array) -> jax.Array:
@@ -58,31 +87,39 @@ def as_int4(packed: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(packed ^ jnp.uint8(0x88), jnp.int4).reshape(n, -1)
 
 
-def _step(wg, scratch, x_smem, w_smem, s_smem, acc, *, cfg: MgpuW4Config):
-    """One 128-K step of a compute warpgroup: decode its INT4 tile to bf16 in shared memory, one wgmma
-    into a fresh accumulator, promoted into acc with the group scale per column."""
+def _bits_as_int4(packed: jax.Array) -> jax.Array:
+    """Canonical uint8 [N, K/2] -> int4 [N, K] of the same bits (u read as signed; the kernel flips bit 3)."""
+    return lax.bitcast_convert_type(packed, jnp.int4).reshape(packed.shape[0], -1)
+
+
+def _step(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool):
+    """One 128-K step of a compute warpgroup: its INT4 tile decoded to bf16 (zero and scale applied) in
+    registers, one wgmma into the running accumulator. rest: (zero_smem, acc_ref) or (acc_ref,). flip: the
+    tile holds the canonical codes u = q + 8 (as int4 bits), turned into q by flipping bit 3."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    wg_n = pl.ds(wg * cfg.tile_n, cfg.tile_n)
-    w_bf16 = scratch["w_bf16"]
-    q = plgpu.load(w_smem.at[wg_n], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-    w_bf16[wg] = q.astype(jnp.bfloat16)                 # layouts left to Mosaic's inference
-    plgpu.commit_smem()
-
-    def mma(acc_ref):
-        plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(w_bf16.at[wg], (1, 0)))
-        return acc_ref[...]
-
-    part = pl.run_scoped(mma, plgpu.ACC((TILE_M, cfg.tile_n), jnp.float32))
-    s = plgpu.load(s_smem.at[0, wg_n], (), layout=plgpu.Layout.WGMMA.reduce(0))
-    return _mgpu.scaled_sum(acc, part, col_scale=s)
+    *zero_smem, acc_ref = rest
+    channels = pl.ds(wg * WG_CHANNELS, WG_CHANNELS)
+    q = plgpu.load(w_smem.at[channels], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+    if flip:
+        q = q ^ jnp.int4(-8)
+    a = plgpu.layout_cast(q, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
+    per_channel = lambda ref: lax.broadcast_in_dim(  # noqa: E731
+        plgpu.load(ref.at[0, channels], (), layout=plgpu.Layout.WGMMA.reduce(1)), a.shape, [0])
+    if zero_smem:
+        a = a - per_channel(zero_smem[0])
+    a = a * per_channel(s_smem)
+    plgpu.wgmma(acc_ref, a, x_smem.T)
+    plgpu.wgmma_wait(0)
+    return acc_ref
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def w4a16_matmul_mgpu(x, packed, scale, *, config: MgpuW4Config = DEFAULT):
-    """y [M, N] bf16 = x [M, K] bf16 @ W^T, W symmetric INT4 group 128: packed as w4a16.py's canonical
-    uint8 [N, K/2], or already as_int4's int4 [N, K] (then no conversion pass runs)."""
+def w4a16_matmul_mgpu(x, packed, scale, zero=None, *, config: MgpuW4Config = DEFAULT):
+    """y [M, N] bf16 = x [M, K] bf16 @ W^T, W = (q - (zero - 8)) * scale per group of 128 (zero None:
+    symmetric, W = q * scale). packed: w4a16.py's canonical uint8 [N, K/2] (read as is: its int4 view costs
+    no pass), or as_int4's int4 [N, K]; scale, zero: [N, K/128]."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -90,27 +127,41 @@ def w4a16_matmul_mgpu(x, packed, scale, *, config: MgpuW4Config = DEFAULT):
     m, k = x.shape
     n = packed.shape[0]
     want = (n, k) if packed.dtype == jnp.int4 else (n, k // 2)
-    if packed.shape != want or scale.shape != (n, k // GROUP) or not can_use(m, n, k, k // scale.shape[1], cfg):
-        raise ValueError(f"w4a16_matmul_mgpu: x {x.shape}, packed {packed.shape} {packed.dtype}, scale {scale.shape} "
-                         f"do not fit {cfg} (needs packed uint8 (N, K/2) or int4 (N, K), scale (N, K/128), "
-                         f"K % 128 == 0, N % {cfg.cta_n} == 0)")
-    w = packed if packed.dtype == jnp.int4 else as_int4(packed)
-    mp = -(-m // TILE_M) * TILE_M
+    groups = (n, k // GROUP)
+    if (packed.shape != want or scale.shape != groups or (zero is not None and zero.shape != groups)
+            or not can_use(m, n, k, GROUP, cfg)):
+        raise ValueError(f"w4a16_matmul_mgpu: x {x.shape}, packed {packed.shape} {packed.dtype}, scale {scale.shape}"
+                         f", zero {None if zero is None else zero.shape} do not fit {cfg} (needs packed uint8 "
+                         f"(N, K/2) or int4 (N, K), scale and zero (N, K/128), K % 128 == 0, N % 128 == 0)")
+    flip = packed.dtype != jnp.int4
+    w = _bits_as_int4(packed) if flip else packed
+    t, split = cfg.tile_tokens, cfg.split_k
+    mp = -(-m // t) * t
+    tiles_t, kb_split = mp // t, k // GROUP // split
     xp = jnp.pad(x.astype(jnp.bfloat16), ((0, mp - m), (0, 0)))
-    s_t = scale.astype(jnp.float32).T                                                # [K/128, N]
-    grid = (mp // TILE_M, n // cfg.cta_n)
-    x_transforms = _mgpu.tiled_swizzle(GROUP * 2, 16)
-    cta_n = cfg.cta_n
+    rows_per_step = [scale.astype(jnp.bfloat16).T]                                 # [K/128, N]
+    if zero is not None:                                                            # z - 8 in [-8, 7]: exact
+        rows_per_step.append((zero.astype(jnp.float32) - 8.0).astype(jnp.bfloat16).T)
+    grid = (n // CTA_CHANNELS, tiles_t * split)        # tile (ci, s * tiles_t + ti): K range s, tokens ti
+
+    def views(ci, j, ops):
+        ti, k0 = j % tiles_t, (j // tiles_t) * kb_split
+        chan = pl.ds(ci * CTA_CHANNELS, CTA_CHANNELS)
+        return (ops[0].at[pl.ds(ti * t, t), pl.ds(k0 * GROUP, kb_split * GROUP)],
+                ops[1].at[chan, pl.ds(k0 * GROUP, kb_split * GROUP)],
+                *(r.at[pl.ds(k0, kb_split), chan] for r in ops[2:]))
+
+    row_spec = plgpu.BlockSpec((1, CTA_CHANNELS), lambda kb: (kb, 0))
     kernel = functools.partial(
         _mgpu.persistent_kernel,
-        in_specs=[plgpu.BlockSpec((TILE_M, GROUP), lambda kb: (0, kb), transforms=x_transforms),
-                  plgpu.BlockSpec((cta_n, GROUP), lambda kb: (0, kb), transforms=_mgpu.tiled_swizzle(GROUP // 2, 4)),
-                  plgpu.BlockSpec((1, cta_n), lambda kb: (kb, 0))],
-        views=lambda mi, ni, ops: (ops[0].at[pl.ds(mi * TILE_M, TILE_M), :], ops[1].at[pl.ds(ni * cta_n, cta_n), :],
-                                   ops[2].at[:, pl.ds(ni * cta_n, cta_n)]),
-        cta=(TILE_M, cta_n), wg_offset=lambda wg: (0, wg * cfg.tile_n), tile=(TILE_M, cfg.tile_n),
-        epi_n=cfg.epi_tile_n, grid=grid, k_iters=k // GROUP, stages=cfg.stages, grid_tile_width=cfg.grid_tile_width,
-        step=functools.partial(_step, cfg=cfg),
-        scratch={"w_bf16": plgpu.SMEM((2, cfg.tile_n, GROUP), jnp.bfloat16, transforms=x_transforms)})
-    y = _mgpu.launch(kernel, (xp, w, s_t), (mp, n), jnp.bfloat16, grid[0] * grid[1])
+        in_specs=[plgpu.BlockSpec((t, GROUP), lambda kb: (0, kb), transforms=_mgpu.tiled_swizzle(GROUP * 2, 16)),
+                  plgpu.BlockSpec((CTA_CHANNELS, GROUP), lambda kb: (0, kb),
+                                  transforms=_mgpu.tiled_swizzle(GROUP // 2, 4))] + [row_spec] * len(rows_per_step),
+        views=views, cta=(CTA_CHANNELS, t), wg_offset=lambda wg: (wg * WG_CHANNELS, 0), tile=(WG_CHANNELS, t),
+        epi_n=_epi_tokens(cfg), grid=grid, k_iters=kb_split, stages=cfg.stages, grid_tile_width=cfg.grid_tile_width,
+        step=functools.partial(_step, flip=flip), scratch={}, acc_in_ref=True, transpose_out=True)
+    out_dtype = jnp.bfloat16 if split == 1 else jnp.float32
+    y = _mgpu.launch(kernel, (xp, w, *rows_per_step), (split * mp, n), out_dtype, grid[0] * grid[1])
+    if split > 1:                                       # partials [split, Mp, N], summed in f32, rounded once
+        y = jnp.sum(y.reshape(split, mp, n), axis=0).astype(jnp.bfloat16)
     return y[:m]

@@ -1,6 +1,7 @@
-"""The experimental Mosaic GPU W4A16 kernel (pallas_kernels/w4a16_mgpu.py) on the CPU: its weight
-conversion, shape rules and errors, and that it lowers for CUDA to one Mosaic GPU kernel issuing bf16
-wgmma. Its numbers are checked on a GPU by benchmarks/gemm_probe.py --parts w4mgpu."""
+"""The Mosaic GPU W4A16 kernel (pallas_kernels/w4a16_mgpu.py) on the CPU: its weight views, shape and
+shared-memory rules, errors, and that it lowers for CUDA to one Mosaic GPU kernel issuing bf16 wgmma with
+the weights in registers and the output stored transposed. Its numbers are checked on a GPU by
+benchmarks/gemm_probe.py --parts w4mgpu and benchmarks/gemm.py --steps check."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,22 +22,44 @@ def test_as_int4_holds_the_signed_codes_in_order():
     np.testing.assert_array_equal(np.asarray(q.astype(jnp.int32)), expected)
 
 
+def test_the_int4_view_of_the_canonical_bytes_flips_to_the_codes():
+    """The kernel reads uint8 weights through _bits_as_int4 and flips bit 3 of each nibble: q = u ^ 8 read
+    as signed equals u - 8 for every code."""
+    packed = npo.rand_packed(npo.rng_for("w4a16_mgpu_bits"), 16, 128)
+    bits = w4._bits_as_int4(jnp.asarray(packed))
+    flipped = np.asarray((bits ^ jnp.int4(-8)).astype(jnp.int32))
+    np.testing.assert_array_equal(flipped, np.asarray(w4.as_int4(jnp.asarray(packed)).astype(jnp.int32)))
+
+
 def test_shape_rules():
     assert w4.can_use(100, 512, 1024, 128)
+    assert w4.can_use(3, 384, 1024, 128, MgpuW4Config(tile_tokens=16))
     assert not w4.can_use(100, 512, 1024, 64)                       # one group per 128-K step
-    assert not w4.can_use(100, 384, 1024, 128)                      # N off the 2 x 128 CTA tile
-    assert w4.can_use(100, 384, 1024, 128, MgpuW4Config(tile_n=64))
+    assert not w4.can_use(100, 448, 1024, 128)                      # N off the 128-channel CTA tile
+    assert not w4.can_use(100, 512, 1152, 128, MgpuW4Config(split_k=2))  # 9 K-steps do not split in two
+    assert not w4.can_use(100, 512, 1024, 128, MgpuW4Config(tile_tokens=512))   # wgmma N <= 256
 
 
-def _operands(m, n, k, scale_cols=None):
-    return (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
-            jax.ShapeDtypeStruct((n, scale_cols or k // 128), jnp.bfloat16))
+def test_fit_stages_stays_under_the_shared_memory_measured_on_the_gpu():
+    """Configs that overflowed on the H100 (232448 bytes): asym t64 with 8 stages (233600), t128 split 2 with
+    5 stages (239696); ones that ran: sym t128 5 stages, t256 2 stages."""
+    assert w4.fit_stages(64) < 8 and w4.fit_stages(128, split_k=2) < 5
+    assert w4.fit_stages(128, asym=False) >= 4 and w4.fit_stages(256) == 2
 
 
-def test_lowers_to_a_mosaic_gpu_kernel_with_bf16_wgmma():
-    text = w4.w4a16_matmul_mgpu.trace(*_operands(200, 512, 1024)).lower(lowering_platforms=("cuda",)).as_text()
+def _operands(m, n, k, scale_cols=None, zero=False):
+    ops = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+           jax.ShapeDtypeStruct((n, scale_cols or k // 128), jnp.bfloat16)]
+    return ops + [jax.ShapeDtypeStruct((n, k // 128), jnp.uint8) if zero else None]
+
+
+@pytest.mark.parametrize("tokens,split,zero", [(16, 4, False), (64, 1, True), (256, 1, False)])
+def test_lowers_to_a_mosaic_gpu_kernel_with_register_a_bf16_wgmma(tokens, split, zero):
+    cfg = MgpuW4Config(tile_tokens=tokens, stages=w4.fit_stages(tokens, split_k=split), split_k=split)
+    fn = jax.jit(lambda x, p, s, z: w4.w4a16_matmul_mgpu(x, p, s, z, config=cfg))
+    text = fn.trace(*_operands(200, 512, 1024, zero=zero)).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
-    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in text
+    assert f"wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.bf16.bf16" in text
 
 
 def test_bad_shapes_name_what_is_wrong():
