@@ -2,11 +2,12 @@
 
 Paths:
   'pallas'       the recipe's Pallas Triton kernel with a tuned config
-  'gemv'         M=1: the int32-word GEMVs (CUDA cores, no MMA) of w4a16_gemv.py (W4A16) and fp4_gemv.py
-                 (NVFP4, MXFP4); W4A8 can take it too (its E4M3 codes as x, input_scale after the sum) but
-                 plans the packed-4 kernel until a GPU run has timed it there
-  'mgpu'         FP8 block-scaled at large M: the Mosaic GPU kernel of fp8_block_mgpu.py (TMA, wgmma, warp
-                 specialization; GPU only: in interpret mode the Triton kernel stands in for it)
+  'gemv'         M=1: the int32-word GEMVs (CUDA cores, no MMA) of w4a16_gemv.py (W4A16; W4A8 on its E4M3
+                 codes, input_scale after the sum) and fp4_gemv.py (NVFP4, MXFP4)
+  'mgpu'         the Mosaic GPU kernels (TMA, wgmma, warp specialization; Hopper only): W4A16 group 128 from
+                 M=2 (w4a16_mgpu.py, weights decoded in registers, swap-AB; W4A8 too, on its E4M3 codes
+                 widened to bf16 with input_scale folded into the group scales) and FP8 block-scaled at large
+                 M (fp8_block_mgpu.py). In interpret mode or on another GPU the Pallas Triton kernel stands in
   'xla_dequant'  dequantise the weights once per call to bf16, then XLA's cuBLAS dot (large M, where the
                  GEMM is compute-bound and cuBLAS beats the Pallas kernel by more than the dequant pass)
   'xla'          XLA's own FP8 cuBLASLt path (per-tensor and rowwise FP8)
@@ -37,11 +38,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _common as cm
-from pallas_kernels import fp4, fp4_gemv, fp8, fp8_block_mgpu, packed4, w4a8, w4a8_fp4, w4a16, w4a16_gemv
+from pallas_kernels import _mgpu, fp4, fp4_gemv, fp8, fp8_block_mgpu, packed4, w4a8, w4a8_fp4, w4a16, w4a16_gemv
+from pallas_kernels import w4a16_mgpu
 from pallas_kernels.fp8 import Fp8Config
 from pallas_kernels.fp8_block_mgpu import MgpuFp8Config
 from pallas_kernels.packed4 import Packed4Config
 from pallas_kernels.w4a16_gemv import GemvConfig
+from pallas_kernels.w4a16_mgpu import MgpuW4Config
 
 RECIPES = ("w4a16", "nvfp4", "mxfp4", "w4a8", "w4a8_mxfp4", "w4a8_nvfp4", "fp8_block", "fp8", "fp8_rowwise")
 W4A8_FP4 = ("w4a8_mxfp4", "w4a8_nvfp4")  # FP4 weights x static FP8 activations (w4a8_fp4.py)
@@ -51,7 +54,7 @@ M_BUCKETS = (1, 16, 64, 256, 1024, 4096)
 @dataclasses.dataclass(frozen=True)
 class Plan:
     path: str                                           # 'pallas' | 'gemv' | 'mgpu' | 'xla_dequant' | 'xla'
-    config: Packed4Config | Fp8Config | GemvConfig | MgpuFp8Config | None = None
+    config: Packed4Config | Fp8Config | GemvConfig | MgpuFp8Config | MgpuW4Config | None = None
 
 
 def m_bucket(m: int) -> int:
@@ -107,6 +110,40 @@ FP8_LARGE_M = Fp8Config(128, 128, 128, split_k=1, swap_ab=False, num_warps=8, nu
 # 851-868 (Triton 328), M=1024 760-767, M=256 435 with the warpgroups side by side along N (Triton 226).
 MGPU_FP8_FROM = 256
 MGPU_FP8_TILES = {256: MgpuFp8Config(64, 128, "n", 4), "larger": MgpuFp8Config(64, 128, "m", 4)}
+# W4A16 (group 128, sym and asym) from M=2 on: the Mosaic GPU kernel, H100 (gemm_probe *_2026-11-28*.json, us,
+# kernel / previous plan / XLA bf16): 8b.gate_up M=16 43 / 56 / 86, M=64 51 / 89 / 89, M=256 124 / 248 / 128,
+# M=1024 364 / 528 / 390, M=4096 1475 / 1648 / 1601; 8b.down M=64 35 / 48 / 56, M=1024 173 / 239 / 166; 8b.qkv
+# M=256 46 / 76 / 37. Token tile per M bucket; the K split and the 128 / 256 choice by how full the last wave
+# of CTA tiles is (measured: qkv M=1024 t128 94 us vs t256 100; down M=1024 t256 173 vs t128 203).
+MGPU_W4_TILE = {16: 16, 64: 64, 256: 64, "larger": 256}
+# W4A8 on the same kernel (E4M3 codes widened to bf16) beat the packed-4 plan from M=64 on every 8B layer (us,
+# qkv / gate_up / down: M=64 26 / 57 / 32 vs 37 / 115 / 58; M=256 53 / 125 / 89 vs 83 / 267 / 167; M=4096
+# 347 / 1435 / 839 vs 442 / 1843 / 875, run 16 against run 15); at M=16 it was mixed (29 / 46 / 52 vs 27 / 71 /
+# 42), so the M=16 bucket keeps the packed-4 kernel.
+MGPU_W4A8_AFTER = 16
+
+
+def _wave_fill(tiles: int) -> float:
+    """Fraction of the SM slots busy over the waves a grid of `tiles` CTA tiles takes."""
+    return tiles / (cm.cdiv(tiles, cm.NUM_SMS) * cm.NUM_SMS)
+
+
+def mgpu_w4_config(m: int, n: int, k: int) -> MgpuW4Config:
+    """W4A16 Mosaic GPU tiles for this shape: the bucket's token tile (M=256: 128 where that still gives two
+    tiles per SM; larger M: 256 unless its last wave is under 80 % full, then 128), then the smallest K split
+    (<= 4) that gives three quarters of the SMs a tile (measured, 8b.down M=16: 70 / 40 / 37 us at split 1 / 2 /
+    4; at 128 tiles split 2 gained nothing)."""
+    bucket = m_bucket(m)
+    t = MGPU_W4_TILE.get(bucket, MGPU_W4_TILE["larger"])
+    channel_tiles = n // w4a16_mgpu.CTA_CHANNELS
+    if bucket == 256 and channel_tiles * cm.cdiv(m, 128) >= 2 * cm.NUM_SMS:
+        t = 128
+    if t == 256 and _wave_fill(channel_tiles * cm.cdiv(m, 256)) < 0.8:
+        t = 128
+    split = 1
+    while channel_tiles * cm.cdiv(m, t) * split < 0.75 * cm.NUM_SMS and split < 4 and k % (256 * split) == 0:
+        split *= 2
+    return MgpuW4Config(tile_tokens=t, stages=w4a16_mgpu.fit_stages(t, split_k=split), split_k=split)
 
 
 def fill_split(progs: int, chunks: int, target: int) -> int:
@@ -155,10 +192,15 @@ def packed4_config(fmt: packed4.Packed4Format, m: int, n: int, k: int) -> Packed
     return cfg if packed4.config_is_valid(fmt, cfg) else packed4.default_config(fmt, m, n, k)
 
 
-def plan(recipe: str, m: int, n: int, k: int, group: int = 128) -> Plan:
-    """The path and config for one GEMM; shapes are static, so this runs at trace time."""
+def plan(recipe: str, m: int, n: int, k: int, group: int = 128, mosaic: bool = True) -> Plan:
+    """The path and config for one GEMM; shapes are static, so this runs at trace time. mosaic=False: the
+    plan without the W4A16 Mosaic GPU kernel (interpret mode, GPUs before Hopper)."""
     if recipe in ("fp8", "fp8_rowwise"):
         return Plan("xla")
+    if mosaic and (recipe == "w4a16" and m > 1 or recipe == "w4a8" and m > MGPU_W4A8_AFTER):
+        cfg = mgpu_w4_config(m, n, k)
+        if w4a16_mgpu.can_use(m, n, k, group, cfg):
+            return Plan("mgpu", cfg)
     if m_bucket(m) >= XLA_DEQUANT_FROM.get(recipe, 1 << 30):
         return Plan("xla_dequant")
     if recipe == "fp8_block":
@@ -167,7 +209,7 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128) -> Plan:
         if bucket >= MGPU_FP8_FROM and fp8_block_mgpu.can_use(m, n, k, mgpu):
             return Plan("mgpu", mgpu)
         return Plan("pallas", FP8_LARGE_M if m > 64 else fp8.fp8_default_config(m, n, k))
-    if recipe == "w4a16" and w4a16_gemv.shape_is_supported(m, n, k, group):
+    if recipe in ("w4a16", "w4a8") and w4a16_gemv.shape_is_supported(m, n, k, group):
         return Plan("gemv", gemv_config(n, k, group))
     if recipe in ("nvfp4", "mxfp4") and fp4_gemv.shape_is_supported(recipe, m, n, k):
         return Plan("gemv", fp4_gemv_config(recipe, n, k))
@@ -266,7 +308,10 @@ def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None =
     group = 128
     if recipe in ("w4a16", "w4a8"):
         group = k // w["scale" if recipe == "w4a16" else "weight_scale"].shape[1]
-    p = plan_override or plan(recipe, m, n, k, group)
+    mosaic = not interpret and _mgpu.is_hopper()
+    p = plan_override or plan(recipe, m, n, k, group, mosaic)
+    if p.path == "mgpu" and recipe in ("w4a16", "w4a8") and not mosaic:
+        p = plan(recipe, m, n, k, group, mosaic=False)
     if recipe in W4A8_FP4:
         return _w4a8_fp4(x, recipe, w, p, out_dtype, interpret)
     if p.path == "xla":
@@ -296,10 +341,18 @@ def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None =
                                    interpret=interpret)
     if p.path == "gemv" and recipe == "mxfp4":
         return fp4_gemv.mxfp4_gemv(x, w["packed"], w["scale"], config=cfg, interpret=interpret)
-    if p.path == "gemv" and recipe == "w4a8":          # E4M3 codes are exact in bf16; input_scale after the sum
-        xq = cm.quantize_fp8_static(x, w["input_scale"]).astype(jnp.bfloat16)
+    if p.path == "gemv" and recipe == "w4a8":          # the E4M3 codes as x (widened in the kernel), input_scale after the sum
+        xq = cm.quantize_fp8_static(x, w["input_scale"])
         return w4a16_gemv.w4a16_gemv(xq, w["packed"], w["weight_scale"], post_scale=w["input_scale"],
                                      config=cfg or gemv_config(n, k, group), out_dtype=x.dtype, interpret=interpret)
+    if p.path == "mgpu" and recipe == "w4a8":           # E4M3 codes exact in bf16; bf16(weight_scale * input_scale)
+        xq = cm.quantize_fp8_static(x, w["input_scale"]).astype(jnp.bfloat16)
+        scale = w["weight_scale"].astype(jnp.float32) * w["input_scale"]
+        return w4a16_mgpu.w4a16_matmul_mgpu(xq, w["packed"], scale, config=cfg).astype(x.dtype)
+    if p.path == "mgpu" and recipe == "w4a16":
+        if w.get("perm") is not None:
+            x = jnp.take(x, w["perm"], axis=1)
+        return w4a16_mgpu.w4a16_matmul_mgpu(x, w["packed"], w["scale"], w.get("zero"), config=cfg).astype(x.dtype)
     if p.path == "gemv":
         if w.get("perm") is not None:
             x = jnp.take(x, w["perm"], axis=1)
@@ -322,7 +375,7 @@ def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None =
 def fp8_block_prequantized(xq, x_scale, wq, w_scale, p: Plan, out_dtype, interpret: bool = False) -> jax.Array:
     """FP8 block-scaled GEMM of already quantized operands (fp8.py layouts) on plan p ('mgpu' or 'pallas').
     The Mosaic GPU kernel has no interpret mode: there the Triton kernel with the large-M tile stands in."""
-    if p.path == "mgpu" and not interpret:
+    if p.path == "mgpu" and not interpret and _mgpu.is_hopper():
         return fp8_block_mgpu.fp8_block_matmul_mgpu(xq, x_scale, wq, w_scale, config=p.config, out_dtype=out_dtype)
     cfg = FP8_LARGE_M if p.path == "mgpu" else p.config if p.path == "pallas" else None
     return fp8.fp8_matmul(xq, x_scale, wq, w_scale, mode="block", config=cfg, out_dtype=out_dtype,

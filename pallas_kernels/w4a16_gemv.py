@@ -142,7 +142,7 @@ def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig,
 
 
 def w4a16_gemv_kernel(*refs, cfg: GemvConfig, n: int, k: int, group: int, asym: bool, has_post: bool):
-    """refs: x [1, K] bf16, words [N, K/8] int32, scale [N, K/G], zero [N, K/G] (asym only), post f32 [1]
+    """refs: x [1, K] bf16 or e4m3, words [N, K/8] int32, scale [N, K/G], zero [N, K/G] (asym only), post f32 [1]
     (has_post only), out [1, N] (split_k 1) or f32 [split_k, N]."""
     x_ref, w_ref, s_ref, *rest = refs
     group_refs = {"s": s_ref}
@@ -171,8 +171,9 @@ def as_words(packed: jax.Array) -> jax.Array:
 def w4a16_gemv(x, packed, scale, zero=None, *, post_scale=None, config: GemvConfig | None = None, out_dtype=None,
                interpret: bool = False):
     """y [1, N] = x [1, K] @ W^T in out_dtype (default x.dtype), W as w4a16.py defines it (packed u8 [N, K/2],
-    scale and zero [N, K/G]). post_scale: an f32 scalar multiplying the f32 result before its one rounding
-    (W4A8 at M=1 passes its E4M3 activation codes as x and input_scale here). The caller (w4a16.w4a16_matmul
+    scale and zero [N, K/G]). x: bf16, or float8_e4m3fn codes (widened to f32 in the kernel). post_scale: an
+    f32 scalar multiplying the f32 result before its one rounding (W4A8 at M=1 passes its E4M3 activation
+    codes as x and input_scale here). The caller (w4a16.w4a16_matmul
     / dispatch) has checked shape_is_supported and, for a given config, config_is_valid."""
     m, k = x.shape
     n = packed.shape[0]

@@ -17,15 +17,26 @@ def test_plan_buckets():
     assert wide.path == small.path == "gemv"                                     # W4A16 M=1: word GEMV
     assert wide.config.split_k == 1 and small.config.split_k == 8                # split-K fills the SMs
     assert dispatch.plan("w4a16", 1, 4096, 4096, group=16).path == "pallas"       # GEMV needs G >= 32
-    assert dispatch.plan("w4a16", 2, 4096, 4096).config.block_m == 16            # MMA + split-K
+    assert dispatch.plan("w4a16", 2, 4096, 4096, mosaic=False).config.block_m == 16  # MMA + split-K
+    small_m = dispatch.plan("w4a16", 2, 4096, 4096)                              # Mosaic GPU from M=2
+    assert small_m.path == "mgpu" and small_m.config.tile_tokens == 16 and small_m.config.split_k == 4
+    assert dispatch.plan("w4a16", 64, 28672, 4096).config.split_k == 1           # 224 channel tiles: no split
+    assert dispatch.plan("w4a16", 256, 28672, 4096).config.tile_tokens == 128
+    assert dispatch.plan("w4a16", 1024, 6144, 4096).config.tile_tokens == 128    # t256: last wave 45 % full
+    assert dispatch.plan("w4a16", 4096, 4096, 4096).config.tile_tokens == 256
+    assert dispatch.plan("w4a16", 64, 4096, 4096, group=64).path == "pallas"      # group 128 only
+    assert dispatch.plan("w4a16", 64, 4096 + 64, 4096).path == "pallas"           # N off the 128 channels
+    assert dispatch.plan("w4a8", 1, 28672, 4096).path == "gemv"                  # W4A8 M=1: word GEMV
+    assert dispatch.plan("w4a8", 64, 28672, 4096).path == "mgpu"                 # E4M3 codes on the W4A16 kernel
+    assert dispatch.plan("w4a8", 16, 28672, 4096).path == "pallas"               # M=16: packed-4 (measured)
+    assert dispatch.plan("w4a8", 4096, 4096, 4096, mosaic=False).path == "xla_dequant"
     assert dispatch.plan("nvfp4", 1, 28672, 4096).path == "gemv"                 # FP4 word GEMV
     assert dispatch.plan("mxfp4", 1, 4096, 4096).config.split_k == 8
-    assert dispatch.plan("w4a8", 1, 28672, 4096).config.block_m == 1             # packed-4 GEMV tile
     assert dispatch.plan("fp8_block", 1024, 4096, 4096).path == "mgpu"           # Mosaic GPU at large M
     assert dispatch.plan("fp8_block", 256, 4096, 4096).config.wg_dim == "n"
     assert dispatch.plan("fp8_block", 1024, 4096 + 64, 4096).path == "pallas"    # N off the CTA tile
     assert dispatch.plan("fp8_block", 64, 4096, 4096).path == "pallas"
-    assert dispatch.plan("w4a16", 4096, 4096, 4096).path == "xla_dequant"
+    assert dispatch.plan("w4a16", 4096, 4096, 4096, mosaic=False).path == "xla_dequant"
     assert dispatch.plan("fp8_rowwise", 16, 4096, 4096).path == "xla"
     assert dispatch.plan("w4a16", 16, 4096, 4096, group=32).config.block_k == 32  # post-scale: bk <= G
     for recipe in dispatch.W4A8_FP4:                  # the packed-4 tiles, valid for the block-MMA mode
@@ -61,11 +72,13 @@ def _weights(recipe, rng, n, k):
 
 
 # Every recipe on its planned path at M=1, and on 'xla_dequant' at M=3 where it has one (FP8 per-tensor and
-# rowwise have only the XLA path); the 'mgpu' plan of FP8 block-scaled in interpret mode.
+# rowwise have only the XLA path); the 'mgpu' plans in interpret mode.
 PATH_CASES = [(r, 1, None) for r in dispatch.RECIPES] + [
     (r, 3, "xla_dequant") for r in dispatch.RECIPES if r not in ("fp8", "fp8_rowwise")] + [
     ("fp8_block", 3, "mgpu"),                         # interpret mode: the Triton kernel stands in
-    ("w4a8", 1, "gemv")]                              # the word GEMV on E4M3 codes (not yet planned)
+    ("w4a8", 1, "pallas"),                            # the packed-4 kernel (planned before the word GEMV)
+    ("w4a16", 3, "mgpu"),                             # interpret mode: the packed-4 plan stands in
+    ("w4a8", 3, "mgpu")]
 
 
 @pytest.mark.parametrize("recipe,m,path", PATH_CASES)
