@@ -1,4 +1,4 @@
-"""Probe two kernel questions on the GPU before benchmarks/gemm.py times them in full:
+"""Probe kernel questions on the GPU before benchmarks/gemm.py times them in full:
 
 1. The word GEMV (pallas_kernels/w4a16_gemv.py) at M=1: a config sweep on Llama-3.1 8B and 70B layer shapes
    (int4 g128, symmetric and asymmetric), checked against the reference, timed against the current
@@ -17,13 +17,13 @@
 5. The FP4 word GEMV (`fp4gemv`, pallas_kernels/fp4_gemv.py) at M=1 for NVFP4 and MXFP4: a few tiles checked
    against the reference, timed against the dispatcher's packed-4 plan.
 
+6. The Mosaic GPU W4A16 kernel (`w4mgpu`, pallas_kernels/w4a16_mgpu.py) from M=16 up: token tiles and K
+   splits per M on the canonical uint8 weights, then the best on int4 weights converted beforehand and on
+   asymmetric weights, checked against the reference, timed against the dispatcher's plan and XLA bf16.
+
 7. W4A8 at M=1 on the word GEMV (`w4a8gemv`): the E4M3 activation codes as the GEMV's x and input_scale
    after the sum, per tile, checked against the W4A8 reference, timed against the dispatcher's packed-4 plan
    and XLA bf16.
-
-6. The experimental Mosaic GPU W4A16 kernel (`w4mgpu`, pallas_kernels/w4a16_mgpu.py) at large M: tilings
-   checked against the W4A16 reference, timed with the weights given as uint8 (a conversion pass per call)
-   and as int4 (kernel only), against the dispatcher's plan and XLA bf16.
 
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv

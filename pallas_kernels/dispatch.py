@@ -118,7 +118,7 @@ MGPU_FP8_TILES = {256: MgpuFp8Config(64, 128, "n", 4), "larger": MgpuFp8Config(6
 MGPU_W4_TILE = {16: 16, 64: 64, 256: 64, "larger": 256}
 # W4A8 on the same kernel (E4M3 codes widened to bf16) beat the packed-4 plan from M=64 on every 8B layer (us,
 # qkv / gate_up / down: M=64 26 / 57 / 32 vs 37 / 115 / 58; M=256 53 / 125 / 89 vs 83 / 267 / 167; M=4096
-# 347 / 1435 / 839 vs 442 / 1843 / 875, run 16 against run 15); at M=16 it was mixed (29 / 46 / 52 vs 27 / 71 /
+# 347 / 1435 / 839 vs 442 / 1843 / 875, run 16 against run 14); at M=16 it was mixed (29 / 46 / 52 vs 27 / 71 /
 # 42), so the M=16 bucket keeps the packed-4 kernel.
 MGPU_W4A8_AFTER = 16
 

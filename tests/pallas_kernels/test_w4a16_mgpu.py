@@ -1,6 +1,6 @@
 """The Mosaic GPU W4A16 kernel (pallas_kernels/w4a16_mgpu.py) on the CPU: its weight views, shape and
 shared-memory rules, errors, and that it lowers for CUDA to one Mosaic GPU kernel issuing bf16 wgmma with
-the weights in registers and the output stored transposed. Its numbers are checked on a GPU by
+the token tile as wgmma's N. Its numbers are checked on a GPU by
 benchmarks/gemm_probe.py --parts w4mgpu and benchmarks/gemm.py --steps check."""
 import jax
 import jax.numpy as jnp
