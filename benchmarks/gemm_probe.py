@@ -25,12 +25,17 @@
    after the sum, per tile, checked against the W4A8 reference, timed against the dispatcher's packed-4 plan
    and XLA bf16.
 
+8. W4A8 on FP8 tensor cores (`w4a8mgpu`, w4a16_mgpu.w4a8_matmul_mgpu, an experiment): token tiles and K
+   splits per M, checked against the W4A8 reference, timed against the dispatcher's plan (the W4A16 Mosaic
+   kernel on widened E4M3 codes) and XLA bf16.
+
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
-                                                              # fp4gemv, w4mgpu, w4a8gemv
+                                                              # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
 Writes DIR/gemm_probe_<card>_<date>.json and prints a table.
 """
 import argparse
+import dataclasses
 import datetime
 import gc
 import itertools
@@ -453,6 +458,34 @@ def probe_w4_mgpu(rows, shapes, ms, flush):
         flush()
 
 
+def probe_w4a8_mgpu(rows, shapes, ms, flush):
+    """W4A8 on FP8 tensor cores (w4a16_mgpu.w4a8_matmul_mgpu) per token tile and K split, against the
+    W4A8 reference, the dispatcher's plan and XLA bf16."""
+    from pallas_kernels import w4a16_mgpu as w4
+    for name, m, n, k, x in _large_m_points(shapes, ms):
+        ws = [G.make_weights("w4a8", n, k, seed=80 + r) for r in range(2)]
+
+        def record(variant, op):
+            _record_large_m(rows, flush, "w4a8mgpu", name, m, n, k, variant, op, [(x, w) for w in ws],
+                            lambda: G.check_op("w4a8", op, x, ws[0]))
+
+        for label, cfg in w4_mgpu_configs(m):
+            cfg = dataclasses.replace(cfg, tile_tokens=min(cfg.tile_tokens, 128))
+            cfg = dataclasses.replace(cfg, stages=w4.fit_stages(cfg.tile_tokens, split_k=cfg.split_k, asym=False,
+                                                                x_bytes=1))
+            if w4.can_use(m, n, k, 128, cfg):
+                record(f"fp8mma.t{cfg.tile_tokens}_k{cfg.split_k}", lambda xx, w, c=cfg: w4.w4a8_matmul_mgpu(
+                    cm.quantize_fp8_static(xx, w["input_scale"]), w["input_scale"], w["packed"], w["weight_scale"],
+                    config=c))
+        record("plan", G.jax_op("w4a8"))
+        wb = [G.make_weights("xla_bf16", n, k, seed=90 + r) for r in range(2)]
+        _record_large_m(rows, flush, "w4a8mgpu", name, m, n, k, "xla_bf16", G.jax_op("xla_bf16"),
+                        [(x, w) for w in wb])
+        del ws, wb
+        gc.collect()
+        flush()
+
+
 def probe_w4a8_gemv(copy_tbps, rows, shapes, flush):
     """W4A8 at M=1: the word GEMV per tile (Plan("gemv")) against the packed-4 plan and XLA bf16."""
     from pallas_kernels import dispatch
@@ -514,6 +547,8 @@ def main():
             probe_fp8(rows, flush, args.shapes.split(","), [int(v) for v in args.ms.split(",")])
         if "w4mgpu" in parts:
             probe_w4_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
+        if "w4a8mgpu" in parts:
+            probe_w4a8_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4a8gemv" in parts:
             probe_w4a8_gemv(copy_tbps, rows, args.shapes.split(","), flush)
         if "fp4gemv" in parts:

@@ -25,6 +25,11 @@ once); scale [N, K/128] and zero [N, K/128] (optional) as rows per K-step ([K/12
 Shapes: group 128, K % 128 == 0, N % 128 == 0; M is padded to tile_tokens.
 The kernel needs a Hopper GPU and jax >= 0.11 (no interpret mode): CPU CI checks its rules and that it
 lowers; benchmarks/gemm_probe.py --parts w4mgpu checks it against the reference on a GPU.
+
+w4a8_matmul_mgpu is the same grid for W4A8 on FP8 tensor cores, an experiment not yet run on a GPU (the
+dispatcher runs W4A8 on w4a16_matmul_mgpu with its E4M3 codes widened to bf16): the INT4 tile becomes e4m3
+in registers (exact), each K-step's e4m3 wgmma goes to a fresh accumulator that is promoted with
+weight_scale * input_scale per channel (the FP8 block kernel's scheme); gemm_probe.py --parts w4a8mgpu.
 """
 import dataclasses
 import functools
@@ -68,11 +73,12 @@ def can_use(m: int, n: int, k: int, group: int, cfg: MgpuW4Config = DEFAULT) -> 
 SMEM_BYTES = 232448                                     # a Hopper CTA's shared memory (227 KiB)
 
 
-def fit_stages(tile_tokens: int, most: int = 8, split_k: int = 1, asym: bool = True) -> int:
-    """The most K-steps in flight (<= most) whose operand buffers (each rounded to 1 KiB) and epilogue (f32
-    with split_k > 1) fit in shared memory, with room for the barriers (measured: 4 KiB)."""
+def fit_stages(tile_tokens: int, most: int = 8, split_k: int = 1, asym: bool = True, x_bytes: int = 2) -> int:
+    """The most K-steps in flight (<= most) whose operand buffers (each rounded to 1 KiB; x_bytes per
+    activation: 2 for bf16, 1 for e4m3) and epilogue (f32 with split_k > 1) fit in shared memory, with room
+    for the barriers (measured: 4 KiB)."""
     kib = lambda b: -(-b // 1024) * 1024  # noqa: E731
-    per_stage = kib(tile_tokens * GROUP * 2) + kib(CTA_CHANNELS * GROUP // 2) + (2 if asym else 1) * 1024
+    per_stage = kib(tile_tokens * GROUP * x_bytes) + kib(CTA_CHANNELS * GROUP // 2) + (2 if asym else 1) * 1024
     epilogue = 2 * 2 * min(DEFAULT.epi_tokens, tile_tokens) * WG_CHANNELS * (4 if split_k > 1 else 2)
     return max(min(most, (SMEM_BYTES - epilogue - 4608) // per_stage), 1)
 
@@ -115,14 +121,33 @@ def _step(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool):
     return acc_ref
 
 
+def _step_fp8(wg, _scratch, x_smem, w_smem, s_smem, acc, *, flip: bool):
+    """W4A8 on FP8 tensor cores, one 128-K step of a compute warpgroup: its INT4 tile converted to e4m3 in
+    registers (exact), one e4m3 wgmma into a fresh accumulator, promoted into the f32 register sum acc with
+    the step's per-channel scale (weight_scale * input_scale)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    channels = pl.ds(wg * WG_CHANNELS, WG_CHANNELS)
+    q = plgpu.load(w_smem.at[channels], (), layout=plgpu.Layout.WGMMA_8BIT)
+    if flip:
+        q = q ^ jnp.int4(-8)
+    a = q.astype(jnp.float8_e4m3fn)
+
+    def mma(acc_ref):
+        plgpu.wgmma(acc_ref, a, x_smem.T)
+        return acc_ref[...]
+
+    part = pl.run_scoped(mma, plgpu.ACC((WG_CHANNELS, acc.shape[1]), jnp.float32))
+    s = plgpu.load(s_smem.at[0, channels], (), layout=plgpu.Layout.WGMMA.reduce(1))
+    return _mgpu.scaled_sum(acc, part, row_scale=s)
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def w4a16_matmul_mgpu(x, packed, scale, zero=None, *, config: MgpuW4Config = DEFAULT):
     """y [M, N] bf16 = x [M, K] bf16 @ W^T, W = (q - (zero - 8)) * scale per group of 128 (zero None:
     symmetric, W = q * scale). packed: w4a16.py's canonical uint8 [N, K/2] (read as is: its int4 view costs
     no pass), or as_int4's int4 [N, K]; scale, zero: [N, K/128]."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
     cfg = config
     m, k = x.shape
     n = packed.shape[0]
@@ -133,15 +158,48 @@ def w4a16_matmul_mgpu(x, packed, scale, zero=None, *, config: MgpuW4Config = DEF
         raise ValueError(f"w4a16_matmul_mgpu: x {x.shape}, packed {packed.shape} {packed.dtype}, scale {scale.shape}"
                          f", zero {None if zero is None else zero.shape} do not fit {cfg} (needs packed uint8 "
                          f"(N, K/2) or int4 (N, K), scale and zero (N, K/128), K % 128 == 0, N % 128 == 0)")
+    rows_per_step = [scale.astype(jnp.bfloat16).T]                                 # [K/128, N]
+    if zero is not None:                                                            # z - 8 in [-8, 7]: exact
+        rows_per_step.append((zero.astype(jnp.float32) - 8.0).astype(jnp.bfloat16).T)
+    return _launch(x.astype(jnp.bfloat16), packed, rows_per_step, cfg, _step, acc_in_ref=True)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def w4a8_matmul_mgpu(xq, input_scale, packed, weight_scale, *, config: MgpuW4Config = DEFAULT):
+    """W4A8 on FP8 tensor cores (an EXPERIMENT, not yet run on a GPU nor planned): y [M, N] bf16 =
+    sum over K-steps of (xq @ q^T)_step * weight_scale[:, step] * input_scale, from E4M3 activation codes xq
+    [M, K], the canonical packed uint8 [N, K/2] (or as_int4's int4), weight_scale [N, K/128]; the products
+    and per-step sums are exact (e4m3 x int4), so only the f32 promotion order differs from
+    w4a8.w4a8_matmul_reference. tile_tokens <= 128 (a fresh accumulator beside the sum)."""
+    cfg = config
+    m, k = xq.shape
+    n = packed.shape[0]
+    want = (n, k) if packed.dtype == jnp.int4 else (n, k // 2)
+    if (xq.dtype != jnp.float8_e4m3fn or packed.shape != want or weight_scale.shape != (n, k // GROUP)
+            or cfg.tile_tokens > 128 or not can_use(m, n, k, GROUP, cfg)):
+        raise ValueError(f"w4a8_matmul_mgpu: xq {xq.shape} {xq.dtype}, packed {packed.shape} {packed.dtype}, "
+                         f"weight_scale {weight_scale.shape} do not fit {cfg} (needs e4m3 xq, packed uint8 (N, K/2) "
+                         f"or int4 (N, K), weight_scale (N, K/128), K % 128 == 0, N % 128 == 0, tile_tokens <= 128)")
+    rows = [(weight_scale.astype(jnp.float32) * jnp.asarray(input_scale, jnp.float32)).T]     # [K/128, N]
+    return _launch(xq, packed, rows, cfg, _step_fp8, acc_in_ref=False)
+
+
+def _launch(x, packed, rows_per_step: list, cfg: MgpuW4Config, step, acc_in_ref: bool):
+    """Runs `step` over the persistent swap-AB grid: x [M, K] (bf16 or e4m3) padded to the token tile, the
+    weights as int4 (flipped in the kernel when given as canonical uint8), one [K/128, N] row per K-step for
+    each of rows_per_step; y [M, N] bf16 (split-K partials summed in f32 first)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    m, k = x.shape
+    n = packed.shape[0]
     flip = packed.dtype != jnp.int4
     w = _bits_as_int4(packed) if flip else packed
     t, split = cfg.tile_tokens, cfg.split_k
     mp = -(-m // t) * t
     tiles_t, kb_split = mp // t, k // GROUP // split
-    xp = jnp.pad(x.astype(jnp.bfloat16), ((0, mp - m), (0, 0)))
-    rows_per_step = [scale.astype(jnp.bfloat16).T]                                 # [K/128, N]
-    if zero is not None:                                                            # z - 8 in [-8, 7]: exact
-        rows_per_step.append((zero.astype(jnp.float32) - 8.0).astype(jnp.bfloat16).T)
+    xp = jnp.pad(x, ((0, mp - m), (0, 0)))
+    x_bits = jnp.dtype(x.dtype).itemsize * 8
     grid = (n // CTA_CHANNELS, tiles_t * split)        # tile (ci, s * tiles_t + ti): K range s, tokens ti
 
     def views(ci, j, ops):
@@ -154,12 +212,13 @@ def w4a16_matmul_mgpu(x, packed, scale, zero=None, *, config: MgpuW4Config = DEF
     row_spec = plgpu.BlockSpec((1, CTA_CHANNELS), lambda kb: (kb, 0))
     kernel = functools.partial(
         _mgpu.persistent_kernel,
-        in_specs=[plgpu.BlockSpec((t, GROUP), lambda kb: (0, kb), transforms=_mgpu.tiled_swizzle(GROUP * 2, 16)),
+        in_specs=[plgpu.BlockSpec((t, GROUP), lambda kb: (0, kb),
+                                  transforms=_mgpu.tiled_swizzle(GROUP * x_bits // 8, x_bits)),
                   plgpu.BlockSpec((CTA_CHANNELS, GROUP), lambda kb: (0, kb),
                                   transforms=_mgpu.tiled_swizzle(GROUP // 2, 4))] + [row_spec] * len(rows_per_step),
         views=views, cta=(CTA_CHANNELS, t), wg_offset=lambda wg: (wg * WG_CHANNELS, 0), tile=(WG_CHANNELS, t),
         epi_n=_epi_tokens(cfg), grid=grid, k_iters=kb_split, stages=cfg.stages, grid_tile_width=cfg.grid_tile_width,
-        step=functools.partial(_step, flip=flip), scratch={}, acc_in_ref=True, transpose_out=True)
+        step=functools.partial(step, flip=flip), scratch={}, acc_in_ref=acc_in_ref, transpose_out=True)
     out_dtype = jnp.bfloat16 if split == 1 else jnp.float32
     y = _mgpu.launch(kernel, (xp, w, *rows_per_step), (split * mp, n), out_dtype, grid[0] * grid[1])
     if split > 1:                                       # partials [split, Mp, N], summed in f32, rounded once

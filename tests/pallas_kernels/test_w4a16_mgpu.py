@@ -65,3 +65,26 @@ def test_lowers_to_a_mosaic_gpu_kernel_with_register_a_bf16_wgmma(tokens, split,
 def test_bad_shapes_name_what_is_wrong():
     with pytest.raises(ValueError, match=r"scale \(512, 4\)"):
         w4.w4a16_matmul_mgpu.trace(*_operands(64, 512, 1024, scale_cols=4))
+
+
+def _w4a8_operands(m, n, k, x_dtype=jnp.float8_e4m3fn):
+    return (jax.ShapeDtypeStruct((m, k), x_dtype), jax.ShapeDtypeStruct((), jnp.float32),
+            jax.ShapeDtypeStruct((n, k // 2), jnp.uint8), jax.ShapeDtypeStruct((n, k // 128), jnp.float32))
+
+
+@pytest.mark.parametrize("tokens,split", [(16, 4), (128, 1)])
+def test_w4a8_lowers_to_e4m3_wgmma(tokens, split):
+    """The FP8-tensor-core W4A8 variant: INT4 -> e4m3 in registers, e4m3 wgmma (K 32 per instruction)."""
+    cfg = MgpuW4Config(tile_tokens=tokens, stages=w4.fit_stages(tokens, split_k=split, asym=False, x_bytes=1),
+                       split_k=split)
+    fn = jax.jit(lambda x, si, p, s: w4.w4a8_matmul_mgpu(x, si, p, s, config=cfg))
+    text = fn.trace(*_w4a8_operands(100, 512, 1024)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert f"wgmma.mma_async.sync.aligned.m64n{tokens}k32.f32.e4m3.e4m3" in text
+
+
+def test_w4a8_rejects_bf16_activations_and_wide_token_tiles():
+    with pytest.raises(ValueError, match="needs e4m3 xq"):
+        w4.w4a8_matmul_mgpu.trace(*_w4a8_operands(64, 512, 1024, jnp.bfloat16))
+    with pytest.raises(ValueError, match="tile_tokens <= 128"):
+        w4.w4a8_matmul_mgpu.trace(*_w4a8_operands(64, 512, 1024), config=MgpuW4Config(tile_tokens=256, stages=2))
