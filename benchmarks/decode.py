@@ -163,7 +163,8 @@ def write_results(out_dir: str, env: dict, rows: list, steps: int, context: int)
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pct = f"{r['pct_roofline']:.1f}" if "pct_roofline" in r else "n/a"
-        lines.append(f"| {r['label']} | {r.get('weights', 'bf16')} | {r['kv_cache']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+        lines.append(f"| {r['label']} | {r.get('weights', 'bf16')} | {r['kv_cache']} | {r['batch']} |"
+                     f" {r['tokens_per_s']:.1f} | "
                      f"{r['ms_per_step']:.2f} | {pct} | {r['check_cosine']:.5f} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return stem

@@ -514,7 +514,8 @@ def probe_w4a8_gemv(copy_tbps, rows, shapes, flush):
             G.log(f"w4a8gemv {name} {variant[:60]:60s} {t * 1e6:8.1f} us {100 * floor_us / (t * 1e6):5.1f}% ok={ok}")
         wbf = [G.make_weights("xla_bf16", n, k, seed=5 + r) for r in range(G.reps_for(2 * n * k, 1e-5))]
         tb = G.time_jax(G.jax_op("xla_bf16"), [(x, w) for w in wbf])
-        rows.append({"part": "w4a8gemv", "shape": name, "recipe": "xla_bf16", "variant": "xla", "us": round(tb * 1e6, 2)})
+        rows.append({"part": "w4a8gemv", "shape": name, "recipe": "xla_bf16", "variant": "xla",
+                     "us": round(tb * 1e6, 2)})
         G.log(f"w4a8gemv {name} xla_bf16 {tb * 1e6:8.1f} us")
         del ws, w0, wbf
         gc.collect()

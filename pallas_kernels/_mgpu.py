@@ -61,9 +61,8 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(*operands),
-        out_smem=(plgpu.SMEM((2, 2, epi_n, tile_m), out_dtype, transforms=tiled_swizzle(tile_m * out_bits // 8, out_bits))
-              if transpose_out else
-              plgpu.SMEM((2, 2, tile_m, epi_n), out_dtype, transforms=tiled_swizzle(epi_n * out_bits // 8, out_bits))),
+        out_smem=plgpu.SMEM((2, 2) + ((epi_n, tile_m) if transpose_out else (tile_m, epi_n)), out_dtype,
+                        transforms=tiled_swizzle((tile_m if transpose_out else epi_n) * out_bits // 8, out_bits)),
         **scratch,
         collective_axes="wg",
     )

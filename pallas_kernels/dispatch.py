@@ -194,7 +194,7 @@ def packed4_config(fmt: packed4.Packed4Format, m: int, n: int, k: int) -> Packed
 
 def plan(recipe: str, m: int, n: int, k: int, group: int = 128, mosaic: bool = True) -> Plan:
     """The path and config for one GEMM; shapes are static, so this runs at trace time. mosaic=False: the
-    plan without the W4A16 Mosaic GPU kernel (interpret mode, GPUs before Hopper)."""
+    plan without the W4A16 / W4A8 Mosaic GPU kernel (interpret mode, GPUs before Hopper)."""
     if recipe in ("fp8", "fp8_rowwise"):
         return Plan("xla")
     if mosaic and (recipe == "w4a16" and m > 1 or recipe == "w4a8" and m > MGPU_W4A8_AFTER):
@@ -341,7 +341,7 @@ def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None =
                                    interpret=interpret)
     if p.path == "gemv" and recipe == "mxfp4":
         return fp4_gemv.mxfp4_gemv(x, w["packed"], w["scale"], config=cfg, interpret=interpret)
-    if p.path == "gemv" and recipe == "w4a8":          # the E4M3 codes as x (widened in the kernel), input_scale after the sum
+    if p.path == "gemv" and recipe == "w4a8":          # E4M3 codes as x (widened in the kernel), input_scale last
         xq = cm.quantize_fp8_static(x, w["input_scale"])
         return w4a16_gemv.w4a16_gemv(xq, w["packed"], w["weight_scale"], post_scale=w["input_scale"],
                                      config=cfg or gemv_config(n, k, group), out_dtype=x.dtype, interpret=interpret)
