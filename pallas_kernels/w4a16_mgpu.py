@@ -1,13 +1,15 @@
 """W4A16 (INT4 weights with per-group scales, optional zeros, bf16 activations) on Hopper with the Mosaic
-GPU lowering, for every M from 16 tokens up: the weights are wgmma's A operand, decoded in registers.
+GPU lowering, for every M from 2 tokens up (padded to a token tile of 8 or more): the weights are wgmma's
+A operand, decoded in registers.
 
 The product is computed transposed (swap-AB): y^T [N, M] = W [N, K] @ x^T. Each compute warpgroup owns 64
 output channels (wgmma's M side, which must be 64) and `tile_tokens` tokens (wgmma's N side, 8..256), so a
 batch of 16 tokens wastes no MMA rows and a prefill tile is as wide as wgmma allows. On the skeleton of
 _mgpu.py (persistent tiles, a TMA producer warpgroup, two compute warpgroups side by side along the
 channels), per 128-K step each compute warpgroup
-  1. loads its INT4 tile [64, 128] from shared memory in Mosaic's 4-bit upcast register layout, moves it
-     to the wgmma operand layout while still 4-bit, and converts it to bf16 (q in [-8, 7], exact),
+  1. loads its INT4 tile [64, 128] from shared memory in Mosaic's 4-bit upcast register layout (flipping
+     bit 3 of each canonical code u = q + 8 into q), moves it to the wgmma operand layout while still
+     4-bit, and converts it to bf16 (q in [-8, 7], exact),
   2. applies the group's zero and scale per channel in bf16: a = (q - (zero - 8)) * scale, one rounding,
   3. issues one wgmma of a (registers) against the step's x tile (shared memory, read transposed) into the
      warpgroup's f32 accumulator, which runs across all of K,
@@ -19,9 +21,10 @@ peer kernels (Marlin, Machete) do; products and sums are f32. Scales and zeros e
 bf16 checkpoints; an f16 or f32 scale is rounded to bf16 first). Tolerance stated by the tests and the
 probe: |y - ref| <= 1e-2 * |ref| + 1e-2 * rms(ref) against w4a16.w4a16_matmul_reference.
 
-Inputs: x bf16 [M, K]; the canonical packed uint8 [N, K/2] (codes u = q + 8, low nibble = even k), turned
-into jnp.int4 [N, K] by `as_int4` (one XLA pass over the weights; a caller holding the weights can do it
-once); scale [N, K/128] and zero [N, K/128] (optional) as rows per K-step ([K/128, N], transposed here).
+Inputs: x bf16 [M, K]; the canonical packed uint8 [N, K/2] (codes u = q + 8, low nibble = even k), read
+through an int4 view of the same bytes (no pass; measured as fast as weights converted beforehand by
+`as_int4`, which the kernel also takes); scale [N, K/128] and zero [N, K/128] (optional) as rows per
+K-step ([K/128, N], transposed here).
 Shapes: group 128, K % 128 == 0, N % 128 == 0; M is padded to tile_tokens.
 The kernel needs a Hopper GPU and jax >= 0.11 (no interpret mode): CPU CI checks its rules and that it
 lowers; benchmarks/gemm_probe.py --parts w4mgpu checks it against the reference on a GPU.
