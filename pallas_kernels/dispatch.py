@@ -5,9 +5,9 @@ Paths:
   'gemv'         M=1: the int32-word GEMVs (CUDA cores, no MMA) of w4a16_gemv.py (W4A16; W4A8 on its E4M3
                  codes, input_scale after the sum) and fp4_gemv.py (NVFP4, MXFP4)
   'mgpu'         the Mosaic GPU kernels (TMA, wgmma, warp specialization; Hopper only): W4A16 group 128 from
-                 M=2 (w4a16_mgpu.py, weights decoded in registers, swap-AB; W4A8 too, on its E4M3 codes
-                 widened to bf16 with input_scale folded into the group scales) and FP8 block-scaled at large
-                 M (fp8_block_mgpu.py). In interpret mode or on another GPU the Pallas Triton kernel stands in
+                 M=2 (w4a16_mgpu.py, weights decoded in registers, swap-AB; W4A8 from M=2 on its FP8
+                 variant: weights decoded to e4m3, e4m3 wgmma) and FP8 block-scaled at large M
+                 (fp8_block_mgpu.py). In interpret mode or on another GPU the Pallas Triton kernel stands in
   'xla_dequant'  dequantise the weights once per call to bf16, then XLA's cuBLAS dot (large M, where the
                  GEMM is compute-bound and cuBLAS beats the Pallas kernel by more than the dequant pass)
   'xla'          XLA's own FP8 cuBLASLt path (per-tensor and rowwise FP8)
@@ -114,13 +114,18 @@ MGPU_FP8_TILES = {256: MgpuFp8Config(64, 128, "n", 4), "larger": MgpuFp8Config(6
 # kernel / previous plan / XLA bf16): 8b.gate_up M=16 43 / 56 / 86, M=64 51 / 89 / 89, M=256 124 / 248 / 128,
 # M=1024 364 / 528 / 390, M=4096 1475 / 1648 / 1601; 8b.down M=64 35 / 48 / 56, M=1024 173 / 239 / 166; 8b.qkv
 # M=256 46 / 76 / 37. Token tile per M bucket; the K split and the 128 / 256 choice by how full the last wave
-# of CTA tiles is (measured: qkv M=1024 t128 94 us vs t256 100; down M=1024 t256 173 vs t128 203).
-MGPU_W4_TILE = {16: 16, 64: 64, 256: 64, "larger": 256}
-# W4A8 on the same kernel (E4M3 codes widened to bf16) beat the packed-4 plan from M=64 on every 8B layer (us,
-# qkv / gate_up / down: M=64 26 / 57 / 32 vs 37 / 115 / 58; M=256 53 / 125 / 89 vs 83 / 267 / 167; M=4096
-# 347 / 1435 / 839 vs 442 / 1843 / 875, run 16 against run 14); at M=16 it was mixed (29 / 46 / 52 vs 27 / 71 /
-# 42), so the M=16 bucket keeps the packed-4 kernel.
-MGPU_W4A8_AFTER = 16
+# of CTA tiles is (measured: qkv M=1024 t128 94 us vs t256 100; down M=1024 t256 173 vs t128 203). M=256 (run
+# 17, us): t128 split 1 / 2 / 4, t64 split 1 / 2: qkv 42.5 / 45.4 / 42.0, 48.9 / 45.5; down 98.2 / 59.9 / 62.8,
+# 77.9 / 85.0 (XLA bf16 31.9 and 59.7): t128, split only below half the SMs.
+MGPU_W4_TILE = {16: 16, 64: 64, 256: 128, "larger": 256}
+# W4A8 from M=2: the FP8-tensor-core variant (w4a8_matmul_mgpu, INT4 -> e4m3 in registers, e4m3 wgmma
+# promoted per K-step), token tiles <= 128. Run 17 (us, qkv / gate_up / down, against the W4A16 kernel on the
+# E4M3 codes widened to bf16 and XLA bf16): M=64 26.9 / 50.5 / 37.9 vs 29.5 / 56.0 / 33.4 vs 46.1 / 86.8 /
+# 58.8; M=256 30.8 / 101.9 / 56.5 vs 54.7 / 127.2 / 91.0 vs 49.9 / 128.0 / 60.0; M=4096 302 / 1257 / 703 vs
+# 346 / 1482 / 826 vs 313 / 1527 / 729. It is also the more exact: its e4m3 x int4 products and per-step sums
+# are exact, where the widened path rounds weight_scale * input_scale and each weight to bf16 (which failed
+# the elementwise 1e-2 check at gate_up M=256 and M=4096). M=16 (run 18, a noisy run: its XLA bf16 qkv M=256
+# read 58.8 us against 31.9 in run 17): 31.9 / 44.4 / 36.9 vs the packed-4 kernel's 29.8 / 179.0 / 43.2.
 
 
 def _wave_fill(tiles: int) -> float:
@@ -128,22 +133,23 @@ def _wave_fill(tiles: int) -> float:
     return tiles / (cm.cdiv(tiles, cm.NUM_SMS) * cm.NUM_SMS)
 
 
-def mgpu_w4_config(m: int, n: int, k: int) -> MgpuW4Config:
-    """W4A16 Mosaic GPU tiles for this shape: the bucket's token tile (M=256: 128 where that still gives two
-    tiles per SM; larger M: 256 unless its last wave is under 80 % full, then 128), then the smallest K split
-    (<= 4) that gives three quarters of the SMs a tile (measured, 8b.down M=16: 70 / 40 / 37 us at split 1 / 2 /
-    4; at 128 tiles split 2 gained nothing)."""
+def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False) -> MgpuW4Config:
+    """W4A16 Mosaic GPU tiles for this shape (fp8: for the W4A8 FP8-tensor-core variant, token tiles <= 128):
+    the bucket's token tile (larger M: 256 unless its last wave is under 80 % full, then 128), then the
+    smallest K split (<= 4) that gives a tile to three quarters of the SMs (token tiles < 128) or half of them
+    (>= 128). Measured, 8b.down M=16: 70 / 40 / 37 us at split 1 / 2 / 4; M=256 with t128 (run 17): down
+    (64 tiles) 98 / 60 us at split 1 / 2, qkv (96 tiles) 42.5 / 45.4."""
     bucket = m_bucket(m)
     t = MGPU_W4_TILE.get(bucket, MGPU_W4_TILE["larger"])
     channel_tiles = n // w4a16_mgpu.CTA_CHANNELS
-    if bucket == 256 and channel_tiles * cm.cdiv(m, 128) >= 2 * cm.NUM_SMS:
+    if t == 256 and (fp8 or _wave_fill(channel_tiles * cm.cdiv(m, 256)) < 0.8):
         t = 128
-    if t == 256 and _wave_fill(channel_tiles * cm.cdiv(m, 256)) < 0.8:
-        t = 128
+    fill = 0.5 if t >= 128 else 0.75
     split = 1
-    while channel_tiles * cm.cdiv(m, t) * split < 0.75 * cm.NUM_SMS and split < 4 and k % (256 * split) == 0:
+    while channel_tiles * cm.cdiv(m, t) * split < fill * cm.NUM_SMS and split < 4 and k % (256 * split) == 0:
         split *= 2
-    return MgpuW4Config(tile_tokens=t, stages=w4a16_mgpu.fit_stages(t, split_k=split), split_k=split)
+    stages = w4a16_mgpu.fit_stages(t, split_k=split, asym=not fp8, x_bytes=1 if fp8 else 2)
+    return MgpuW4Config(tile_tokens=t, stages=stages, split_k=split)
 
 
 def fill_split(progs: int, chunks: int, target: int) -> int:
@@ -197,8 +203,8 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128, mosaic: bool = T
     plan without the W4A16 / W4A8 Mosaic GPU kernel (interpret mode, GPUs before Hopper)."""
     if recipe in ("fp8", "fp8_rowwise"):
         return Plan("xla")
-    if mosaic and (recipe == "w4a16" and m > 1 or recipe == "w4a8" and m > MGPU_W4A8_AFTER):
-        cfg = mgpu_w4_config(m, n, k)
+    if mosaic and recipe in ("w4a16", "w4a8") and m > 1:
+        cfg = mgpu_w4_config(m, n, k, fp8=recipe == "w4a8")
         if w4a16_mgpu.can_use(m, n, k, group, cfg):
             return Plan("mgpu", cfg)
     if m_bucket(m) >= XLA_DEQUANT_FROM.get(recipe, 1 << 30):
@@ -345,10 +351,10 @@ def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None =
         xq = cm.quantize_fp8_static(x, w["input_scale"])
         return w4a16_gemv.w4a16_gemv(xq, w["packed"], w["weight_scale"], post_scale=w["input_scale"],
                                      config=cfg or gemv_config(n, k, group), out_dtype=x.dtype, interpret=interpret)
-    if p.path == "mgpu" and recipe == "w4a8":           # E4M3 codes exact in bf16; bf16(weight_scale * input_scale)
-        xq = cm.quantize_fp8_static(x, w["input_scale"]).astype(jnp.bfloat16)
-        scale = w["weight_scale"].astype(jnp.float32) * w["input_scale"]
-        return w4a16_mgpu.w4a16_matmul_mgpu(xq, w["packed"], scale, config=cfg).astype(x.dtype)
+    if p.path == "mgpu" and recipe == "w4a8":           # FP8 tensor cores on the E4M3 codes
+        xq = cm.quantize_fp8_static(x, w["input_scale"])
+        return w4a16_mgpu.w4a8_matmul_mgpu(xq, w["input_scale"], w["packed"], w["weight_scale"],
+                                           config=cfg).astype(x.dtype)
     if p.path == "mgpu" and recipe == "w4a16":
         if w.get("perm") is not None:
             x = jnp.take(x, w["perm"], axis=1)

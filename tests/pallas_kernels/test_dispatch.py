@@ -22,13 +22,17 @@ def test_plan_buckets():
     assert small_m.path == "mgpu" and small_m.config.tile_tokens == 16 and small_m.config.split_k == 4
     assert dispatch.plan("w4a16", 64, 28672, 4096).config.split_k == 1           # 224 channel tiles: no split
     assert dispatch.plan("w4a16", 256, 28672, 4096).config.tile_tokens == 128
+    narrow = [dispatch.plan("w4a16", 256, n, 4096).config for n in (6144, 4096)]   # t128; split below 66 tiles
+    assert [(c.tile_tokens, c.split_k) for c in narrow] == [(128, 1), (128, 2)]
     assert dispatch.plan("w4a16", 1024, 6144, 4096).config.tile_tokens == 128    # t256: last wave 45 % full
     assert dispatch.plan("w4a16", 4096, 4096, 4096).config.tile_tokens == 256
     assert dispatch.plan("w4a16", 64, 4096, 4096, group=64).path == "pallas"      # group 128 only
     assert dispatch.plan("w4a16", 64, 4096 + 64, 4096).path == "pallas"           # N off the 128 channels
     assert dispatch.plan("w4a8", 1, 28672, 4096).path == "gemv"                  # W4A8 M=1: word GEMV
-    assert dispatch.plan("w4a8", 64, 28672, 4096).path == "mgpu"                 # E4M3 codes on the W4A16 kernel
-    assert dispatch.plan("w4a8", 16, 28672, 4096).path == "pallas"               # M=16: packed-4 (measured)
+    fp8_mma = [dispatch.plan("w4a8", m, 6144, 4096) for m in (2, 64, 256, 4096)]  # FP8 tensor-core variant
+    assert all(p.path == "mgpu" for p in fp8_mma)
+    assert [(p.config.tile_tokens, p.config.split_k) for p in fp8_mma] == [(16, 4), (64, 4), (128, 1), (128, 1)]
+    assert dispatch.plan("w4a8", 16, 28672, 4096, mosaic=False).path == "pallas"  # elsewhere: packed-4
     assert dispatch.plan("w4a8", 4096, 4096, 4096, mosaic=False).path == "xla_dequant"
     assert dispatch.plan("nvfp4", 1, 28672, 4096).path == "gemv"                 # FP4 word GEMV
     assert dispatch.plan("mxfp4", 1, 4096, 4096).config.split_k == 8
