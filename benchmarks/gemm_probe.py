@@ -18,19 +18,20 @@
    against the reference, timed against the dispatcher's packed-4 plan.
 
 6. The Mosaic GPU W4A16 kernel (`w4mgpu`, pallas_kernels/w4a16_mgpu.py) from M=16 up: token tiles and K
-   splits per M on the canonical uint8 weights, then the best on int4 weights converted beforehand and on
-   asymmetric weights, checked against the reference, timed against the dispatcher's plan and XLA bf16.
+   splits per M on the canonical uint8 weights, then the best on asymmetric weights, checked against the reference, timed against the dispatcher's plan and XLA bf16.
 
 7. W4A8 at M=1 on the word GEMV (`w4a8gemv`): the E4M3 activation codes as the GEMV's x and input_scale
    after the sum, per tile, checked against the W4A8 reference, timed against the dispatcher's packed-4 plan
    and XLA bf16.
 
-8. W4A8 on FP8 tensor cores (`w4a8mgpu`, w4a16_mgpu.w4a8_matmul_mgpu, an experiment): token tiles and K
-   splits per M, checked against the W4A8 reference, timed against the dispatcher's plan (the W4A16 Mosaic
-   kernel on widened E4M3 codes) and XLA bf16.
+8. W4A8 on FP8 tensor cores (`w4a8mgpu`, w4a16_mgpu.w4a8_matmul_mgpu): token tiles and K splits per M,
+   checked against the W4A8 reference, timed against the dispatcher's plan and XLA bf16.
+
+9. Compile time (`compile`) of chains of 1, 8 and 32 planned GEMMs (8B o shape) per recipe at M=1 and 16.
 
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
-                                                              # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu
+                                                              # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
+                                                              # compile
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
 Writes DIR/gemm_probe_<card>_<date>.json and prints a table.
 """
@@ -42,6 +43,7 @@ import itertools
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gemm as G  # noqa: E402  (sets XLA_PYTHON_CLIENT_PREALLOCATE before jax is imported)
@@ -414,17 +416,17 @@ def w4_mgpu_configs(m):
     elif m <= 64:
         points = [(64, 1), (64, 2), (64, 4), (32, 1)]
     elif m <= 256:
-        points = [(128, 1), (128, 2), (64, 1), (64, 2)]
+        points = [(128, 1), (128, 2), (128, 4), (64, 1), (64, 2), (64, 4)]
     else:
         points = [(128, 1), (256, 1)]
-    return [(f"t{t}_k{split}", w4.MgpuW4Config(tile_tokens=t, stages=w4.fit_stages(t), split_k=split))
+    return [(f"t{t}_k{split}", w4.MgpuW4Config(tile_tokens=t, stages=w4.fit_stages(t, split_k=split), split_k=split))
             for t, split in points]
 
 
 def probe_w4_mgpu(rows, shapes, ms, flush):
     """The Mosaic GPU W4A16 kernel (swap-AB, weights decoded in registers) on the canonical uint8 weights:
-    symmetric per tiling, then the best tiling on pre-converted int4 weights and asymmetric, each checked
-    against the reference, against the dispatcher's plan and XLA bf16."""
+    symmetric per tiling, then the best tiling on asymmetric weights, each checked against the reference,
+    against the dispatcher's plan and XLA bf16."""
     from pallas_kernels import w4a16_mgpu as w4
     for name, m, n, k, x in _large_m_points(shapes, ms):
         best = None
@@ -445,10 +447,6 @@ def probe_w4_mgpu(rows, shapes, ms, flush):
                     t = record(label, kernel(cfg))
                     if t is not None and recipe == "w4a16" and (best is None or t < best[0]):
                         best = (t, cfg)
-            if best and recipe == "w4a16":             # the same tiling on weights converted to int4 beforehand
-                pre = [(x, {**w, "packed": w4.as_int4(w["packed"])}) for w in ws]
-                record("best_preconverted_int4", kernel(best[1]), pre)
-                del pre
             record("plan", G.jax_op(recipe))
             del ws
         wb = [G.make_weights("xla_bf16", n, k, seed=70 + r) for r in range(2)]
@@ -522,6 +520,32 @@ def probe_w4a8_gemv(copy_tbps, rows, shapes, flush):
         flush()
 
 
+def probe_compile(rows, flush, layers=(1, 8, 32), ms=(1, 16)):
+    """Compile time of a chain of `layers` GEMMs of the 8B o shape (4096 x 4096), each with its own weights,
+    per recipe and M: what a model without a layer scan pays per linear layer at jit time."""
+    n = k = 4096
+    for recipe in ("xla_bf16", "w4a16", "w4a8"):
+        op = G.jax_op(recipe)
+        for m in ms:
+            for count in layers:
+                ws = [G.make_weights(recipe, n, k, seed=100 + i) for i in range(count)]
+                x = G.rand_x(m, k, 1)
+
+                def chain(x, ws):
+                    for w in ws:
+                        x = op(x, w)
+                    return x
+
+                start = time.perf_counter()
+                jax.jit(chain).lower(x, ws).compile()
+                seconds = time.perf_counter() - start
+                rows.append({"part": "compile", "recipe": recipe, "M": m, "layers": count,
+                             "compile_s": round(seconds, 2)})
+                G.log(f"compile {recipe:8s} M={m:3d} {count:3d} layers: {seconds:6.2f} s")
+                del ws
+                flush()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="gemv,fp8")
@@ -556,6 +580,8 @@ def main():
             probe_fp4_gemv(copy_tbps, rows, args.shapes.split(","), flush)
         if "mgpu" in parts:
             probe_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
+        if "compile" in parts:
+            probe_compile(rows, flush)
         if "xla4" in parts:
             probe_xla4(copy_tbps, rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush,
                        args.out)
