@@ -609,7 +609,7 @@ def step_hlo(out_dir, env):
 
 
 def write_outputs(out_dir, env, rows, checks, sweeps):
-    stamp = datetime.date.today().isoformat()
+    stamp = env["date"][:16].replace(":", "")         # to the minute: a second run that day keeps the first's
     card = env["card"].replace(" ", "_")
     base = os.path.join(out_dir, f"gemm_{card}_{stamp}")
     with open(base + ".json", "w") as f:
