@@ -77,13 +77,16 @@ def can_use(m: int, n: int, k: int, group: int, cfg: MgpuW4Config = DEFAULT) -> 
 SMEM_BYTES = 232448                                     # a Hopper CTA's shared memory (227 KiB)
 
 
-def fit_stages(tile_tokens: int, most: int = 8, split_k: int = 1, asym: bool = True, x_bytes: int = 2) -> int:
+def fit_stages(tile_tokens: int, most: int = 8, split_k: int = 1, asym: bool = True, x_bytes: int = 2,
+               scale_rows: int = 1, f32_out: bool = False) -> int:
     """The most K-steps in flight (<= most) whose operand buffers (each rounded to 1 KiB; x_bytes per
-    activation: 2 for bf16, 1 for e4m3) and epilogue (f32 with split_k > 1) fit in shared memory, with room
+    activation: 2 for bf16, 1 for e4m3; scale_rows bf16 rows of 128 channels per step: 1 for a group of 128, 8
+    for NVFP4's blocks of 16) and epilogue (f32 with split_k > 1 or f32_out) fit in shared memory, with room
     for the barriers (measured: 4 KiB)."""
     kib = lambda b: -(-b // 1024) * 1024  # noqa: E731
-    per_stage = kib(tile_tokens * GROUP * x_bytes) + kib(CTA_CHANNELS * GROUP // 2) + (2 if asym else 1) * 1024
-    epilogue = 2 * 2 * min(DEFAULT.epi_tokens, tile_tokens) * WG_CHANNELS * (4 if split_k > 1 else 2)
+    rows = kib(scale_rows * CTA_CHANNELS * 2) + (1024 if asym else 0)
+    per_stage = kib(tile_tokens * GROUP * x_bytes) + kib(CTA_CHANNELS * GROUP // 2) + rows
+    epilogue = 2 * 2 * min(DEFAULT.epi_tokens, tile_tokens) * WG_CHANNELS * (4 if split_k > 1 or f32_out else 2)
     return max(min(most, (SMEM_BYTES - epilogue - 4608) // per_stage), 1)
 
 
@@ -97,7 +100,7 @@ def as_int4(packed: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(packed ^ jnp.uint8(0x88), jnp.int4).reshape(n, -1)
 
 
-def _bits_as_int4(packed: jax.Array) -> jax.Array:
+def bits_as_int4(packed: jax.Array) -> jax.Array:
     """Canonical uint8 [N, K/2] -> int4 [N, K] of the same bits (u read as signed; the kernel flips bit 3)."""
     return lax.bitcast_convert_type(packed, jnp.int4).reshape(packed.shape[0], -1)
 
@@ -165,7 +168,7 @@ def w4a16_matmul_mgpu(x, packed, scale, zero=None, *, config: MgpuW4Config = DEF
     rows_per_step = [scale.astype(jnp.bfloat16).T]                                 # [K/128, N]
     if zero is not None:                                                            # z - 8 in [-8, 7]: exact
         rows_per_step.append((zero.astype(jnp.float32) - 8.0).astype(jnp.bfloat16).T)
-    return _launch(x.astype(jnp.bfloat16), packed, rows_per_step, cfg, _step, acc_in_ref=True)
+    return launch_swap_ab(x.astype(jnp.bfloat16), packed, rows_per_step, cfg, _step, acc_in_ref=True)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -185,23 +188,27 @@ def w4a8_matmul_mgpu(xq, input_scale, packed, weight_scale, *, config: MgpuW4Con
                          f"weight_scale {weight_scale.shape} do not fit {cfg} (needs e4m3 xq, packed uint8 (N, K/2) "
                          f"or int4 (N, K), weight_scale (N, K/128), K % 128 == 0, N % 128 == 0, tile_tokens <= 128)")
     rows = [(weight_scale.astype(jnp.float32) * jnp.asarray(input_scale, jnp.float32)).T]     # [K/128, N]
-    return _launch(xq, packed, rows, cfg, _step_fp8, acc_in_ref=False)
+    return launch_swap_ab(xq, packed, rows, cfg, _step_fp8, acc_in_ref=False)
 
 
-def _launch(x, packed, rows_per_step: list, cfg: MgpuW4Config, step, acc_in_ref: bool):
+def launch_swap_ab(x, packed, rows_per_step: list, cfg: MgpuW4Config, step, acc_in_ref: bool,
+                   sub_k: int = GROUP, post_scale=None):
     """Runs `step` over the persistent swap-AB grid: x [M, K] (bf16 or e4m3) padded to the token tile, the
-    weights as int4 (flipped in the kernel when given as canonical uint8), one [K/128, N] row per K-step for
-    each of rows_per_step; y [M, N] bf16 (split-K partials summed in f32 first)."""
+    weights as int4 (flipped in the kernel when given as canonical uint8), one [K/sub_k, N] array per entry
+    of rows_per_step (GROUP // sub_k rows per 128-K step; x is swizzled so step can slice it every sub_k
+    columns); y [M, N] bf16. With split-K partials or an f32 post_scale (a scalar), the kernel writes f32
+    and one XLA fusion sums, scales and rounds once."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     m, k = x.shape
     n = packed.shape[0]
     flip = packed.dtype != jnp.int4
-    w = _bits_as_int4(packed) if flip else packed
+    w = bits_as_int4(packed) if flip else packed
     t, split = cfg.tile_tokens, cfg.split_k
     mp = -(-m // t) * t
     tiles_t, kb_split = mp // t, k // GROUP // split
+    rows = GROUP // sub_k
     xp = jnp.pad(x, ((0, mp - m), (0, 0)))
     x_bits = jnp.dtype(x.dtype).itemsize * 8
     grid = (n // CTA_CHANNELS, tiles_t * split)        # tile (ci, s * tiles_t + ti): K range s, tokens ti
@@ -211,20 +218,24 @@ def _launch(x, packed, rows_per_step: list, cfg: MgpuW4Config, step, acc_in_ref:
         chan = pl.ds(ci * CTA_CHANNELS, CTA_CHANNELS)
         return (ops[0].at[pl.ds(ti * t, t), pl.ds(k0 * GROUP, kb_split * GROUP)],
                 ops[1].at[chan, pl.ds(k0 * GROUP, kb_split * GROUP)],
-                *(r.at[pl.ds(k0, kb_split), chan] for r in ops[2:]))
+                *(r.at[pl.ds(k0 * rows, kb_split * rows), chan] for r in ops[2:]))
 
-    row_spec = plgpu.BlockSpec((1, CTA_CHANNELS), lambda kb: (kb, 0))
+    row_spec = plgpu.BlockSpec((rows, CTA_CHANNELS), lambda kb: (kb, 0))
     kernel = functools.partial(
         _mgpu.persistent_kernel,
         in_specs=[plgpu.BlockSpec((t, GROUP), lambda kb: (0, kb),
-                                  transforms=_mgpu.tiled_swizzle(GROUP * x_bits // 8, x_bits)),
+                                  transforms=_mgpu.tiled_swizzle(sub_k * x_bits // 8, x_bits)),
                   plgpu.BlockSpec((CTA_CHANNELS, GROUP), lambda kb: (0, kb),
                                   transforms=_mgpu.tiled_swizzle(GROUP // 2, 4))] + [row_spec] * len(rows_per_step),
         views=views, cta=(CTA_CHANNELS, t), wg_offset=lambda wg: (wg * WG_CHANNELS, 0), tile=(WG_CHANNELS, t),
         epi_n=_epi_tokens(cfg), grid=grid, k_iters=kb_split, stages=cfg.stages, grid_tile_width=cfg.grid_tile_width,
         step=functools.partial(step, flip=flip), scratch={}, acc_in_ref=acc_in_ref, transpose_out=True)
-    out_dtype = jnp.bfloat16 if split == 1 else jnp.float32
-    y = _mgpu.launch(kernel, (xp, w, *rows_per_step), (split * mp, n), out_dtype, grid[0] * grid[1])
-    if split > 1:                                       # partials [split, Mp, N], summed in f32, rounded once
-        y = jnp.sum(y.reshape(split, mp, n), axis=0).astype(jnp.bfloat16)
+    f32_out = split > 1 or post_scale is not None
+    y = _mgpu.launch(kernel, (xp, w, *rows_per_step), (split * mp, n), jnp.float32 if f32_out else jnp.bfloat16,
+                     grid[0] * grid[1])
+    if f32_out:                                         # partials [split, Mp, N], summed in f32, rounded once
+        y = jnp.sum(y.reshape(split, mp, n), axis=0)
+        if post_scale is not None:
+            y = y * jnp.asarray(post_scale, jnp.float32)
+        y = y.astype(jnp.bfloat16)
     return y[:m]

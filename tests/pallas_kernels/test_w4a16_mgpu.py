@@ -23,10 +23,10 @@ def test_as_int4_holds_the_signed_codes_in_order():
 
 
 def test_the_int4_view_of_the_canonical_bytes_flips_to_the_codes():
-    """The kernel reads uint8 weights through _bits_as_int4 and flips bit 3 of each nibble: q = u ^ 8 read
+    """The kernel reads uint8 weights through bits_as_int4 and flips bit 3 of each nibble: q = u ^ 8 read
     as signed equals u - 8 for every code."""
     packed = npo.rand_packed(npo.rng_for("w4a16_mgpu_bits"), 16, 128)
-    bits = w4._bits_as_int4(jnp.asarray(packed))
+    bits = w4.bits_as_int4(jnp.asarray(packed))
     flipped = np.asarray((bits ^ jnp.int4(-8)).astype(jnp.int32))
     np.testing.assert_array_equal(flipped, np.asarray(w4.as_int4(jnp.asarray(packed)).astype(jnp.int32)))
 
