@@ -27,11 +27,14 @@
 8. W4A8 on FP8 tensor cores (`w4a8mgpu`, w4a16_mgpu.w4a8_matmul_mgpu): token tiles and K splits per M,
    checked against the W4A8 reference, timed against the dispatcher's plan and XLA bf16.
 
-9. Compile time (`compile`) of chains of 1, 8 and 32 planned GEMMs (8B o shape) per recipe at M=1 and 16.
+9. NVFP4 / MXFP4 on the Mosaic GPU swap-AB kernel (`fp4mgpu`, pallas_kernels/fp4_mgpu.py): token tiles and K
+   splits per M, checked against the format's reference, timed against the dispatcher's plan and XLA bf16.
+
+10. Compile time (`compile`) of chains of 1, 8 and 32 planned GEMMs (8B o shape) per recipe at M=1 and 16.
 
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
-                                                              # compile
+                                                              # fp4mgpu, compile
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
 Writes DIR/gemm_probe_<card>_<date>.json and prints a table.
 """
@@ -456,6 +459,38 @@ def probe_w4_mgpu(rows, shapes, ms, flush):
         flush()
 
 
+def probe_fp4_mgpu(rows, shapes, ms, flush):
+    """NVFP4 / MXFP4 on the Mosaic GPU swap-AB kernel (fp4_mgpu.py) per token tile and K split, checked
+    against the format's reference, timed against the dispatcher's plan and XLA bf16."""
+    from pallas_kernels import fp4_mgpu as f4
+    from pallas_kernels import w4a16_mgpu as w4
+    for name, m, n, k, x in _large_m_points(shapes, ms):
+        for recipe in ("nvfp4", "mxfp4"):
+            ws = [G.make_weights(recipe, n, k, seed=110 + r) for r in range(2)]
+
+            def record(variant, op):
+                _record_large_m(rows, flush, "fp4mgpu", name, m, n, k, f"{recipe}.{variant}", op,
+                                [(x, w) for w in ws], lambda: G.check_op(recipe, op, x, ws[0]))
+
+            for label, cfg in w4_mgpu_configs(m):
+                cfg = dataclasses.replace(cfg, stages=f4.fit_stages(recipe, cfg.tile_tokens, cfg.split_k))
+                if not w4.can_use(m, n, k, 128, cfg):
+                    continue
+                if recipe == "nvfp4":
+                    record(label, lambda xx, w, c=cfg: f4.nvfp4_matmul_mgpu(
+                        xx, w["packed"], w["block_scale"], w["global_scale"], config=c))
+                else:
+                    record(label, lambda xx, w, c=cfg: f4.mxfp4_matmul_mgpu(xx, w["packed"], w["scale"], config=c))
+            record("plan", G.jax_op(recipe))
+            del ws
+        wb = [G.make_weights("xla_bf16", n, k, seed=120 + r) for r in range(2)]
+        _record_large_m(rows, flush, "fp4mgpu", name, m, n, k, "xla_bf16", G.jax_op("xla_bf16"),
+                        [(x, w) for w in wb])
+        del wb
+        gc.collect()
+        flush()
+
+
 def probe_w4a8_mgpu(rows, shapes, ms, flush):
     """W4A8 on FP8 tensor cores (w4a16_mgpu.w4a8_matmul_mgpu) per token tile and K split, against the
     W4A8 reference, the dispatcher's plan and XLA bf16."""
@@ -550,7 +585,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="gemv,fp8")
     ap.add_argument("--shapes", default="8b.gate_up,8b.o,8b.qkv,8b.down,70b.gate_up,70b.down")
-    ap.add_argument("--ms", default="1,16,64,256,1024,4096", help="M values of the xla4, mgpu, w4mgpu and fp8 parts")
+    ap.add_argument("--ms", default="1,16,64,256,1024,4096",
+                    help="M values of the xla4, mgpu, w4mgpu, w4a8mgpu, fp4mgpu and fp8 parts")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -572,6 +608,8 @@ def main():
             probe_fp8(rows, flush, args.shapes.split(","), [int(v) for v in args.ms.split(",")])
         if "w4mgpu" in parts:
             probe_w4_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
+        if "fp4mgpu" in parts:
+            probe_fp4_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4a8mgpu" in parts:
             probe_w4a8_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4a8gemv" in parts:
