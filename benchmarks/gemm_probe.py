@@ -11,14 +11,16 @@
    GEMM instead of materialising a bf16 weight; timed per M against XLA bf16 and today's dispatcher plan,
    with the compiled HLO's kind of GEMM (cuBLAS call or Triton fusion).
 
-4. The Mosaic GPU FP8 block-scaled kernel (`mgpu`, pallas_kernels/fp8_block_mgpu.py): configs checked against
-   the reference, timed against the Triton kernel, XLA's FP8 per-tensor GEMM, torch._scaled_mm and XLA bf16.
+4. The Mosaic GPU FP8 block-scaled kernel (`mgpu`, pallas_kernels/fp8_block_mgpu.py): configs (with and
+   without the promotion overlap) checked against the reference, timed against the Triton kernel, XLA's FP8
+   per-tensor GEMM, torch._scaled_mm and XLA bf16.
 
 5. The FP4 word GEMV (`fp4gemv`, pallas_kernels/fp4_gemv.py) at M=1 for NVFP4 and MXFP4: a few tiles checked
    against the reference, timed against the dispatcher's packed-4 plan.
 
 6. The Mosaic GPU W4A16 kernel (`w4mgpu`, pallas_kernels/w4a16_mgpu.py) from M=16 up: token tiles and K
-   splits per M on the canonical uint8 weights, then the best on asymmetric weights, checked against the reference, timed against the dispatcher's plan and XLA bf16.
+   splits per M on the canonical uint8 weights, then the best on asymmetric weights, checked against the
+   reference, timed against the dispatcher's plan and XLA bf16.
 
 7. W4A8 at M=1 on the word GEMV (`w4a8gemv`): the E4M3 activation codes as the GEMV's x and input_scale
    after the sum, per tile, checked against the W4A8 reference, timed against the dispatcher's packed-4 plan
@@ -315,7 +317,9 @@ MGPU_CONFIGS = (("m64n128_wgN_s4", dict(tile_m=64, tile_n=128, wg_dim="n", stage
                 ("m64n128_wgM_s5", dict(tile_m=64, tile_n=128, wg_dim="m", stages=5)),
                 ("m64n128_wgM_s5_w16", dict(tile_m=64, tile_n=128, wg_dim="m", stages=5, grid_tile_width=16)),
                 ("m128n128_wgM_s3", dict(tile_m=128, tile_n=128, wg_dim="m", stages=3)),
-                ("m64n256_wgM_s3", dict(tile_m=64, tile_n=256, wg_dim="m", stages=3)))
+                ("m64n256_wgM_s3", dict(tile_m=64, tile_n=256, wg_dim="m", stages=3)),
+                ("m64n128_wgM_s4_overlap", dict(tile_m=64, tile_n=128, wg_dim="m", stages=4, overlap=True)),
+                ("m64n128_wgN_s4_overlap", dict(tile_m=64, tile_n=128, wg_dim="n", stages=4, overlap=True)))
 
 
 def probe_mgpu(rows, shapes, ms, flush):

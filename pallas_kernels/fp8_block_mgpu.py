@@ -34,7 +34,9 @@ BLOCK = 128
 class MgpuFp8Config:
     """tile_m x tile_n: one compute warpgroup's output tile (tile_m a multiple of 64); two warpgroups
     side by side along `wg_dim` ("m" or "n") make the CTA tile. stages: K-steps in flight (shared memory:
-    stages * (cta_m + cta_n) * 128 bytes). grid_tile_width: tiles per band of the snake order (L2 reuse)."""
+    stages * (cta_m + cta_n) * 128 bytes). grid_tile_width: tiles per band of the snake order (L2 reuse).
+    overlap: promote step b-1's partial product while step b's wgmma runs (DeepGEMM's overlap; carries one
+    more [tile_m, tile_n] f32 tile in registers)."""
 
     tile_m: int = 64
     tile_n: int = 128
@@ -42,6 +44,7 @@ class MgpuFp8Config:
     stages: int = 4
     grid_tile_width: int = 8
     epi_tile_n: int = 64
+    overlap: bool = False
 
     @property
     def cta_m(self) -> int:
@@ -61,22 +64,66 @@ def can_use(m: int, n: int, k: int, cfg: MgpuFp8Config = DEFAULT) -> bool:
             and cfg.wg_dim in ("m", "n") and m >= 1)
 
 
+def _views(wg, cfg: MgpuFp8Config):
+    """The warpgroup's rows of x and columns of w inside the CTA tile."""
+    import jax.experimental.pallas as pl
+    wg_m = pl.ds(wg * cfg.tile_m, cfg.tile_m) if cfg.wg_dim == "m" else slice(None)
+    wg_n = pl.ds(wg * cfg.tile_n, cfg.tile_n) if cfg.wg_dim == "n" else slice(None)
+    return wg_m, wg_n
+
+
+def _scales(sx_smem, sw_smem, wg_m, wg_n):
+    """The step's x scales (one per row, WGMMA row layout) and w scales (one per column)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    return (plgpu.load(sx_smem.at[0, wg_m], (), layout=plgpu.Layout.WGMMA.reduce(1)),
+            plgpu.load(sw_smem.at[0, wg_n], (), layout=plgpu.Layout.WGMMA.reduce(0)))
+
+
 def _step(wg, _scratch, x_smem, w_smem, sx_smem, sw_smem, acc, *, cfg: MgpuFp8Config):
     """One 128-K step of a compute warpgroup: a fresh wgmma, promoted into acc with the step's scales."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    wg_m = pl.ds(wg * cfg.tile_m, cfg.tile_m) if cfg.wg_dim == "m" else slice(None)
-    wg_n = pl.ds(wg * cfg.tile_n, cfg.tile_n) if cfg.wg_dim == "n" else slice(None)
+    wg_m, wg_n = _views(wg, cfg)
 
     def mma(acc_ref):
         plgpu.wgmma(acc_ref, x_smem.at[wg_m], plgpu.transpose_ref(w_smem.at[wg_n], (1, 0)))
         return acc_ref[...]
 
     part = pl.run_scoped(mma, plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32))
-    sx = plgpu.load(sx_smem.at[0, wg_m], (), layout=plgpu.Layout.WGMMA.reduce(1))
-    sw = plgpu.load(sw_smem.at[0, wg_n], (), layout=plgpu.Layout.WGMMA.reduce(0))
-    return _mgpu.scaled_sum(acc, part, sx, sw)
+    return _mgpu.scaled_sum(acc, part, *_scales(sx_smem, sw_smem, wg_m, wg_n))
+
+
+def _step_overlapped(wg, _scratch, x_smem, w_smem, sx_smem, sw_smem, carry, *, cfg: MgpuFp8Config):
+    """The same step with the promotion of the previous step's partial product (carried with its scales)
+    issued while this step's wgmma runs; both operands are in shared memory, which the pipeline releases
+    only after the step (its wgmma done)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    acc, prev, prev_sx, prev_sw = carry
+    wg_m, wg_n = _views(wg, cfg)
+
+    def mma(acc_ref):
+        plgpu.wgmma(acc_ref, x_smem.at[wg_m], plgpu.transpose_ref(w_smem.at[wg_n], (1, 0)))
+        promoted = _mgpu.scaled_sum(acc, prev, prev_sx, prev_sw)
+        return promoted, acc_ref[...]
+
+    acc, part = pl.run_scoped(mma, plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32))
+    return (acc, part, *_scales(sx_smem, sw_smem, wg_m, wg_n))
+
+
+def _overlap_carry(zero):
+    """(sum, previous partial, its x scales, its w scales), all zero."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    tile_m, tile_n = zero.shape
+    return (zero, zero, plgpu.layout_cast(jnp.zeros((tile_m,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((tile_n,), jnp.float32), plgpu.Layout.WGMMA.reduce(0)))
+
+
+def _overlap_finish(carry):
+    acc, prev, prev_sx, prev_sw = carry
+    return _mgpu.scaled_sum(acc, prev, prev_sx, prev_sw)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "out_dtype"))
@@ -115,6 +162,8 @@ def fp8_block_matmul_mgpu(xq, x_scale, wq, w_scale, *, config: MgpuFp8Config = D
         wg_offset=lambda wg: (wg * cfg.tile_m if cfg.wg_dim == "m" else 0,
                               wg * cfg.tile_n if cfg.wg_dim == "n" else 0),
         tile=(cfg.tile_m, cfg.tile_n), epi_n=cfg.epi_tile_n, grid=grid, k_iters=kb, stages=cfg.stages,
-        grid_tile_width=cfg.grid_tile_width, step=functools.partial(_step, cfg=cfg), scratch={})
+        grid_tile_width=cfg.grid_tile_width,
+        step=functools.partial(_step_overlapped if cfg.overlap else _step, cfg=cfg), scratch={},
+        carry_init=_overlap_carry if cfg.overlap else None, finish=_overlap_finish if cfg.overlap else None)
     y = _mgpu.launch(kernel, (xq, wq, sx_t, sw_t), (mp, n), out_dtype, grid[0] * grid[1])
     return y[:m]
