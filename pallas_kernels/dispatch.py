@@ -203,7 +203,7 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128, mosaic: bool = T
     plan without the W4A16 / W4A8 Mosaic GPU kernel (interpret mode, GPUs before Hopper)."""
     if recipe in ("fp8", "fp8_rowwise"):
         return Plan("xla")
-    if mosaic and recipe in ("w4a16", "w4a8") and m > 1:
+    if mosaic and recipe in ("w4a16", "w4a8") and m > 1 and group == w4a16_mgpu.GROUP:     # measured at 128
         cfg = mgpu_w4_config(m, n, k, fp8=recipe == "w4a8")
         if w4a16_mgpu.can_use(m, n, k, group, cfg):
             return Plan("mgpu", cfg)

@@ -30,7 +30,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from pallas_kernels import w4a16_mgpu as w4
 from pallas_kernels.w4a16_mgpu import MgpuW4Config
@@ -58,13 +57,8 @@ def _step(wg, _scratch, x_smem, w_smem, s_smem, acc_ref, *, flip: bool, block: i
     channels = pl.ds(wg * w4.WG_CHANNELS, w4.WG_CHANNELS)
     v = plgpu.layout_cast(plgpu.load(w_smem.at[channels], (), layout=plgpu.Layout.WGMMA_UPCAST_4X),
                           plgpu.Layout.WGMMA).astype(jnp.bfloat16)
-    values = e2m1_from_signed_nibble(v)
-    for j in range(w4.GROUP // block):
-        scale = plgpu.load(s_smem.at[j, channels], (), layout=plgpu.Layout.WGMMA.reduce(1))
-        a = values[:, j * block:(j + 1) * block] * lax.broadcast_in_dim(scale, (w4.WG_CHANNELS, block), [0])
-        plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(j * block, block)].T)
-    plgpu.wgmma_wait(0)
-    return acc_ref
+    return w4.wgmma_blocks(acc_ref, e2m1_from_signed_nibble(v), x_smem, block,
+                           lambda j, a_j: a_j * w4.per_channel_row(s_smem, j, channels, a_j.shape))
 
 
 def fit_stages(kind: str, tile_tokens: int, split_k: int = 1) -> int:

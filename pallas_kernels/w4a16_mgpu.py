@@ -44,7 +44,8 @@ from jax import lax
 
 from pallas_kernels import _mgpu
 
-GROUP = 128
+GROUP = 128                                             # K per pipeline step
+GROUPS = (32, 64, 128)                                  # quantization groups the kernel takes
 WG_CHANNELS = 64                                        # wgmma's M: output channels per compute warpgroup
 CTA_CHANNELS = 2 * WG_CHANNELS
 
@@ -70,7 +71,7 @@ DEFAULT = MgpuW4Config()
 def can_use(m: int, n: int, k: int, group: int, cfg: MgpuW4Config = DEFAULT) -> bool:
     """Shapes and configs this kernel takes (callers check it, with a GPU backend, before calling)."""
     t = cfg.tile_tokens
-    return (group == GROUP and k % (GROUP * cfg.split_k) == 0 and n % CTA_CHANNELS == 0 and m >= 1 and t % 8 == 0
+    return (group in GROUPS and k % (GROUP * cfg.split_k) == 0 and n % CTA_CHANNELS == 0 and m >= 1 and t % 8 == 0
             and 8 <= t <= 256 and t % _epi_tokens(cfg) == 0 and cfg.epi_tokens % 8 == 0 and cfg.stages >= 2)
 
 
@@ -105,10 +106,35 @@ def bits_as_int4(packed: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(packed, jnp.int4).reshape(packed.shape[0], -1)
 
 
-def _step(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool):
-    """One 128-K step of a compute warpgroup: its INT4 tile decoded to bf16 (zero and scale applied) in
-    registers, one wgmma into the running accumulator. rest: (zero_smem, acc_ref) or (acc_ref,). flip: the
-    tile holds the canonical codes u = q + 8 (as int4 bits), turned into q by flipping bit 3."""
+def per_channel_row(ref, j: int, channels, shape):
+    """Row j of a step's [rows, 128-channel] block of per-channel values (scales, zeros), this warpgroup's 64
+    channels broadcast over a [64, columns] slice of its A tile."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    return lax.broadcast_in_dim(plgpu.load(ref.at[j, channels], (), layout=plgpu.Layout.WGMMA.reduce(1)),
+                                shape, [0])
+
+
+def wgmma_blocks(acc_ref, a, x_smem, block: int, scaled):
+    """acc += sum over the step's blocks j of `block` K columns: scaled(j, a[:, block j]) @ x[:, block j]^T, one
+    wgmma per block (the whole step when block == GROUP), then waits for them. a: the warpgroup's decoded
+    [64, 128] bf16 tile; x_smem swizzled for slices of `block` columns (launch_swap_ab's sub_k)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    for j in range(GROUP // block):
+        whole = block == GROUP
+        a_j = a if whole else a[:, j * block:(j + 1) * block]
+        x_j = x_smem if whole else x_smem.at[:, pl.ds(j * block, block)]
+        plgpu.wgmma(acc_ref, scaled(j, a_j), x_j.T)
+    plgpu.wgmma_wait(0)
+    return acc_ref
+
+
+def _step(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool, group: int = GROUP):
+    """One 128-K step of a compute warpgroup: its INT4 tile decoded to bf16 in registers, then per group of
+    `group` columns its zero and scale applied and one wgmma into the running accumulator. rest: (zero_smem,
+    acc_ref) or (acc_ref,). flip: the tile holds the canonical codes u = q + 8 (as int4 bits), turned into q by
+    flipping bit 3."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -118,14 +144,13 @@ def _step(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool):
     if flip:
         q = q ^ jnp.int4(-8)
     a = plgpu.layout_cast(q, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
-    per_channel = lambda ref: lax.broadcast_in_dim(  # noqa: E731
-        plgpu.load(ref.at[0, channels], (), layout=plgpu.Layout.WGMMA.reduce(1)), a.shape, [0])
-    if zero_smem:
-        a = a - per_channel(zero_smem[0])
-    a = a * per_channel(s_smem)
-    plgpu.wgmma(acc_ref, a, x_smem.T)
-    plgpu.wgmma_wait(0)
-    return acc_ref
+
+    def scaled(j, a_j):
+        if zero_smem:
+            a_j = a_j - per_channel_row(zero_smem[0], j, channels, a_j.shape)
+        return a_j * per_channel_row(s_smem, j, channels, a_j.shape)
+
+    return wgmma_blocks(acc_ref, a, x_smem, group, scaled)
 
 
 def _step_fp8(wg, _scratch, x_smem, w_smem, s_smem, acc, *, flip: bool):
@@ -152,23 +177,27 @@ def _step_fp8(wg, _scratch, x_smem, w_smem, s_smem, acc, *, flip: bool):
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def w4a16_matmul_mgpu(x, packed, scale, zero=None, *, config: MgpuW4Config = DEFAULT):
-    """y [M, N] bf16 = x [M, K] bf16 @ W^T, W = (q - (zero - 8)) * scale per group of 128 (zero None:
-    symmetric, W = q * scale). packed: w4a16.py's canonical uint8 [N, K/2] (read as is: its int4 view costs
-    no pass), or as_int4's int4 [N, K]; scale, zero: [N, K/128]."""
+    """y [M, N] bf16 = x [M, K] bf16 @ W^T, W = (q - (zero - 8)) * scale per group of G = K / scale.shape[1]
+    in GROUPS (zero None: symmetric, W = q * scale). packed: w4a16.py's canonical uint8 [N, K/2] (read as is:
+    its int4 view costs no pass), or as_int4's int4 [N, K]; scale, zero: [N, K/G]. Groups of 32 and 64 run
+    one wgmma per group (not yet measured on a GPU: the dispatcher plans group 128 only)."""
     cfg = config
     m, k = x.shape
     n = packed.shape[0]
     want = (n, k) if packed.dtype == jnp.int4 else (n, k // 2)
-    groups = (n, k // GROUP)
-    if (packed.shape != want or scale.shape != groups or (zero is not None and zero.shape != groups)
-            or not can_use(m, n, k, GROUP, cfg)):
+    group = k // max(scale.shape[-1], 1)
+    groups = (n, k // group)
+    if (packed.shape != want or scale.shape != groups or group not in GROUPS or group * scale.shape[1] != k
+            or (zero is not None and zero.shape != groups) or not can_use(m, n, k, group, cfg)):
         raise ValueError(f"w4a16_matmul_mgpu: x {x.shape}, packed {packed.shape} {packed.dtype}, scale {scale.shape}"
                          f", zero {None if zero is None else zero.shape} do not fit {cfg} (needs packed uint8 "
-                         f"(N, K/2) or int4 (N, K), scale and zero (N, K/128), K % 128 == 0, N % 128 == 0)")
-    rows_per_step = [scale.astype(jnp.bfloat16).T]                                 # [K/128, N]
+                         f"(N, K/2) or int4 (N, K), scale and zero (N, K/G) for G in {GROUPS}, K % 128 == 0, "
+                         f"N % 128 == 0)")
+    rows_per_step = [scale.astype(jnp.bfloat16).T]                                 # [K/G, N]
     if zero is not None:                                                            # z - 8 in [-8, 7]: exact
         rows_per_step.append((zero.astype(jnp.float32) - 8.0).astype(jnp.bfloat16).T)
-    return launch_swap_ab(x.astype(jnp.bfloat16), packed, rows_per_step, cfg, _step, acc_in_ref=True)
+    step = _step if group == GROUP else functools.partial(_step, group=group)
+    return launch_swap_ab(x.astype(jnp.bfloat16), packed, rows_per_step, cfg, step, acc_in_ref=True, sub_k=group)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

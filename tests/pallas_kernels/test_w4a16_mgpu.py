@@ -34,7 +34,8 @@ def test_the_int4_view_of_the_canonical_bytes_flips_to_the_codes():
 def test_shape_rules():
     assert w4.can_use(100, 512, 1024, 128)
     assert w4.can_use(3, 384, 1024, 128, MgpuW4Config(tile_tokens=16))
-    assert not w4.can_use(100, 512, 1024, 64)                       # one group per 128-K step
+    assert w4.can_use(100, 512, 1024, 64) and w4.can_use(100, 512, 1024, 32)    # one wgmma per group
+    assert not w4.can_use(100, 512, 1024, 16)
     assert not w4.can_use(100, 448, 1024, 128)                      # N off the 128-channel CTA tile
     assert not w4.can_use(100, 512, 1152, 128, MgpuW4Config(split_k=2))  # 9 K-steps do not split in two
     assert not w4.can_use(100, 512, 1024, 128, MgpuW4Config(tile_tokens=512))   # wgmma N <= 256
@@ -47,10 +48,10 @@ def test_fit_stages_stays_under_the_shared_memory_measured_on_the_gpu():
     assert w4.fit_stages(128, asym=False) >= 4 and w4.fit_stages(256) == 2
 
 
-def _operands(m, n, k, scale_cols=None, zero=False):
+def _operands(m, n, k, scale_cols=None, zero=False, zero_cols=None):
     ops = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
            jax.ShapeDtypeStruct((n, scale_cols or k // 128), jnp.bfloat16)]
-    return ops + [jax.ShapeDtypeStruct((n, k // 128), jnp.uint8) if zero else None]
+    return ops + [jax.ShapeDtypeStruct((n, zero_cols or k // 128), jnp.uint8) if zero else None]
 
 
 @pytest.mark.parametrize("tokens,split,zero", [(16, 4, False), (64, 1, True), (256, 1, False)])
@@ -60,6 +61,33 @@ def test_lowers_to_a_mosaic_gpu_kernel_with_register_a_bf16_wgmma(tokens, split,
     text = fn.trace(*_operands(200, 512, 1024, zero=zero)).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
     assert f"wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.bf16.bf16" in text
+
+
+@pytest.mark.parametrize("group,zero", [(64, True), (32, False), (32, True)])
+def test_small_groups_issue_one_scaled_wgmma_per_group(monkeypatch, group, zero):
+    """Groups of 64 / 32: per 128-K step, 128 / group wgmmas, each on its slice of the tile with its own
+    scale (and zero) row; it lowers for CUDA like group 128."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    calls, rows = [], []
+    wgmma, row = plgpu.wgmma, w4.per_channel_row
+
+    def recording_wgmma(acc, a, b):
+        calls.append(a.shape)
+        return wgmma(acc, a, b)
+
+    def recording_row(ref, j, channels, shape):
+        rows.append(j)
+        return row(ref, j, channels, shape)
+
+    monkeypatch.setattr(plgpu, "wgmma", recording_wgmma)
+    monkeypatch.setattr(w4, "per_channel_row", recording_row)
+    cfg = MgpuW4Config(tile_tokens=64, stages=w4.fit_stages(64, scale_rows=128 // group))
+    fn = jax.jit(lambda x, p, s, z: w4.w4a16_matmul_mgpu(x, p, s, z, config=cfg))
+    text = fn.trace(*_operands(200, 512, 1024, scale_cols=1024 // group, zero=zero, zero_cols=1024 // group)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "m64n64k16.f32.bf16.bf16" in text
+    assert calls == [(64, group)] * (128 // group)
+    assert rows == [j for j in range(128 // group) for _ in range(2 if zero else 1)]
 
 
 def test_bad_shapes_name_what_is_wrong():
