@@ -19,8 +19,8 @@
    against the reference, timed against the dispatcher's packed-4 plan.
 
 6. The Mosaic GPU W4A16 kernel (`w4mgpu`, pallas_kernels/w4a16_mgpu.py) from M=16 up: token tiles and K
-   splits per M on the canonical uint8 weights, then the best on asymmetric weights, checked against the
-   reference, timed against the dispatcher's plan and XLA bf16.
+   splits per M on the canonical uint8 weights, then the best on asymmetric weights and with groups of 64 and
+   32, checked against the reference, timed against the dispatcher's plan and XLA bf16.
 
 7. W4A8 at M=1 on the word GEMV (`w4a8gemv`): the E4M3 activation codes as the GEMV's x and input_scale
    after the sum, per tile, checked against the W4A8 reference, timed against the dispatcher's packed-4 plan
@@ -430,20 +430,33 @@ def w4_mgpu_configs(m):
             for t, split in points]
 
 
+def regroup(w: dict, group: int, seed: int) -> dict:
+    """W4A16 weights of group 128 as weights of a smaller group: every sub-group gets its own scale (the
+    group's times a random factor in [0.5, 1.5]) and, where there are zeros, its own random zero."""
+    n, groups = w["scale"].shape
+    ks = jax.random.split(jax.random.PRNGKey(200 + seed), 2)
+    shape = (n, groups * (128 // group))
+    factor = jax.random.uniform(ks[0], shape, jnp.float32, 0.5, 1.5)
+    out = {**w, "scale": (jnp.repeat(w["scale"].astype(jnp.float32), 128 // group, axis=1) * factor
+                          ).astype(w["scale"].dtype)}
+    if w.get("zero") is not None:
+        out["zero"] = jax.random.randint(ks[1], shape, 4, 12).astype(w["zero"].dtype)
+    return out
+
+
 def probe_w4_mgpu(rows, shapes, ms, flush):
     """The Mosaic GPU W4A16 kernel (swap-AB, weights decoded in registers) on the canonical uint8 weights:
-    symmetric per tiling, then the best tiling on asymmetric weights, each checked against the reference,
-    against the dispatcher's plan and XLA bf16."""
+    symmetric per tiling, then the best tiling on asymmetric weights and (both) with groups of 64 and 32,
+    each checked against the reference, against the dispatcher's plan and XLA bf16."""
     from pallas_kernels import w4a16_mgpu as w4
     for name, m, n, k, x in _large_m_points(shapes, ms):
         best = None
         for recipe in ("w4a16", "w4a16_asym"):
             ws = [G.make_weights(recipe, n, k, seed=60 + r) for r in range(2)]
 
-            def record(variant, op, arg_sets=None):
-                checker = None if arg_sets else (lambda: G.check_op(recipe, op, x, ws[0]))    # int4 ran in run 2
+            def record(variant, op, weights=ws):
                 _record_large_m(rows, flush, "w4mgpu", name, m, n, k, f"{recipe}.{variant}", op,
-                                arg_sets or [(x, w) for w in ws], checker)
+                                [(x, w) for w in weights], lambda: G.check_op(recipe, op, x, weights[0]))
                 last = rows[-1] if rows else {}
                 return last["us"] if last.get("variant") == f"{recipe}.{variant}" and last.get("M") == m else None
 
@@ -454,6 +467,10 @@ def probe_w4_mgpu(rows, shapes, ms, flush):
                     t = record(label, kernel(cfg))
                     if t is not None and recipe == "w4a16" and (best is None or t < best[0]):
                         best = (t, cfg)
+            for group in (64, 32) if best else ():
+                cfg = dataclasses.replace(best[1], stages=w4.fit_stages(
+                    best[1].tile_tokens, split_k=best[1].split_k, scale_rows=128 // group))
+                record(f"best_g{group}", kernel(cfg), [regroup(w, group, seed=r) for r, w in enumerate(ws)])
             record("plan", G.jax_op(recipe))
             del ws
         wb = [G.make_weights("xla_bf16", n, k, seed=70 + r) for r in range(2)]
