@@ -26,8 +26,8 @@
    after the sum, per tile, checked against the W4A8 reference, timed against the dispatcher's packed-4 plan
    and XLA bf16.
 
-8. W4A8 on FP8 tensor cores (`w4a8mgpu`, w4a16_mgpu.w4a8_matmul_mgpu): token tiles and K splits per M,
-   checked against the W4A8 reference, timed against the dispatcher's plan and XLA bf16.
+8. W4A8 on FP8 tensor cores (`w4a8mgpu`, w4a16_mgpu.w4a8_matmul_mgpu): token tiles and K splits per M, with
+   and without promote_overlap, checked against the W4A8 reference, timed against the dispatcher's plan and XLA bf16.
 
 9. NVFP4 / MXFP4 on the Mosaic GPU swap-AB kernel (`fp4mgpu`, pallas_kernels/fp4_mgpu.py): token tiles and K
    splits per M, checked against the format's reference, timed against the dispatcher's plan and XLA bf16.
@@ -513,8 +513,8 @@ def probe_fp4_mgpu(rows, shapes, ms, flush):
 
 
 def probe_w4a8_mgpu(rows, shapes, ms, flush):
-    """W4A8 on FP8 tensor cores (w4a16_mgpu.w4a8_matmul_mgpu) per token tile and K split, against the
-    W4A8 reference, the dispatcher's plan and XLA bf16."""
+    """W4A8 on FP8 tensor cores (w4a16_mgpu.w4a8_matmul_mgpu) per token tile and K split, with and without
+    promote_overlap, against the W4A8 reference, the dispatcher's plan and XLA bf16."""
     from pallas_kernels import w4a16_mgpu as w4
     for name, m, n, k, x in _large_m_points(shapes, ms):
         ws = [G.make_weights("w4a8", n, k, seed=80 + r) for r in range(2)]
@@ -527,8 +527,10 @@ def probe_w4a8_mgpu(rows, shapes, ms, flush):
             cfg = dataclasses.replace(cfg, tile_tokens=min(cfg.tile_tokens, 128))
             cfg = dataclasses.replace(cfg, stages=w4.fit_stages(cfg.tile_tokens, split_k=cfg.split_k, asym=False,
                                                                 x_bytes=1))
-            if w4.can_use(m, n, k, 128, cfg):
-                record(f"fp8mma.t{cfg.tile_tokens}_k{cfg.split_k}", lambda xx, w, c=cfg: w4.w4a8_matmul_mgpu(
+            for overlap in (False, True) if w4.can_use(m, n, k, 128, cfg) else ():
+                c = dataclasses.replace(cfg, promote_overlap=overlap)
+                label = f"fp8mma.t{cfg.tile_tokens}_k{cfg.split_k}" + ("_overlap" if overlap else "")
+                record(label, lambda xx, w, c=c: w4.w4a8_matmul_mgpu(
                     cm.quantize_fp8_static(xx, w["input_scale"]), w["input_scale"], w["packed"], w["weight_scale"],
                     config=c))
         record("plan", G.jax_op("w4a8"))

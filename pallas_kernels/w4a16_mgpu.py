@@ -56,13 +56,15 @@ class MgpuW4Config:
     (shared memory per stage: tile_tokens * 256 + 8 KiB); grid_tile_width: tiles per band of the snake
     order; epi_tokens: tokens per epilogue store (at most tile_tokens); split_k: K ranges computed by
     separate tiles into f32 partial products that one XLA fusion sums (fills the SMs when N and M are
-    small)."""
+    small); promote_overlap (W4A8 on FP8 tensor cores only): promote step b-1's partial product while step
+    b's wgmma runs, carrying it with its scales."""
 
     tile_tokens: int = 128
     stages: int = 4
     grid_tile_width: int = 8
     epi_tokens: int = 32
     split_k: int = 1
+    promote_overlap: bool = False
 
 
 DEFAULT = MgpuW4Config()
@@ -153,10 +155,8 @@ def _step(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool, group: int = 
     return wgmma_blocks(acc_ref, a, x_smem, group, scaled)
 
 
-def _step_fp8(wg, _scratch, x_smem, w_smem, s_smem, acc, *, flip: bool):
-    """W4A8 on FP8 tensor cores, one 128-K step of a compute warpgroup: its INT4 tile converted to e4m3 in
-    registers (exact), one e4m3 wgmma into a fresh accumulator, promoted into the f32 register sum acc with
-    the step's per-channel scale (weight_scale * input_scale)."""
+def _e4m3_tile(wg, w_smem, flip: bool):
+    """The warpgroup's INT4 tile as e4m3 in registers (exact), the channels it covers."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -164,15 +164,59 @@ def _step_fp8(wg, _scratch, x_smem, w_smem, s_smem, acc, *, flip: bool):
     q = plgpu.load(w_smem.at[channels], (), layout=plgpu.Layout.WGMMA_8BIT)
     if flip:
         q = q ^ jnp.int4(-8)
-    a = q.astype(jnp.float8_e4m3fn)
+    return q.astype(jnp.float8_e4m3fn), channels
+
+
+def _channel_scales(s_smem, channels):
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    return plgpu.load(s_smem.at[0, channels], (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+
+def _step_fp8(wg, _scratch, x_smem, w_smem, s_smem, acc, *, flip: bool):
+    """W4A8 on FP8 tensor cores, one 128-K step of a compute warpgroup: its INT4 tile converted to e4m3 in
+    registers (exact), one e4m3 wgmma into a fresh accumulator, promoted into the f32 register sum acc with
+    the step's per-channel scale (weight_scale * input_scale)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    a, channels = _e4m3_tile(wg, w_smem, flip)
 
     def mma(acc_ref):
         plgpu.wgmma(acc_ref, a, x_smem.T)
         return acc_ref[...]
 
     part = pl.run_scoped(mma, plgpu.ACC((WG_CHANNELS, acc.shape[1]), jnp.float32))
-    s = plgpu.load(s_smem.at[0, channels], (), layout=plgpu.Layout.WGMMA.reduce(1))
-    return _mgpu.scaled_sum(acc, part, row_scale=s)
+    return _mgpu.scaled_sum(acc, part, row_scale=_channel_scales(s_smem, channels))
+
+
+def _step_fp8_overlapped(wg, _scratch, x_smem, w_smem, s_smem, carry, *, flip: bool):
+    """_step_fp8 with the previous step's partial product (carried with its scales) promoted while this
+    step's wgmma runs; the wgmma is waited for inside the step, so its shared memory and A registers stay
+    untouched until it is done."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    acc, prev, prev_scale = carry
+    a, channels = _e4m3_tile(wg, w_smem, flip)
+
+    def mma(acc_ref):
+        plgpu.wgmma(acc_ref, a, x_smem.T)
+        promoted = _mgpu.scaled_sum(acc, prev, row_scale=prev_scale)
+        return promoted, acc_ref[...]
+
+    acc, part = pl.run_scoped(mma, plgpu.ACC((WG_CHANNELS, acc.shape[1]), jnp.float32))
+    return acc, part, _channel_scales(s_smem, channels)
+
+
+def _overlap_carry(zero):
+    """(sum, previous partial, its per-channel scales), all zero."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    return zero, zero, plgpu.layout_cast(jnp.zeros((zero.shape[0],), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+
+
+def _overlap_finish(carry):
+    acc, prev, prev_scale = carry
+    return _mgpu.scaled_sum(acc, prev, row_scale=prev_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -188,11 +232,11 @@ def w4a16_matmul_mgpu(x, packed, scale, zero=None, *, config: MgpuW4Config = DEF
     group = k // max(scale.shape[-1], 1)
     groups = (n, k // group)
     if (packed.shape != want or scale.shape != groups or group not in GROUPS or group * scale.shape[1] != k
-            or (zero is not None and zero.shape != groups) or not can_use(m, n, k, group, cfg)):
+            or (zero is not None and zero.shape != groups) or cfg.promote_overlap or not can_use(m, n, k, group, cfg)):
         raise ValueError(f"w4a16_matmul_mgpu: x {x.shape}, packed {packed.shape} {packed.dtype}, scale {scale.shape}"
                          f", zero {None if zero is None else zero.shape} do not fit {cfg} (needs packed uint8 "
                          f"(N, K/2) or int4 (N, K), scale and zero (N, K/G) for G in {GROUPS}, K % 128 == 0, "
-                         f"N % 128 == 0)")
+                         f"N % 128 == 0, no promote_overlap)")
     rows_per_step = [scale.astype(jnp.bfloat16).T]                                 # [K/G, N]
     if zero is not None:                                                            # z - 8 in [-8, 7]: exact
         rows_per_step.append((zero.astype(jnp.float32) - 8.0).astype(jnp.bfloat16).T)
@@ -217,16 +261,19 @@ def w4a8_matmul_mgpu(xq, input_scale, packed, weight_scale, *, config: MgpuW4Con
                          f"weight_scale {weight_scale.shape} do not fit {cfg} (needs e4m3 xq, packed uint8 (N, K/2) "
                          f"or int4 (N, K), weight_scale (N, K/128), K % 128 == 0, N % 128 == 0, tile_tokens <= 128)")
     rows = [(weight_scale.astype(jnp.float32) * jnp.asarray(input_scale, jnp.float32)).T]     # [K/128, N]
+    if cfg.promote_overlap:
+        return launch_swap_ab(xq, packed, rows, cfg, _step_fp8_overlapped, acc_in_ref=False,
+                              carry_init=_overlap_carry, finish=_overlap_finish)
     return launch_swap_ab(xq, packed, rows, cfg, _step_fp8, acc_in_ref=False)
 
 
 def launch_swap_ab(x, packed, rows_per_step: list, cfg: MgpuW4Config, step, acc_in_ref: bool,
-                   sub_k: int = GROUP, post_scale=None):
+                   sub_k: int = GROUP, post_scale=None, carry_init=None, finish=None):
     """Runs `step` over the persistent swap-AB grid: x [M, K] (bf16 or e4m3) padded to the token tile, the
     weights as int4 (flipped in the kernel when given as canonical uint8), one [K/sub_k, N] array per entry
     of rows_per_step (GROUP // sub_k rows per 128-K step; x is swizzled so step can slice it every sub_k
     columns); y [M, N] bf16. With split-K partials or an f32 post_scale (a scalar), the kernel writes f32
-    and one XLA fusion sums, scales and rounds once."""
+    and one XLA fusion sums, scales and rounds once. carry_init / finish: as _mgpu.persistent_kernel's."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -258,7 +305,8 @@ def launch_swap_ab(x, packed, rows_per_step: list, cfg: MgpuW4Config, step, acc_
                                   transforms=_mgpu.tiled_swizzle(GROUP // 2, 4))] + [row_spec] * len(rows_per_step),
         views=views, cta=(CTA_CHANNELS, t), wg_offset=lambda wg: (wg * WG_CHANNELS, 0), tile=(WG_CHANNELS, t),
         epi_n=_epi_tokens(cfg), grid=grid, k_iters=kb_split, stages=cfg.stages, grid_tile_width=cfg.grid_tile_width,
-        step=functools.partial(step, flip=flip), scratch={}, acc_in_ref=acc_in_ref, transpose_out=True)
+        step=functools.partial(step, flip=flip), scratch={}, acc_in_ref=acc_in_ref, transpose_out=True,
+        carry_init=carry_init, finish=finish)
     f32_out = split > 1 or post_scale is not None
     y = _mgpu.launch(kernel, (xp, w, *rows_per_step), (split * mp, n), jnp.float32 if f32_out else jnp.bfloat16,
                      grid[0] * grid[1])

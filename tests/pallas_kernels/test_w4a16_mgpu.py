@@ -116,3 +116,26 @@ def test_w4a8_rejects_bf16_activations_and_wide_token_tiles():
         w4.w4a8_matmul_mgpu.trace(*_w4a8_operands(64, 512, 1024, jnp.bfloat16))
     with pytest.raises(ValueError, match="tile_tokens <= 128"):
         w4.w4a8_matmul_mgpu.trace(*_w4a8_operands(64, 512, 1024), config=MgpuW4Config(tile_tokens=256, stages=2))
+
+
+def test_w4a8_promote_overlap_carries_the_previous_partial(monkeypatch):
+    """promote_overlap: each step promotes the previous step's partial (one promotion per step as without it)
+    and the tile's last partial once after the K loop; it lowers to the same e4m3 wgmma; the bf16 kernel
+    refuses the option."""
+    from pallas_kernels import _mgpu
+    calls = []
+    scaled_sum = _mgpu.scaled_sum
+
+    def recording(acc, part, row_scale=None, col_scale=None):
+        calls.append(part.shape)
+        return scaled_sum(acc, part, row_scale, col_scale)
+
+    monkeypatch.setattr(_mgpu, "scaled_sum", recording)
+    for overlap, traced in ((False, 1), (True, 2)):
+        calls.clear()
+        cfg = MgpuW4Config(tile_tokens=64, stages=w4.fit_stages(64, asym=False, x_bytes=1), promote_overlap=overlap)
+        fn = jax.jit(lambda x, si, p, s, c=cfg: w4.w4a8_matmul_mgpu(x, si, p, s, config=c))
+        text = fn.trace(*_w4a8_operands(72, 512, 1024)).lower(lowering_platforms=("cuda",)).as_text()
+        assert "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in text and calls == [(64, 64)] * traced
+    with pytest.raises(ValueError, match="promote_overlap"):
+        w4.w4a16_matmul_mgpu.trace(*_operands(64, 512, 1024)[:3], config=MgpuW4Config(promote_overlap=True))
