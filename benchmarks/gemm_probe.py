@@ -19,8 +19,9 @@
    against the reference, timed against the dispatcher's packed-4 plan.
 
 6. The Mosaic GPU W4A16 kernel (`w4mgpu`, pallas_kernels/w4a16_mgpu.py) from M=16 up: token tiles and K
-   splits per M on the canonical uint8 weights, then the best on asymmetric weights and with groups of 64 and
-   32, checked against the reference, timed against the dispatcher's plan and XLA bf16.
+   splits per M on the canonical uint8 weights, then the best on asymmetric weights, with the group scale
+   applied after the MMA (scale_after_mma) and with groups of 64 and 32, checked against the reference,
+   timed against the dispatcher's plan and XLA bf16.
 
 7. W4A8 at M=1 on the word GEMV (`w4a8gemv`): the E4M3 activation codes as the GEMV's x and input_scale
    after the sum, per tile, checked against the W4A8 reference, timed against the dispatcher's packed-4 plan
@@ -446,8 +447,8 @@ def regroup(w: dict, group: int, seed: int) -> dict:
 
 def probe_w4_mgpu(rows, shapes, ms, flush):
     """The Mosaic GPU W4A16 kernel (swap-AB, weights decoded in registers) on the canonical uint8 weights:
-    symmetric per tiling, then the best tiling on asymmetric weights and (both) with groups of 64 and 32,
-    each checked against the reference, against the dispatcher's plan and XLA bf16."""
+    symmetric per tiling, then the best tiling on asymmetric weights and (both) with scale_after_mma and with
+    groups of 64 and 32, each checked against the reference, against the dispatcher's plan and XLA bf16."""
     from pallas_kernels import w4a16_mgpu as w4
     for name, m, n, k, x in _large_m_points(shapes, ms):
         best = None
@@ -467,6 +468,8 @@ def probe_w4_mgpu(rows, shapes, ms, flush):
                     t = record(label, kernel(cfg))
                     if t is not None and recipe == "w4a16" and (best is None or t < best[0]):
                         best = (t, cfg)
+            if best and best[1].tile_tokens <= 128:     # the group scale on the partial product instead
+                record("best_scale_after", kernel(dataclasses.replace(best[1], scale_after_mma=True)))
             for group in (64, 32) if best else ():
                 cfg = dataclasses.replace(best[1], stages=w4.fit_stages(
                     best[1].tile_tokens, split_k=best[1].split_k, scale_rows=128 // group))

@@ -57,7 +57,10 @@ class MgpuW4Config:
     order; epi_tokens: tokens per epilogue store (at most tile_tokens); split_k: K ranges computed by
     separate tiles into f32 partial products that one XLA fusion sums (fills the SMs when N and M are
     small); promote_overlap (W4A8 on FP8 tensor cores only): promote step b-1's partial product while step
-    b's wgmma runs, carrying it with its scales."""
+    b's wgmma runs, carrying it with its scales; scale_after_mma (W4A16, group 128): each step's wgmma runs
+    on the unscaled codes (q - zero, exact in bf16) into a fresh accumulator, and the group scale multiplies
+    that partial product in f32 (fewer operations per weight where tokens are few, and no bf16 rounding of
+    q * scale; carries a second accumulator, so for token tiles up to 128)."""
 
     tile_tokens: int = 128
     stages: int = 4
@@ -65,6 +68,7 @@ class MgpuW4Config:
     epi_tokens: int = 32
     split_k: int = 1
     promote_overlap: bool = False
+    scale_after_mma: bool = False
 
 
 DEFAULT = MgpuW4Config()
@@ -155,6 +159,31 @@ def _step(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool, group: int = 
     return wgmma_blocks(acc_ref, a, x_smem, group, scaled)
 
 
+def _step_scale_after(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool):
+    """One 128-K step of a compute warpgroup with the group scale applied after the MMA: its INT4 tile decoded
+    to bf16 (q, or q - (zero - 8): small integers, exact), one wgmma into a fresh accumulator, that partial
+    product times the per-channel f32 scale added to the f32 register sum. rest: (zero_smem, acc) or
+    (acc,)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    *zero_smem, acc = rest
+    channels = pl.ds(wg * WG_CHANNELS, WG_CHANNELS)
+    q = plgpu.load(w_smem.at[channels], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+    if flip:
+        q = q ^ jnp.int4(-8)
+    a = plgpu.layout_cast(q, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
+    if zero_smem:
+        a = a - per_channel_row(zero_smem[0], 0, channels, a.shape)
+
+    def mma(acc_ref):
+        plgpu.wgmma(acc_ref, a, x_smem.T)
+        return acc_ref[...]
+
+    part = pl.run_scoped(mma, plgpu.ACC((WG_CHANNELS, acc.shape[1]), jnp.float32))
+    return _mgpu.scaled_sum(acc, part, row_scale=_channel_scales(s_smem, channels))
+
+
 def _e4m3_tile(wg, w_smem, flip: bool):
     """The warpgroup's INT4 tile as e4m3 in registers (exact), the channels it covers."""
     import jax.experimental.pallas as pl
@@ -232,14 +261,19 @@ def w4a16_matmul_mgpu(x, packed, scale, zero=None, *, config: MgpuW4Config = DEF
     group = k // max(scale.shape[-1], 1)
     groups = (n, k // group)
     if (packed.shape != want or scale.shape != groups or group not in GROUPS or group * scale.shape[1] != k
-            or (zero is not None and zero.shape != groups) or cfg.promote_overlap or not can_use(m, n, k, group, cfg)):
+            or (zero is not None and zero.shape != groups) or cfg.promote_overlap
+            or (cfg.scale_after_mma and (group != GROUP or cfg.tile_tokens > 128)) or not can_use(m, n, k, group, cfg)):
         raise ValueError(f"w4a16_matmul_mgpu: x {x.shape}, packed {packed.shape} {packed.dtype}, scale {scale.shape}"
                          f", zero {None if zero is None else zero.shape} do not fit {cfg} (needs packed uint8 "
                          f"(N, K/2) or int4 (N, K), scale and zero (N, K/G) for G in {GROUPS}, K % 128 == 0, "
-                         f"N % 128 == 0, no promote_overlap)")
+                         f"N % 128 == 0, no promote_overlap, scale_after_mma only for G = 128 and tile_tokens <= 128)")
     rows_per_step = [scale.astype(jnp.bfloat16).T]                                 # [K/G, N]
     if zero is not None:                                                            # z - 8 in [-8, 7]: exact
         rows_per_step.append((zero.astype(jnp.float32) - 8.0).astype(jnp.bfloat16).T)
+    if cfg.scale_after_mma:                            # the scale stays f32 (exact for f16 / f32 checkpoints)
+        rows_per_step[0] = scale.astype(jnp.float32).T
+        return launch_swap_ab(x.astype(jnp.bfloat16), packed, rows_per_step, cfg, _step_scale_after,
+                              acc_in_ref=False)
     step = _step if group == GROUP else functools.partial(_step, group=group)
     return launch_swap_ab(x.astype(jnp.bfloat16), packed, rows_per_step, cfg, step, acc_in_ref=True, sub_k=group)
 
@@ -256,10 +290,11 @@ def w4a8_matmul_mgpu(xq, input_scale, packed, weight_scale, *, config: MgpuW4Con
     n = packed.shape[0]
     want = (n, k) if packed.dtype == jnp.int4 else (n, k // 2)
     if (xq.dtype != jnp.float8_e4m3fn or packed.shape != want or weight_scale.shape != (n, k // GROUP)
-            or cfg.tile_tokens > 128 or not can_use(m, n, k, GROUP, cfg)):
+            or cfg.tile_tokens > 128 or cfg.scale_after_mma or not can_use(m, n, k, GROUP, cfg)):
         raise ValueError(f"w4a8_matmul_mgpu: xq {xq.shape} {xq.dtype}, packed {packed.shape} {packed.dtype}, "
                          f"weight_scale {weight_scale.shape} do not fit {cfg} (needs e4m3 xq, packed uint8 (N, K/2) "
-                         f"or int4 (N, K), weight_scale (N, K/128), K % 128 == 0, N % 128 == 0, tile_tokens <= 128)")
+                         f"or int4 (N, K), weight_scale (N, K/128), K % 128 == 0, N % 128 == 0, tile_tokens <= 128, "
+                         "no scale_after_mma)")
     rows = [(weight_scale.astype(jnp.float32) * jnp.asarray(input_scale, jnp.float32)).T]     # [K/128, N]
     if cfg.promote_overlap:
         return launch_swap_ab(xq, packed, rows, cfg, _step_fp8_overlapped, acc_in_ref=False,
