@@ -35,23 +35,14 @@ def test_lowers_to_a_mosaic_gpu_kernel_with_fp8_wgmma(cfg):
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in text
 
 
-def test_overlap_promotes_the_carried_partial_and_the_last_one_after_the_loop(monkeypatch):
+def test_overlap_promotes_the_carried_partial_and_the_last_one_after_the_loop(promotions):
     """overlap: the step promotes the previous step's partial (issued after this step's wgmma) and the tile's
     last partial is promoted once after the K loop; without it each step promotes its own."""
-    from pallas_kernels import _mgpu
-    calls = []
-    scaled_sum = _mgpu.scaled_sum
-
-    def recording(acc, part, row_scale=None, col_scale=None):
-        calls.append(part.shape)
-        return scaled_sum(acc, part, row_scale, col_scale)
-
-    monkeypatch.setattr(_mgpu, "scaled_sum", recording)
     for overlap, traced in ((False, 1), (True, 2)):
-        calls.clear()
+        promotions.clear()
         cfg = MgpuFp8Config(64, 128, "m", 4, overlap=overlap)
         mg.fp8_block_matmul_mgpu.trace(*_operands(72, 512, 1024), config=cfg).lower(lowering_platforms=("cuda",))
-        assert calls == [(64, 128)] * traced                        # (M=72: no earlier trace of it is cached)
+        assert [shape for shape, _ in promotions] == [(64, 128)] * traced   # (M=72: no earlier trace cached)
 
 
 def test_bad_shapes_name_what_is_wrong():
