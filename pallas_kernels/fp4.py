@@ -39,11 +39,15 @@ def nvfp4_dequantize(packed, block_scale, global_scale) -> jax.Array:
     return v * s * jnp.asarray(global_scale, jnp.float32)
 
 
+def e8m0_to_f32(scale) -> jax.Array:
+    """E8M0 scale bytes u -> 2^(u - 127) in f32."""
+    return jnp.ldexp(jnp.float32(1.0), scale.astype(jnp.int32) - 127)
+
+
 def mxfp4_dequantize(packed, scale) -> jax.Array:
     """W [N, K] f32."""
     v = e2m1_decode(cm.unpack_nibbles(packed))
-    s = jnp.repeat(jnp.ldexp(jnp.float32(1.0), scale.astype(jnp.int32) - 127), 32, axis=1)
-    return v * s
+    return v * jnp.repeat(e8m0_to_f32(scale), 32, axis=1)
 
 
 def nvfp4_matmul_reference(x, packed, block_scale, global_scale) -> jax.Array:

@@ -31,6 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import fp4
 from pallas_kernels import w4a16_mgpu as w4
 from pallas_kernels.w4a16_mgpu import MgpuW4Config
 
@@ -50,13 +51,8 @@ def e2m1_from_signed_nibble(v):
 def _step(wg, _scratch, x_smem, w_smem, s_smem, acc_ref, *, flip: bool, block: int):
     """One 128-K step of a compute warpgroup: its E2M1 tile decoded to bf16 in registers, then per block of
     `block` columns one scaled slice and one wgmma into the running accumulator."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
     assert not flip, "FP4 codes are read as they are"
-    channels = pl.ds(wg * w4.WG_CHANNELS, w4.WG_CHANNELS)
-    v = plgpu.layout_cast(plgpu.load(w_smem.at[channels], (), layout=plgpu.Layout.WGMMA_UPCAST_4X),
-                          plgpu.Layout.WGMMA).astype(jnp.bfloat16)
+    v, channels = w4.bf16_tile(wg, w_smem, flip=False)                 # the nibbles as signed ints
     return w4.wgmma_blocks(acc_ref, e2m1_from_signed_nibble(v), x_smem, block,
                            lambda j, a_j: a_j * w4.per_channel_row(s_smem, j, channels, a_j.shape))
 
@@ -96,5 +92,5 @@ def mxfp4_matmul_mgpu(x, packed, scale, *, config: MgpuW4Config = w4.DEFAULT):
     """y [M, N] bf16 = x @ (e2m1 * 2^(scale - 127))^T in f32, one rounding (scales within bf16's range:
     E8M0 1..254)."""
     _check("mxfp4_matmul_mgpu", x, packed, scale, "scale", jnp.uint8, 32, config)
-    rows = jnp.ldexp(jnp.float32(1.0), scale.astype(jnp.int32) - 127).astype(jnp.bfloat16).T   # [K/32, N]
+    rows = fp4.e8m0_to_f32(scale).astype(jnp.bfloat16).T                          # [K/32, N], exact
     return _run(x, packed, rows, config, 32)

@@ -112,12 +112,29 @@ def bits_as_int4(packed: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(packed, jnp.int4).reshape(packed.shape[0], -1)
 
 
-def per_channel_row(ref, j: int, channels, shape):
-    """Row j of a step's [rows, 128-channel] block of per-channel values (scales, zeros), this warpgroup's 64
-    channels broadcast over a [64, columns] slice of its A tile."""
+def channel_values(ref, channels, j: int = 0):
+    """Row j of a step's [rows, 128-channel] block of per-channel values (scales, zeros): this warpgroup's 64
+    channels as a vector in the WGMMA row layout."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
-    return lax.broadcast_in_dim(plgpu.load(ref.at[j, channels], (), layout=plgpu.Layout.WGMMA.reduce(1)),
-                                shape, [0])
+    return plgpu.load(ref.at[j, channels], (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+
+def per_channel_row(ref, j: int, channels, shape):
+    """channel_values(ref, channels, j) broadcast over a [64, columns] slice of the warpgroup's A tile."""
+    return lax.broadcast_in_dim(channel_values(ref, channels, j), shape, [0])
+
+
+def bf16_tile(wg, w_smem, flip: bool):
+    """The warpgroup's [64, 128] INT4 tile in bf16 registers (WGMMA layout; exact), the channels it covers.
+    flip: the tile holds the canonical codes u = q + 8 (as int4 bits), turned into q by flipping bit 3."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    channels = pl.ds(wg * WG_CHANNELS, WG_CHANNELS)
+    q = plgpu.load(w_smem.at[channels], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+    if flip:
+        q = q ^ jnp.int4(-8)
+    return plgpu.layout_cast(q, plgpu.Layout.WGMMA).astype(jnp.bfloat16), channels
 
 
 def wgmma_blocks(acc_ref, a, x_smem, block: int, scaled):
@@ -137,19 +154,11 @@ def wgmma_blocks(acc_ref, a, x_smem, block: int, scaled):
 
 
 def _step(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool, group: int = GROUP):
-    """One 128-K step of a compute warpgroup: its INT4 tile decoded to bf16 in registers, then per group of
-    `group` columns its zero and scale applied and one wgmma into the running accumulator. rest: (zero_smem,
-    acc_ref) or (acc_ref,). flip: the tile holds the canonical codes u = q + 8 (as int4 bits), turned into q by
-    flipping bit 3."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
+    """One 128-K step of a compute warpgroup: its INT4 tile decoded to bf16 in registers (bf16_tile), then per
+    group of `group` columns its zero and scale applied and one wgmma into the running accumulator. rest:
+    (zero_smem, acc_ref) or (acc_ref,)."""
     *zero_smem, acc_ref = rest
-    channels = pl.ds(wg * WG_CHANNELS, WG_CHANNELS)
-    q = plgpu.load(w_smem.at[channels], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-    if flip:
-        q = q ^ jnp.int4(-8)
-    a = plgpu.layout_cast(q, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
+    a, channels = bf16_tile(wg, w_smem, flip)
 
     def scaled(j, a_j):
         if zero_smem:
@@ -168,11 +177,7 @@ def _step_scale_after(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     *zero_smem, acc = rest
-    channels = pl.ds(wg * WG_CHANNELS, WG_CHANNELS)
-    q = plgpu.load(w_smem.at[channels], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-    if flip:
-        q = q ^ jnp.int4(-8)
-    a = plgpu.layout_cast(q, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
+    a, channels = bf16_tile(wg, w_smem, flip)
     if zero_smem:
         a = a - per_channel_row(zero_smem[0], 0, channels, a.shape)
 
@@ -181,7 +186,7 @@ def _step_scale_after(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool):
         return acc_ref[...]
 
     part = pl.run_scoped(mma, plgpu.ACC((WG_CHANNELS, acc.shape[1]), jnp.float32))
-    return _mgpu.scaled_sum(acc, part, row_scale=_channel_scales(s_smem, channels))
+    return _mgpu.scaled_sum(acc, part, row_scale=channel_values(s_smem, channels))
 
 
 def _e4m3_tile(wg, w_smem, flip: bool):
@@ -194,11 +199,6 @@ def _e4m3_tile(wg, w_smem, flip: bool):
     if flip:
         q = q ^ jnp.int4(-8)
     return q.astype(jnp.float8_e4m3fn), channels
-
-
-def _channel_scales(s_smem, channels):
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    return plgpu.load(s_smem.at[0, channels], (), layout=plgpu.Layout.WGMMA.reduce(1))
 
 
 def _step_fp8(wg, _scratch, x_smem, w_smem, s_smem, acc, *, flip: bool):
@@ -215,7 +215,7 @@ def _step_fp8(wg, _scratch, x_smem, w_smem, s_smem, acc, *, flip: bool):
         return acc_ref[...]
 
     part = pl.run_scoped(mma, plgpu.ACC((WG_CHANNELS, acc.shape[1]), jnp.float32))
-    return _mgpu.scaled_sum(acc, part, row_scale=_channel_scales(s_smem, channels))
+    return _mgpu.scaled_sum(acc, part, row_scale=channel_values(s_smem, channels))
 
 
 def _step_fp8_overlapped(wg, _scratch, x_smem, w_smem, s_smem, carry, *, flip: bool):
@@ -234,7 +234,7 @@ def _step_fp8_overlapped(wg, _scratch, x_smem, w_smem, s_smem, carry, *, flip: b
         return promoted, acc_ref[...]
 
     acc, part = pl.run_scoped(mma, plgpu.ACC((WG_CHANNELS, acc.shape[1]), jnp.float32))
-    return acc, part, _channel_scales(s_smem, channels)
+    return acc, part, channel_values(s_smem, channels)
 
 
 def _overlap_carry(zero):
