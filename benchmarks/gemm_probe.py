@@ -19,9 +19,9 @@
    against the reference, timed against the dispatcher's packed-4 plan.
 
 6. The Mosaic GPU W4A16 kernel (`w4mgpu`, pallas_kernels/w4a16_mgpu.py) from M=16 up: token tiles and K
-   splits per M on the canonical uint8 weights, then the best on asymmetric weights, with the group scale
-   applied after the MMA (scale_after_mma) and with groups of 64 and 32, checked against the reference,
-   timed against the dispatcher's plan and XLA bf16.
+   splits per M on the canonical uint8 weights, then the best on asymmetric weights and with the group scale
+   applied after the MMA (scale_after_mma), checked against the reference, timed against the dispatcher's
+   plan and XLA bf16.
 
 7. W4A8 at M=1 on the word GEMV (`w4a8gemv`): the E4M3 activation codes as the GEMV's x and input_scale
    after the sum, per tile, checked against the W4A8 reference, timed against the dispatcher's packed-4 plan
@@ -35,9 +35,12 @@
 
 10. Compile time (`compile`) of chains of 1, 8 and 32 planned GEMMs (8B o shape) per recipe at M=1 and 16.
 
+11. W4A16 with groups of 64 and 32 (`w4groups`): the dispatcher's plan against its plan without the Mosaic
+    kernel, checked, with the group-128 plan timed twice (the run's noise) and XLA bf16.
+
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
-                                                              # fp4mgpu, compile
+                                                              # fp4mgpu, compile, w4groups
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
 Writes DIR/gemm_probe_<card>_<date>.json and prints a table.
 """
@@ -58,7 +61,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from pallas_kernels import _common as cm  # noqa: E402
-from pallas_kernels import fp8, w4a16_gemv  # noqa: E402
+from pallas_kernels import dispatch, fp8, w4a16_gemv  # noqa: E402
 from pallas_kernels.w4a16_gemv import GemvConfig  # noqa: E402
 
 
@@ -327,7 +330,7 @@ def probe_mgpu(rows, shapes, ms, flush):
     """The Mosaic GPU FP8 block-scaled GEMM per config, against its reference and the other FP8 paths."""
     import torch
 
-    from pallas_kernels import dispatch, fp8_block_mgpu as mg
+    from pallas_kernels import fp8_block_mgpu as mg
     for name, m, n, k, x in _large_m_points(shapes, ms):
         xq, sx = fp8.quantize_fp8_1x128(x)
         ws = [G.make_weights("fp8_block", n, k, seed=40 + r) for r in range(2)]
@@ -367,7 +370,7 @@ def probe_mgpu(rows, shapes, ms, flush):
 
 
 def fp4_gemv_candidates(n, k):
-    from pallas_kernels import dispatch, fp4_gemv
+    from pallas_kernels import fp4_gemv
     out = [fp4_gemv.default_config(n, k)]
     w4 = dispatch.gemv_config(n, k, 128)
     for cfg in (w4, GemvConfig(16, 512, w4.split_k, 2, 4, 3), GemvConfig(32, 256, w4.split_k, 2, 4, 3),
@@ -470,14 +473,39 @@ def probe_w4_mgpu(rows, shapes, ms, flush):
                         best = (t, cfg)
             if best and best[1].tile_tokens <= 128:     # the group scale on the partial product instead
                 record("best_scale_after", kernel(dataclasses.replace(best[1], scale_after_mma=True)))
-            for group in (64, 32) if best else ():
-                cfg = dataclasses.replace(best[1], stages=w4.fit_stages(
-                    best[1].tile_tokens, split_k=best[1].split_k, scale_rows=128 // group))
-                record(f"best_g{group}", kernel(cfg), [regroup(w, group, seed=r) for r, w in enumerate(ws)])
             record("plan", G.jax_op(recipe))
             del ws
         wb = [G.make_weights("xla_bf16", n, k, seed=70 + r) for r in range(2)]
         _record_large_m(rows, flush, "w4mgpu", name, m, n, k, "xla_bf16", G.jax_op("xla_bf16"), [(x, w) for w in wb])
+        del wb
+        gc.collect()
+        flush()
+
+
+def probe_w4_groups(rows, shapes, ms, flush):
+    """W4A16 with groups of 64 and 32 (symmetric and asymmetric): the dispatcher's plan against its plan
+    without the Mosaic kernel (packed-4 Triton, or XLA dequant at large M: the plan before groups other than
+    128 went to the Mosaic kernel), each checked against the reference, with the symmetric group-128 plan timed
+    twice (the run's noise) and XLA bf16."""
+    for name, m, n, k, x in _large_m_points(shapes, ms):
+        for recipe in ("w4a16", "w4a16_asym"):
+            base = [G.make_weights(recipe, n, k, seed=60 + r) for r in range(2)]
+            for group in (128, 64, 32):
+                ws = base if group == 128 else [regroup(w, group, seed=r) for r, w in enumerate(base)]
+                if group == 128 and recipe == "w4a16_asym":
+                    continue
+                before = dispatch.plan("w4a16", m, n, k, group, mosaic=False)
+                variants = [("plan", G.jax_op(recipe)), ("plan_again", G.jax_op(recipe))] if group == 128 else [
+                    ("plan", G.jax_op(recipe)), (f"before_{before.path}", G.jax_op(recipe, plan=before))]
+                for label, op in variants:
+                    _record_large_m(rows, flush, "w4groups", name, m, n, k, f"{recipe}.g{group}.{label}", op,
+                                    [(x, w) for w in ws],
+                                    lambda op=op, w0=ws[0]: G.check_op(recipe, op, x, w0))
+                del ws
+            del base
+        wb = [G.make_weights("xla_bf16", n, k, seed=70 + r) for r in range(2)]
+        _record_large_m(rows, flush, "w4groups", name, m, n, k, "xla_bf16", G.jax_op("xla_bf16"),
+                        [(x, w) for w in wb])
         del wb
         gc.collect()
         flush()
@@ -547,7 +575,6 @@ def probe_w4a8_mgpu(rows, shapes, ms, flush):
 
 def probe_w4a8_gemv(copy_tbps, rows, shapes, flush):
     """W4A8 at M=1: the word GEMV per tile (Plan("gemv")) against the packed-4 plan and XLA bf16."""
-    from pallas_kernels import dispatch
     for name in shapes:
         model, layer = name.split(".")
         n, k = G.SHAPES[model][layer]
@@ -612,7 +639,7 @@ def main():
     ap.add_argument("--parts", default="gemv,fp8")
     ap.add_argument("--shapes", default="8b.gate_up,8b.o,8b.qkv,8b.down,70b.gate_up,70b.down")
     ap.add_argument("--ms", default="1,16,64,256,1024,4096",
-                    help="M values of the xla4, mgpu, w4mgpu, w4a8mgpu, fp4mgpu and fp8 parts")
+                    help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu, fp4mgpu and fp8 parts")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -634,6 +661,8 @@ def main():
             probe_fp8(rows, flush, args.shapes.split(","), [int(v) for v in args.ms.split(",")])
         if "w4mgpu" in parts:
             probe_w4_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
+        if "w4groups" in parts:
+            probe_w4_groups(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "fp4mgpu" in parts:
             probe_fp4_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4a8mgpu" in parts:

@@ -4,8 +4,8 @@ Paths:
   'pallas'       the recipe's Pallas Triton kernel with a tuned config
   'gemv'         M=1: the int32-word GEMVs (CUDA cores, no MMA) of w4a16_gemv.py (W4A16; W4A8 on its E4M3
                  codes, input_scale after the sum) and fp4_gemv.py (NVFP4, MXFP4)
-  'mgpu'         the Mosaic GPU kernels (TMA, wgmma, warp specialization; Hopper only): W4A16 group 128 from
-                 M=2 (w4a16_mgpu.py, weights decoded in registers, swap-AB; W4A8 from M=2 on its FP8
+  'mgpu'         the Mosaic GPU kernels (TMA, wgmma, warp specialization; Hopper only): W4A16 (groups 128,
+                 64, 32) from M=2 (w4a16_mgpu.py, weights decoded in registers, swap-AB; W4A8 from M=2 on its FP8
                  variant: weights decoded to e4m3, e4m3 wgmma) and FP8 block-scaled at large M
                  (fp8_block_mgpu.py). In interpret mode or on another GPU the Pallas Triton kernel stands in
   'xla_dequant'  dequantise the weights once per call to bf16, then XLA's cuBLAS dot (large M, where the
@@ -116,7 +116,13 @@ MGPU_FP8_TILES = {256: MgpuFp8Config(64, 128, "n", 4), "larger": MgpuFp8Config(6
 # M=256 46 / 76 / 37. Token tile per M bucket; the K split and the 128 / 256 choice by how full the last wave
 # of CTA tiles is (measured: qkv M=1024 t128 94 us vs t256 100; down M=1024 t256 173 vs t128 203). M=256 (run
 # 17, us): t128 split 1 / 2 / 4, t64 split 1 / 2: qkv 42.5 / 45.4 / 42.0, 48.9 / 45.5; down 98.2 / 59.9 / 62.8,
-# 77.9 / 85.0 (XLA bf16 31.9 and 59.7): t128, split only below half the SMs.
+# 77.9 / 85.0 (XLA bf16 31.9 and 59.7): t128, split only below half the SMs, or in two where a grid of more
+# than one wave leaves its last one mostly idle (run 26, 70b.qkv M=256, 160 tiles: 120.4 / 102.9 / 102.8 us at
+# split 1 / 2 / 4; W4A8 102.2 / 94.7 / 96.2). Groups of 64 and 32 run the same tiles (one wgmma per group; run
+# 23, us, plan vs the packed-4 kernel, symmetric, qkv / down / gate_up): g64 M=16 22.6 / 27.0 / 44.8 vs 38.5 /
+# 42.4 / 62.6, M=256 39.8 / 58.1 / 124.7 vs 97.3 / 204.6 / 367.7; g32 M=16 21.3 / 30.4 / 50.2 vs 44.6 / 82.5 /
+# 131.6, M=256 38.0 / 63.8 / 129.9 vs 163.8 / 448.1 / 607.4; at M=4096 against XLA dequant, within the run's
+# noise (g32 345 / 746 / 1572 vs 323 / 749 / 1723; the g128 plan timed twice read 454 and 306 on qkv).
 MGPU_W4_TILE = {16: 16, 64: 64, 256: 128, "larger": 256}
 # W4A8 from M=2: the FP8-tensor-core variant (w4a8_matmul_mgpu, INT4 -> e4m3 in registers, e4m3 wgmma
 # promoted per K-step), token tiles <= 128. Run 17 (us, qkv / gate_up / down, against the W4A16 kernel on the
@@ -133,12 +139,15 @@ def _wave_fill(tiles: int) -> float:
     return tiles / (cm.cdiv(tiles, cm.NUM_SMS) * cm.NUM_SMS)
 
 
-def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False) -> MgpuW4Config:
-    """W4A16 Mosaic GPU tiles for this shape (fp8: for the W4A8 FP8-tensor-core variant, token tiles <= 128):
+def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) -> MgpuW4Config:
+    """W4A16 Mosaic GPU tiles for this shape (fp8: for the W4A8 FP8-tensor-core variant, token tiles <= 128;
+    group: the quantization group, whose 128 / group scale rows per K-step size the pipeline's stages):
     the bucket's token tile (larger M: 256 unless its last wave is under 80 % full, then 128), then the
     smallest K split (<= 4) that gives a tile to three quarters of the SMs (token tiles < 128) or half of them
     (>= 128). Measured, 8b.down M=16: 70 / 40 / 37 us at split 1 / 2 / 4; M=256 with t128 (run 17): down
-    (64 tiles) 98 / 60 us at split 1 / 2, qkv (96 tiles) 42.5 / 45.4."""
+    (64 tiles) 98 / 60 us at split 1 / 2, qkv (96 tiles) 42.5 / 45.4. Token tiles >= 128 also split in two
+    where the grid takes more than one wave and fills under 65 % of its SM slots (70b.qkv M=256, 160 tiles:
+    120 / 103 us)."""
     bucket = m_bucket(m)
     t = MGPU_W4_TILE.get(bucket, MGPU_W4_TILE["larger"])
     channel_tiles = n // w4a16_mgpu.CTA_CHANNELS
@@ -146,9 +155,13 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False) -> MgpuW4Config:
         t = 128
     fill = 0.5 if t >= 128 else 0.75
     split = 1
-    while channel_tiles * cm.cdiv(m, t) * split < fill * cm.NUM_SMS and split < 4 and k % (256 * split) == 0:
+    tiles = channel_tiles * cm.cdiv(m, t)
+    while tiles * split < fill * cm.NUM_SMS and split < 4 and k % (256 * split) == 0:
         split *= 2
-    stages = w4a16_mgpu.fit_stages(t, split_k=split, asym=not fp8, x_bytes=1 if fp8 else 2)
+    if t >= 128 and tiles > cm.NUM_SMS and _wave_fill(tiles) < 0.65 and k % 256 == 0:
+        split = 2
+    stages = w4a16_mgpu.fit_stages(t, split_k=split, asym=not fp8, x_bytes=1 if fp8 else 2,
+                                   scale_rows=w4a16_mgpu.GROUP // group)
     return MgpuW4Config(tile_tokens=t, stages=stages, split_k=split)
 
 
@@ -203,8 +216,8 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128, mosaic: bool = T
     plan without the W4A16 / W4A8 Mosaic GPU kernel (interpret mode, GPUs before Hopper)."""
     if recipe in ("fp8", "fp8_rowwise"):
         return Plan("xla")
-    if mosaic and recipe in ("w4a16", "w4a8") and m > 1 and group == w4a16_mgpu.GROUP:     # measured at 128
-        cfg = mgpu_w4_config(m, n, k, fp8=recipe == "w4a8")
+    if mosaic and m > 1 and (recipe == "w4a16" or (recipe == "w4a8" and group == w4a16_mgpu.GROUP)):
+        cfg = mgpu_w4_config(m, n, k, fp8=recipe == "w4a8", group=group)
         if w4a16_mgpu.can_use(m, n, k, group, cfg):
             return Plan("mgpu", cfg)
     if m_bucket(m) >= XLA_DEQUANT_FROM.get(recipe, 1 << 30):

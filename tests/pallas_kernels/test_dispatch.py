@@ -26,7 +26,13 @@ def test_plan_buckets():
     assert [(c.tile_tokens, c.split_k) for c in narrow] == [(128, 1), (128, 2)]
     assert dispatch.plan("w4a16", 1024, 6144, 4096).config.tile_tokens == 128    # t256: last wave 45 % full
     assert dispatch.plan("w4a16", 4096, 4096, 4096).config.tile_tokens == 256
-    assert dispatch.plan("w4a16", 64, 4096, 4096, group=64).path == "pallas"      # group 128 only
+    tail = dispatch.plan("w4a16", 256, 10240, 8192).config                       # 160 tiles: 61 % of 2 waves
+    assert (tail.tile_tokens, tail.split_k) == (128, 2)
+    for group in (64, 32):                            # W4A16's smaller groups: the same tiles, one wgmma each
+        small_group = dispatch.plan("w4a16", 64, 4096, 4096, group=group)
+        assert small_group.path == "mgpu" and small_group.config == dispatch.plan("w4a16", 64, 4096, 4096).config
+        assert dispatch.plan("w4a8", 64, 4096, 4096, group=group).path == "pallas"  # W4A8's FP8 kernel: 128
+    assert dispatch.plan("w4a16", 64, 4096, 4096, group=16).path == "pallas"      # no Mosaic kernel for G=16
     assert dispatch.plan("w4a16", 64, 4096 + 64, 4096).path == "pallas"           # N off the 128 channels
     assert dispatch.plan("w4a8", 1, 28672, 4096).path == "gemv"                  # W4A8 M=1: word GEMV
     fp8_mma = [dispatch.plan("w4a8", m, 6144, 4096) for m in (2, 64, 256, 4096)]  # FP8 tensor-core variant
@@ -42,7 +48,7 @@ def test_plan_buckets():
     assert dispatch.plan("fp8_block", 64, 4096, 4096).path == "pallas"
     assert dispatch.plan("w4a16", 4096, 4096, 4096, mosaic=False).path == "xla_dequant"
     assert dispatch.plan("fp8_rowwise", 16, 4096, 4096).path == "xla"
-    assert dispatch.plan("w4a16", 16, 4096, 4096, group=32).config.block_k == 32  # post-scale: bk <= G
+    assert dispatch.plan("w4a16", 16, 4096, 4096, group=32, mosaic=False).config.block_k == 32  # bk <= G
     for recipe in dispatch.W4A8_FP4:                  # the packed-4 tiles, valid for the block-MMA mode
         fmt = w4a8_fp4.MXFP4_FP8 if recipe == "w4a8_mxfp4" else w4a8_fp4.NVFP4_FP8
         for m in (1, 16, 64, 256):
