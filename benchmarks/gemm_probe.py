@@ -11,41 +11,36 @@
    GEMM instead of materialising a bf16 weight; timed per M against XLA bf16 and today's dispatcher plan,
    with the compiled HLO's kind of GEMM (cuBLAS call or Triton fusion).
 
-4. The Mosaic GPU FP8 block-scaled kernel (`mgpu`, pallas_kernels/fp8_block_mgpu.py): configs (with and
-   without the promotion overlap) checked against the reference, timed against the Triton kernel, XLA's FP8
-   per-tensor GEMM, torch._scaled_mm and XLA bf16.
+4. The Mosaic GPU FP8 block-scaled kernel (`mgpu`, pallas_kernels/fp8_block_mgpu.py): configs checked
+   against the reference, timed against the Triton kernel, XLA's FP8 per-tensor GEMM, torch._scaled_mm and
+   XLA bf16.
 
 5. The FP4 word GEMV (`fp4gemv`, pallas_kernels/fp4_gemv.py) at M=1 for NVFP4 and MXFP4: a few tiles checked
    against the reference, timed against the dispatcher's packed-4 plan.
 
 6. The Mosaic GPU W4A16 kernel (`w4mgpu`, pallas_kernels/w4a16_mgpu.py) from M=16 up: token tiles and K
-   splits per M on the canonical uint8 weights, then the best on asymmetric weights and with the group scale
-   applied after the MMA (scale_after_mma), checked against the reference, timed against the dispatcher's
-   plan and XLA bf16.
+   splits per M on the canonical uint8 weights, then the best on asymmetric weights, checked against the
+   reference, timed against the dispatcher's plan and XLA bf16.
 
 7. W4A8 at M=1 on the word GEMV (`w4a8gemv`): the E4M3 activation codes as the GEMV's x and input_scale
    after the sum, per tile, checked against the W4A8 reference, timed against the dispatcher's packed-4 plan
    and XLA bf16.
 
-8. W4A8 on FP8 tensor cores (`w4a8mgpu`, w4a16_mgpu.w4a8_matmul_mgpu): token tiles and K splits per M, with
-   and without promote_overlap, checked against the W4A8 reference, timed against the dispatcher's plan and XLA bf16.
+8. W4A8 on FP8 tensor cores (`w4a8mgpu`, w4a16_mgpu.w4a8_matmul_mgpu): token tiles and K splits per M,
+   checked against the W4A8 reference, timed against the dispatcher's plan and XLA bf16.
 
-9. NVFP4 / MXFP4 on the Mosaic GPU swap-AB kernel (`fp4mgpu`, pallas_kernels/fp4_mgpu.py): token tiles and K
-   splits per M, checked against the format's reference, timed against the dispatcher's plan and XLA bf16.
+9. W4A16 with groups of 64 and 32 (`w4groups`): the dispatcher's plan against its plan without the Mosaic
+   kernel, checked, with the group-128 plan timed twice (the run's noise) and XLA bf16.
 
 10. Compile time (`compile`) of chains of 1, 8 and 32 planned GEMMs (8B o shape) per recipe at M=1 and 16.
 
-11. W4A16 with groups of 64 and 32 (`w4groups`): the dispatcher's plan against its plan without the Mosaic
-    kernel, checked, with the group-128 plan timed twice (the run's noise) and XLA bf16.
-
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
-                                                              # fp4mgpu, compile, w4groups
+                                                              # w4groups, compile
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
 Writes DIR/gemm_probe_<card>_<date>.json and prints a table.
 """
 import argparse
-import dataclasses
 import datetime
 import gc
 import itertools
@@ -321,9 +316,7 @@ MGPU_CONFIGS = (("m64n128_wgN_s4", dict(tile_m=64, tile_n=128, wg_dim="n", stage
                 ("m64n128_wgM_s5", dict(tile_m=64, tile_n=128, wg_dim="m", stages=5)),
                 ("m64n128_wgM_s5_w16", dict(tile_m=64, tile_n=128, wg_dim="m", stages=5, grid_tile_width=16)),
                 ("m128n128_wgM_s3", dict(tile_m=128, tile_n=128, wg_dim="m", stages=3)),
-                ("m64n256_wgM_s3", dict(tile_m=64, tile_n=256, wg_dim="m", stages=3)),
-                ("m64n128_wgM_s4_overlap", dict(tile_m=64, tile_n=128, wg_dim="m", stages=4, overlap=True)),
-                ("m64n128_wgN_s4_overlap", dict(tile_m=64, tile_n=128, wg_dim="n", stages=4, overlap=True)))
+                ("m64n256_wgM_s3", dict(tile_m=64, tile_n=256, wg_dim="m", stages=3)))
 
 
 def probe_mgpu(rows, shapes, ms, flush):
@@ -450,8 +443,8 @@ def regroup(w: dict, group: int, seed: int) -> dict:
 
 def probe_w4_mgpu(rows, shapes, ms, flush):
     """The Mosaic GPU W4A16 kernel (swap-AB, weights decoded in registers) on the canonical uint8 weights:
-    symmetric per tiling, then the best tiling on asymmetric weights and (both) with scale_after_mma and with
-    groups of 64 and 32, each checked against the reference, against the dispatcher's plan and XLA bf16."""
+    symmetric per tiling, then the best tiling on asymmetric weights, each checked against the reference,
+    timed against the dispatcher's plan and XLA bf16."""
     from pallas_kernels import w4a16_mgpu as w4
     for name, m, n, k, x in _large_m_points(shapes, ms):
         best = None
@@ -471,8 +464,6 @@ def probe_w4_mgpu(rows, shapes, ms, flush):
                     t = record(label, kernel(cfg))
                     if t is not None and recipe == "w4a16" and (best is None or t < best[0]):
                         best = (t, cfg)
-            if best and best[1].tile_tokens <= 128:     # the group scale on the partial product instead
-                record("best_scale_after", kernel(dataclasses.replace(best[1], scale_after_mma=True)))
             record("plan", G.jax_op(recipe))
             del ws
         wb = [G.make_weights("xla_bf16", n, k, seed=70 + r) for r in range(2)]
@@ -511,41 +502,9 @@ def probe_w4_groups(rows, shapes, ms, flush):
         flush()
 
 
-def probe_fp4_mgpu(rows, shapes, ms, flush):
-    """NVFP4 / MXFP4 on the Mosaic GPU swap-AB kernel (fp4_mgpu.py) per token tile and K split, checked
-    against the format's reference, timed against the dispatcher's plan and XLA bf16."""
-    from pallas_kernels import fp4_mgpu as f4
-    from pallas_kernels import w4a16_mgpu as w4
-    for name, m, n, k, x in _large_m_points(shapes, ms):
-        for recipe in ("nvfp4", "mxfp4"):
-            ws = [G.make_weights(recipe, n, k, seed=110 + r) for r in range(2)]
-
-            def record(variant, op):
-                _record_large_m(rows, flush, "fp4mgpu", name, m, n, k, f"{recipe}.{variant}", op,
-                                [(x, w) for w in ws], lambda: G.check_op(recipe, op, x, ws[0]))
-
-            for label, cfg in w4_mgpu_configs(m):
-                cfg = dataclasses.replace(cfg, stages=f4.fit_stages(recipe, cfg.tile_tokens, cfg.split_k))
-                if not w4.can_use(m, n, k, 128, cfg):
-                    continue
-                if recipe == "nvfp4":
-                    record(label, lambda xx, w, c=cfg: f4.nvfp4_matmul_mgpu(
-                        xx, w["packed"], w["block_scale"], w["global_scale"], config=c))
-                else:
-                    record(label, lambda xx, w, c=cfg: f4.mxfp4_matmul_mgpu(xx, w["packed"], w["scale"], config=c))
-            record("plan", G.jax_op(recipe))
-            del ws
-        wb = [G.make_weights("xla_bf16", n, k, seed=120 + r) for r in range(2)]
-        _record_large_m(rows, flush, "fp4mgpu", name, m, n, k, "xla_bf16", G.jax_op("xla_bf16"),
-                        [(x, w) for w in wb])
-        del wb
-        gc.collect()
-        flush()
-
-
 def probe_w4a8_mgpu(rows, shapes, ms, flush):
-    """W4A8 on FP8 tensor cores (w4a16_mgpu.w4a8_matmul_mgpu) per token tile and K split, with and without
-    promote_overlap, against the W4A8 reference, the dispatcher's plan and XLA bf16."""
+    """W4A8 on FP8 tensor cores (w4a16_mgpu.w4a8_matmul_mgpu) per token tile and K split, against the W4A8
+    reference, the dispatcher's plan and XLA bf16."""
     from pallas_kernels import w4a16_mgpu as w4
     for name, m, n, k, x in _large_m_points(shapes, ms):
         ws = [G.make_weights("w4a8", n, k, seed=80 + r) for r in range(2)]
@@ -554,14 +513,12 @@ def probe_w4a8_mgpu(rows, shapes, ms, flush):
             _record_large_m(rows, flush, "w4a8mgpu", name, m, n, k, variant, op, [(x, w) for w in ws],
                             lambda: G.check_op("w4a8", op, x, ws[0]))
 
-        for label, cfg in w4_mgpu_configs(m):
-            cfg = dataclasses.replace(cfg, tile_tokens=min(cfg.tile_tokens, 128))
-            cfg = dataclasses.replace(cfg, stages=w4.fit_stages(cfg.tile_tokens, split_k=cfg.split_k, asym=False,
-                                                                x_bytes=1))
-            for overlap in (False, True) if w4.can_use(m, n, k, 128, cfg) else ():
-                c = dataclasses.replace(cfg, promote_overlap=overlap)
-                label = f"fp8mma.t{cfg.tile_tokens}_k{cfg.split_k}" + ("_overlap" if overlap else "")
-                record(label, lambda xx, w, c=c: w4.w4a8_matmul_mgpu(
+        tiles = dict.fromkeys((min(cfg.tile_tokens, 128), cfg.split_k) for _, cfg in w4_mgpu_configs(m))
+        for t, split in tiles:
+            c = w4.MgpuW4Config(tile_tokens=t, split_k=split,
+                                stages=w4.fit_stages(t, split_k=split, asym=False, x_bytes=1))
+            if w4.can_use(m, n, k, 128, c):
+                record(f"fp8mma.t{t}_k{split}", lambda xx, w, c=c: w4.w4a8_matmul_mgpu(
                     cm.quantize_fp8_static(xx, w["input_scale"]), w["input_scale"], w["packed"], w["weight_scale"],
                     config=c))
         record("plan", G.jax_op("w4a8"))
@@ -639,7 +596,7 @@ def main():
     ap.add_argument("--parts", default="gemv,fp8")
     ap.add_argument("--shapes", default="8b.gate_up,8b.o,8b.qkv,8b.down,70b.gate_up,70b.down")
     ap.add_argument("--ms", default="1,16,64,256,1024,4096",
-                    help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu, fp4mgpu and fp8 parts")
+                    help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu and fp8 parts")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -663,8 +620,6 @@ def main():
             probe_w4_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4groups" in parts:
             probe_w4_groups(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
-        if "fp4mgpu" in parts:
-            probe_fp4_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4a8mgpu" in parts:
             probe_w4a8_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4a8gemv" in parts:

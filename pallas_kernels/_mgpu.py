@@ -32,7 +32,7 @@ def tiled_swizzle(row_bytes: int, itemsize_bits: int):
 
 def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, grid, k_iters: int, stages: int,
                       grid_tile_width: int, step, scratch: dict, acc_in_ref: bool = False,
-                      transpose_out: bool = False, carry_init=None, finish=None):
+                      transpose_out: bool = False):
     """Kernel body: refs = the gmem operands, then the gmem output ([M, N], or [N, M] with transpose_out).
 
     in_specs: one plgpu.BlockSpec per operand for one K-step (index map kb -> block index);
@@ -42,9 +42,7 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
     step(wg, scratch_refs, *operand_smem_refs, acc) -> acc: one K-step of a compute warpgroup, acc its f32
     [tile_m, tile_n] register sum (WGMMA layout), or with acc_in_ref a zero-initialised wgmma accumulator ref
     (plgpu.ACC) that step passes on. transpose_out: the output holds the accumulator transposed (the CTA tile
-    (mi, ni) lands at out[ni * cta_n + col, mi * cta_m + row]). Without acc_in_ref, step may carry more than
-    the sum: carry_init(zero sum) -> the initial carry, finish(final carry) -> the sum (defaults: the sum
-    itself)."""
+    (mi, ni) lands at out[ni * cta_n + col, mi * cta_m + row])."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -81,9 +79,7 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
                 if acc_in_ref:
                     acc = pl.run_scoped(lambda acc_ref: run(acc_ref)[...], plgpu.ACC((tile_m, tile_n), jnp.float32))
                 else:
-                    zero = plgpu.layout_cast(jnp.full((tile_m, tile_n), 0, jnp.float32), plgpu.Layout.WGMMA)
-                    acc = run(carry_init(zero) if carry_init else zero)
-                    acc = finish(acc) if finish else acc
+                    acc = run(plgpu.layout_cast(jnp.full((tile_m, tile_n), 0, jnp.float32), plgpu.Layout.WGMMA))
                 acc = acc.astype(out_dtype)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 rows = pl.ds(mi * cta_m + row0, tile_m)

@@ -18,6 +18,9 @@ Shapes: K % 128 == 0 and N % (the config's CTA tile along N) == 0; M is padded t
 wrapper. `can_use` says whether a shape fits; callers fall back to fp8.fp8_matmul elsewhere. The kernel
 needs a Hopper GPU and jax >= 0.11 (Mosaic GPU); there is no interpret mode, so CPU CI checks only the
 config rules, and benchmarks/gemm_probe.py (--parts mgpu) checks it against the reference on the GPU.
+
+Tried on the H100 and removed (run 22): promoting step b-1's partial product while step b's wgmma runs
+(DeepGEMM's overlap, the partial and its scales carried in registers) ran 5-14 % slower at M=4096.
 """
 import dataclasses
 import functools
@@ -34,9 +37,7 @@ BLOCK = 128
 class MgpuFp8Config:
     """tile_m x tile_n: one compute warpgroup's output tile (tile_m a multiple of 64); two warpgroups
     side by side along `wg_dim` ("m" or "n") make the CTA tile. stages: K-steps in flight (shared memory:
-    stages * (cta_m + cta_n) * 128 bytes). grid_tile_width: tiles per band of the snake order (L2 reuse).
-    overlap: promote step b-1's partial product while step b's wgmma runs (DeepGEMM's overlap; carries one
-    more [tile_m, tile_n] f32 tile in registers)."""
+    stages * (cta_m + cta_n) * 128 bytes). grid_tile_width: tiles per band of the snake order (L2 reuse)."""
 
     tile_m: int = 64
     tile_n: int = 128
@@ -44,7 +45,6 @@ class MgpuFp8Config:
     stages: int = 4
     grid_tile_width: int = 8
     epi_tile_n: int = 64
-    overlap: bool = False
 
     @property
     def cta_m(self) -> int:
@@ -94,38 +94,6 @@ def _step(wg, _scratch, x_smem, w_smem, sx_smem, sw_smem, acc, *, cfg: MgpuFp8Co
     return _mgpu.scaled_sum(acc, part, *_scales(sx_smem, sw_smem, wg_m, wg_n))
 
 
-def _step_overlapped(wg, _scratch, x_smem, w_smem, sx_smem, sw_smem, carry, *, cfg: MgpuFp8Config):
-    """The same step with the promotion of the previous step's partial product (carried with its scales)
-    issued while this step's wgmma runs; both operands are in shared memory, which the pipeline releases
-    only after the step (its wgmma done)."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    acc, prev, prev_sx, prev_sw = carry
-    wg_m, wg_n = _views(wg, cfg)
-
-    def mma(acc_ref):
-        plgpu.wgmma(acc_ref, x_smem.at[wg_m], plgpu.transpose_ref(w_smem.at[wg_n], (1, 0)))
-        promoted = _mgpu.scaled_sum(acc, prev, prev_sx, prev_sw)
-        return promoted, acc_ref[...]
-
-    acc, part = pl.run_scoped(mma, plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32))
-    return (acc, part, *_scales(sx_smem, sw_smem, wg_m, wg_n))
-
-
-def _overlap_carry(zero):
-    """(sum, previous partial, its x scales, its w scales), all zero."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    tile_m, tile_n = zero.shape
-    return (zero, zero, plgpu.layout_cast(jnp.zeros((tile_m,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-            plgpu.layout_cast(jnp.zeros((tile_n,), jnp.float32), plgpu.Layout.WGMMA.reduce(0)))
-
-
-def _overlap_finish(carry):
-    acc, prev, prev_sx, prev_sw = carry
-    return _mgpu.scaled_sum(acc, prev, prev_sx, prev_sw)
-
-
 @functools.partial(jax.jit, static_argnames=("config", "out_dtype"))
 def fp8_block_matmul_mgpu(xq, x_scale, wq, w_scale, *, config: MgpuFp8Config = DEFAULT, out_dtype=jnp.bfloat16):
     """y [M, N] out_dtype from e4m3 xq [M, K], f32 x_scale [M, K/128], e4m3 wq [N, K], f32 w_scale
@@ -163,7 +131,6 @@ def fp8_block_matmul_mgpu(xq, x_scale, wq, w_scale, *, config: MgpuFp8Config = D
                               wg * cfg.tile_n if cfg.wg_dim == "n" else 0),
         tile=(cfg.tile_m, cfg.tile_n), epi_n=cfg.epi_tile_n, grid=grid, k_iters=kb, stages=cfg.stages,
         grid_tile_width=cfg.grid_tile_width,
-        step=functools.partial(_step_overlapped if cfg.overlap else _step, cfg=cfg), scratch={},
-        carry_init=_overlap_carry if cfg.overlap else None, finish=_overlap_finish if cfg.overlap else None)
+        step=functools.partial(_step, cfg=cfg), scratch={})
     y = _mgpu.launch(kernel, (xq, wq, sx_t, sw_t), (mp, n), out_dtype, grid[0] * grid[1])
     return y[:m]

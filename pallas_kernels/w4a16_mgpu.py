@@ -11,8 +11,9 @@ channels), per 128-K step each compute warpgroup
      bit 3 of each canonical code u = q + 8 into q), moves it to the wgmma operand layout while still
      4-bit, and converts it to bf16 (q in [-8, 7], exact),
   2. applies the group's zero and scale per channel in bf16: a = (q - (zero - 8)) * scale, one rounding,
-  3. issues one wgmma of a (registers) against the step's x tile (shared memory, read transposed) into the
-     warpgroup's f32 accumulator, which runs across all of K,
+  3. issues one wgmma per group (one for group 128, two for 64, four for 32) of a (registers) against the
+     step's x tile (shared memory, read transposed) into the warpgroup's f32 accumulator, which runs across
+     all of K,
 and the epilogue writes the accumulator transposed (a register transpose and a transposed shared-memory
 store), so y comes out [M, N] with no extra pass.
 
@@ -23,9 +24,9 @@ probe: |y - ref| <= 1e-2 * |ref| + 1e-2 * rms(ref) against w4a16.w4a16_matmul_re
 
 Inputs: x bf16 [M, K]; the canonical packed uint8 [N, K/2] (codes u = q + 8, low nibble = even k), read
 through an int4 view of the same bytes (no pass; measured as fast as weights converted beforehand by
-`as_int4`, which the kernel also takes); scale [N, K/128] and zero [N, K/128] (optional) as rows per
-K-step ([K/128, N], transposed here).
-Shapes: group 128, K % 128 == 0, N % 128 == 0; M is padded to tile_tokens.
+`as_int4`, which the kernel also takes); scale [N, K/G] and zero [N, K/G] (optional) as rows per K-step
+([K/G, N], transposed here).
+Shapes: group G in 128, 64, 32 (W4A8: 128), K % 128 == 0, N % 128 == 0; M is padded to tile_tokens.
 The kernel needs a Hopper GPU and jax >= 0.11 (no interpret mode): CPU CI checks its rules and that it
 lowers; benchmarks/gemm_probe.py --parts w4mgpu checks it against the reference on a GPU.
 
@@ -34,6 +35,10 @@ INT4 tile becomes e4m3 in registers (exact), each K-step's e4m3 wgmma goes to a 
 promoted with weight_scale * input_scale per channel (the FP8 block kernel's scheme). Measured on the H100
 (gemm_probe.py --parts w4a8mgpu, runs 17-18): faster than this kernel on the widened codes from M=256 on
 every 8B layer and more exact (products and per-step sums exact).
+
+Tried on the H100 and removed (runs 18-26, benchmarks/results/gemm_notes.md): leaving each wgmma in flight
+over the next step's decode (wrong results), applying the group scale to each step's partial product in f32
+instead of to the weights, and promoting W4A8's step b-1 while step b's wgmma runs (both within noise).
 """
 import dataclasses
 import functools
@@ -56,19 +61,13 @@ class MgpuW4Config:
     (shared memory per stage: tile_tokens * 256 + 8 KiB); grid_tile_width: tiles per band of the snake
     order; epi_tokens: tokens per epilogue store (at most tile_tokens); split_k: K ranges computed by
     separate tiles into f32 partial products that one XLA fusion sums (fills the SMs when N and M are
-    small); promote_overlap (W4A8 on FP8 tensor cores only): promote step b-1's partial product while step
-    b's wgmma runs, carrying it with its scales; scale_after_mma (W4A16, group 128): each step's wgmma runs
-    on the unscaled codes (q - zero, exact in bf16) into a fresh accumulator, and the group scale multiplies
-    that partial product in f32 (fewer operations per weight where tokens are few, and no bf16 rounding of
-    q * scale; carries a second accumulator, so for token tiles up to 128)."""
+    small)."""
 
     tile_tokens: int = 128
     stages: int = 4
     grid_tile_width: int = 8
     epi_tokens: int = 32
     split_k: int = 1
-    promote_overlap: bool = False
-    scale_after_mma: bool = False
 
 
 DEFAULT = MgpuW4Config()
@@ -85,15 +84,14 @@ SMEM_BYTES = 232448                                     # a Hopper CTA's shared 
 
 
 def fit_stages(tile_tokens: int, most: int = 8, split_k: int = 1, asym: bool = True, x_bytes: int = 2,
-               scale_rows: int = 1, f32_out: bool = False) -> int:
+               scale_rows: int = 1) -> int:
     """The most K-steps in flight (<= most) whose operand buffers (each rounded to 1 KiB; x_bytes per
-    activation: 2 for bf16, 1 for e4m3; scale_rows bf16 rows of 128 channels per step: 1 for a group of 128, 8
-    for NVFP4's blocks of 16) and epilogue (f32 with split_k > 1 or f32_out) fit in shared memory, with room
-    for the barriers (measured: 4 KiB)."""
+    activation: 2 for bf16, 1 for e4m3; scale_rows bf16 rows of 128 channels per step: 128 / group) and
+    epilogue (f32 with split_k > 1) fit in shared memory, with room for the barriers (measured: 4 KiB)."""
     kib = lambda b: -(-b // 1024) * 1024  # noqa: E731
     rows = kib(scale_rows * CTA_CHANNELS * 2) + (1024 if asym else 0)
     per_stage = kib(tile_tokens * GROUP * x_bytes) + kib(CTA_CHANNELS * GROUP // 2) + rows
-    epilogue = 2 * 2 * min(DEFAULT.epi_tokens, tile_tokens) * WG_CHANNELS * (4 if split_k > 1 or f32_out else 2)
+    epilogue = 2 * 2 * min(DEFAULT.epi_tokens, tile_tokens) * WG_CHANNELS * (4 if split_k > 1 else 2)
     return max(min(most, (SMEM_BYTES - epilogue - 4608) // per_stage), 1)
 
 
@@ -168,27 +166,6 @@ def _step(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool, group: int = 
     return wgmma_blocks(acc_ref, a, x_smem, group, scaled)
 
 
-def _step_scale_after(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool):
-    """One 128-K step of a compute warpgroup with the group scale applied after the MMA: its INT4 tile decoded
-    to bf16 (q, or q - (zero - 8): small integers, exact), one wgmma into a fresh accumulator, that partial
-    product times the per-channel f32 scale added to the f32 register sum. rest: (zero_smem, acc) or
-    (acc,)."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    *zero_smem, acc = rest
-    a, channels = bf16_tile(wg, w_smem, flip)
-    if zero_smem:
-        a = a - per_channel_row(zero_smem[0], 0, channels, a.shape)
-
-    def mma(acc_ref):
-        plgpu.wgmma(acc_ref, a, x_smem.T)
-        return acc_ref[...]
-
-    part = pl.run_scoped(mma, plgpu.ACC((WG_CHANNELS, acc.shape[1]), jnp.float32))
-    return _mgpu.scaled_sum(acc, part, row_scale=channel_values(s_smem, channels))
-
-
 def _e4m3_tile(wg, w_smem, flip: bool):
     """The warpgroup's INT4 tile as e4m3 in registers (exact), the channels it covers."""
     import jax.experimental.pallas as pl
@@ -218,36 +195,6 @@ def _step_fp8(wg, _scratch, x_smem, w_smem, s_smem, acc, *, flip: bool):
     return _mgpu.scaled_sum(acc, part, row_scale=channel_values(s_smem, channels))
 
 
-def _step_fp8_overlapped(wg, _scratch, x_smem, w_smem, s_smem, carry, *, flip: bool):
-    """_step_fp8 with the previous step's partial product (carried with its scales) promoted while this
-    step's wgmma runs; the wgmma is waited for inside the step, so its shared memory and A registers stay
-    untouched until it is done."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    acc, prev, prev_scale = carry
-    a, channels = _e4m3_tile(wg, w_smem, flip)
-
-    def mma(acc_ref):
-        plgpu.wgmma(acc_ref, a, x_smem.T)
-        promoted = _mgpu.scaled_sum(acc, prev, row_scale=prev_scale)
-        return promoted, acc_ref[...]
-
-    acc, part = pl.run_scoped(mma, plgpu.ACC((WG_CHANNELS, acc.shape[1]), jnp.float32))
-    return acc, part, channel_values(s_smem, channels)
-
-
-def _overlap_carry(zero):
-    """(sum, previous partial, its per-channel scales), all zero."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    return zero, zero, plgpu.layout_cast(jnp.zeros((zero.shape[0],), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-
-
-def _overlap_finish(carry):
-    acc, prev, prev_scale = carry
-    return _mgpu.scaled_sum(acc, prev, row_scale=prev_scale)
-
-
 @functools.partial(jax.jit, static_argnames=("config",))
 def w4a16_matmul_mgpu(x, packed, scale, zero=None, *, config: MgpuW4Config = DEFAULT):
     """y [M, N] bf16 = x [M, K] bf16 @ W^T, W = (q - (zero - 8)) * scale per group of G = K / scale.shape[1]
@@ -261,19 +208,14 @@ def w4a16_matmul_mgpu(x, packed, scale, zero=None, *, config: MgpuW4Config = DEF
     group = k // max(scale.shape[-1], 1)
     groups = (n, k // group)
     if (packed.shape != want or scale.shape != groups or group not in GROUPS or group * scale.shape[1] != k
-            or (zero is not None and zero.shape != groups) or cfg.promote_overlap
-            or (cfg.scale_after_mma and (group != GROUP or cfg.tile_tokens > 128)) or not can_use(m, n, k, group, cfg)):
+            or (zero is not None and zero.shape != groups) or not can_use(m, n, k, group, cfg)):
         raise ValueError(f"w4a16_matmul_mgpu: x {x.shape}, packed {packed.shape} {packed.dtype}, scale {scale.shape}"
                          f", zero {None if zero is None else zero.shape} do not fit {cfg} (needs packed uint8 "
                          f"(N, K/2) or int4 (N, K), scale and zero (N, K/G) for G in {GROUPS}, K % 128 == 0, "
-                         f"N % 128 == 0, no promote_overlap, scale_after_mma only for G = 128 and tile_tokens <= 128)")
+                         "N % 128 == 0)")
     rows_per_step = [scale.astype(jnp.bfloat16).T]                                 # [K/G, N]
     if zero is not None:                                                            # z - 8 in [-8, 7]: exact
         rows_per_step.append((zero.astype(jnp.float32) - 8.0).astype(jnp.bfloat16).T)
-    if cfg.scale_after_mma:                            # the scale stays f32 (exact for f16 / f32 checkpoints)
-        rows_per_step[0] = scale.astype(jnp.float32).T
-        return launch_swap_ab(x.astype(jnp.bfloat16), packed, rows_per_step, cfg, _step_scale_after,
-                              acc_in_ref=False)
     step = _step if group == GROUP else functools.partial(_step, group=group)
     return launch_swap_ab(x.astype(jnp.bfloat16), packed, rows_per_step, cfg, step, acc_in_ref=True, sub_k=group)
 
@@ -290,25 +232,21 @@ def w4a8_matmul_mgpu(xq, input_scale, packed, weight_scale, *, config: MgpuW4Con
     n = packed.shape[0]
     want = (n, k) if packed.dtype == jnp.int4 else (n, k // 2)
     if (xq.dtype != jnp.float8_e4m3fn or packed.shape != want or weight_scale.shape != (n, k // GROUP)
-            or cfg.tile_tokens > 128 or cfg.scale_after_mma or not can_use(m, n, k, GROUP, cfg)):
+            or cfg.tile_tokens > 128 or not can_use(m, n, k, GROUP, cfg)):
         raise ValueError(f"w4a8_matmul_mgpu: xq {xq.shape} {xq.dtype}, packed {packed.shape} {packed.dtype}, "
                          f"weight_scale {weight_scale.shape} do not fit {cfg} (needs e4m3 xq, packed uint8 (N, K/2) "
-                         f"or int4 (N, K), weight_scale (N, K/128), K % 128 == 0, N % 128 == 0, tile_tokens <= 128, "
-                         "no scale_after_mma)")
+                         "or int4 (N, K), weight_scale (N, K/128), K % 128 == 0, N % 128 == 0, tile_tokens <= 128)")
     rows = [(weight_scale.astype(jnp.float32) * jnp.asarray(input_scale, jnp.float32)).T]     # [K/128, N]
-    if cfg.promote_overlap:
-        return launch_swap_ab(xq, packed, rows, cfg, _step_fp8_overlapped, acc_in_ref=False,
-                              carry_init=_overlap_carry, finish=_overlap_finish)
     return launch_swap_ab(xq, packed, rows, cfg, _step_fp8, acc_in_ref=False)
 
 
 def launch_swap_ab(x, packed, rows_per_step: list, cfg: MgpuW4Config, step, acc_in_ref: bool,
-                   sub_k: int = GROUP, post_scale=None, carry_init=None, finish=None):
+                   sub_k: int = GROUP):
     """Runs `step` over the persistent swap-AB grid: x [M, K] (bf16 or e4m3) padded to the token tile, the
     weights as int4 (flipped in the kernel when given as canonical uint8), one [K/sub_k, N] array per entry
     of rows_per_step (GROUP // sub_k rows per 128-K step; x is swizzled so step can slice it every sub_k
-    columns); y [M, N] bf16. With split-K partials or an f32 post_scale (a scalar), the kernel writes f32
-    and one XLA fusion sums, scales and rounds once. carry_init / finish: as _mgpu.persistent_kernel's."""
+    columns); y [M, N] bf16. With split-K partials the kernel writes f32 and one XLA fusion sums and rounds
+    once."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -340,14 +278,9 @@ def launch_swap_ab(x, packed, rows_per_step: list, cfg: MgpuW4Config, step, acc_
                                   transforms=_mgpu.tiled_swizzle(GROUP // 2, 4))] + [row_spec] * len(rows_per_step),
         views=views, cta=(CTA_CHANNELS, t), wg_offset=lambda wg: (wg * WG_CHANNELS, 0), tile=(WG_CHANNELS, t),
         epi_n=_epi_tokens(cfg), grid=grid, k_iters=kb_split, stages=cfg.stages, grid_tile_width=cfg.grid_tile_width,
-        step=functools.partial(step, flip=flip), scratch={}, acc_in_ref=acc_in_ref, transpose_out=True,
-        carry_init=carry_init, finish=finish)
-    f32_out = split > 1 or post_scale is not None
-    y = _mgpu.launch(kernel, (xp, w, *rows_per_step), (split * mp, n), jnp.float32 if f32_out else jnp.bfloat16,
+        step=functools.partial(step, flip=flip), scratch={}, acc_in_ref=acc_in_ref, transpose_out=True)
+    y = _mgpu.launch(kernel, (xp, w, *rows_per_step), (split * mp, n), jnp.float32 if split > 1 else jnp.bfloat16,
                      grid[0] * grid[1])
-    if f32_out:                                         # partials [split, Mp, N], summed in f32, rounded once
-        y = jnp.sum(y.reshape(split, mp, n), axis=0)
-        if post_scale is not None:
-            y = y * jnp.asarray(post_scale, jnp.float32)
-        y = y.astype(jnp.bfloat16)
+    if split > 1:                                       # partials [split, Mp, N], summed in f32, rounded once
+        y = jnp.sum(y.reshape(split, mp, n), axis=0).astype(jnp.bfloat16)
     return y[:m]

@@ -26,8 +26,7 @@ def _operands(m, n, k, sw_shape=None):
             jax.ShapeDtypeStruct(sw_shape or (n // 128, k // 128), jnp.float32))
 
 
-@pytest.mark.parametrize("cfg", [MgpuFp8Config(64, 128, "m", 4), MgpuFp8Config(64, 128, "n", 4),
-                                 MgpuFp8Config(64, 128, "m", 4, overlap=True)])
+@pytest.mark.parametrize("cfg", [MgpuFp8Config(64, 128, "m", 4), MgpuFp8Config(64, 128, "n", 4)])
 def test_lowers_to_a_mosaic_gpu_kernel_with_fp8_wgmma(cfg):
     text = mg.fp8_block_matmul_mgpu.trace(*_operands(200, 512, 1024), config=cfg).lower(
         lowering_platforms=("cuda",)).as_text()
@@ -35,14 +34,12 @@ def test_lowers_to_a_mosaic_gpu_kernel_with_fp8_wgmma(cfg):
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in text
 
 
-def test_overlap_promotes_the_carried_partial_and_the_last_one_after_the_loop(promotions):
-    """overlap: the step promotes the previous step's partial (issued after this step's wgmma) and the tile's
-    last partial is promoted once after the K loop; without it each step promotes its own."""
-    for overlap, traced in ((False, 1), (True, 2)):
-        promotions.clear()
-        cfg = MgpuFp8Config(64, 128, "m", 4, overlap=overlap)
-        mg.fp8_block_matmul_mgpu.trace(*_operands(72, 512, 1024), config=cfg).lower(lowering_platforms=("cuda",))
-        assert [shape for shape, _ in promotions] == [(64, 128)] * traced   # (M=72: no earlier trace cached)
+def test_each_step_promotes_its_own_partial_with_both_scales(promotions):
+    """The K-step body is traced once and promotes its fresh [tile_m, tile_n] wgmma partial into the sum with
+    the step's x scales (per row) and w scales (per column)."""
+    cfg = MgpuFp8Config(64, 128, "m", 4)
+    mg.fp8_block_matmul_mgpu.trace(*_operands(72, 512, 1024), config=cfg).lower(lowering_platforms=("cuda",))
+    assert promotions == [((64, 128), jnp.float32)]                    # (M=72: no earlier trace cached)
 
 
 def test_bad_shapes_name_what_is_wrong():

@@ -118,31 +118,11 @@ def test_w4a8_rejects_bf16_activations_and_wide_token_tiles():
         w4.w4a8_matmul_mgpu.trace(*_w4a8_operands(64, 512, 1024), config=MgpuW4Config(tile_tokens=256, stages=2))
 
 
-def test_w4a8_promote_overlap_carries_the_previous_partial(promotions):
-    """promote_overlap: each step promotes the previous step's partial (one promotion per step as without it)
-    and the tile's last partial once after the K loop; it lowers to the same e4m3 wgmma; the bf16 kernel
-    refuses the option."""
-    for overlap, traced in ((False, 1), (True, 2)):
-        promotions.clear()
-        cfg = MgpuW4Config(tile_tokens=64, stages=w4.fit_stages(64, asym=False, x_bytes=1), promote_overlap=overlap)
-        fn = jax.jit(lambda x, si, p, s, c=cfg: w4.w4a8_matmul_mgpu(x, si, p, s, config=c))
-        text = fn.trace(*_w4a8_operands(72, 512, 1024)).lower(lowering_platforms=("cuda",)).as_text()
-        assert "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in text
-        assert [shape for shape, _ in promotions] == [(64, 64)] * traced
-    with pytest.raises(ValueError, match="promote_overlap"):
-        w4.w4a16_matmul_mgpu.trace(*_operands(64, 512, 1024)[:3], config=MgpuW4Config(promote_overlap=True))
-
-
-@pytest.mark.parametrize("zero", [False, True])
-def test_scale_after_mma_promotes_unscaled_partials(promotions, zero):
-    """scale_after_mma: the wgmma gets the unscaled codes (no per-weight scale multiply), a fresh accumulator
-    per step, and the step's f32 scale multiplies the partial product once; larger tiles and smaller groups
-    are refused."""
-    cfg = MgpuW4Config(tile_tokens=16, stages=4, split_k=2, scale_after_mma=True)
-    fn = jax.jit(lambda x, p, s, z: w4.w4a16_matmul_mgpu(x, p, s, z, config=cfg))
-    text = fn.trace(*_operands(40, 512, 1024, zero=zero)).lower(lowering_platforms=("cuda",)).as_text()
-    assert "m64n16k16.f32.bf16.bf16" in text and promotions == [((64, 16), jnp.float32)]
-    for bad, cols in ((MgpuW4Config(tile_tokens=256, stages=2, scale_after_mma=True), 8),
-                      (MgpuW4Config(tile_tokens=16, stages=4, scale_after_mma=True), 16)):
-        with pytest.raises(ValueError, match="scale_after_mma only for G = 128"):
-            w4.w4a16_matmul_mgpu.trace(*_operands(40, 512, 1024, scale_cols=cols)[:3], config=bad)
+def test_w4a8_promotes_each_step_once_with_its_f32_scale(promotions):
+    """Each K-step's e4m3 wgmma goes to a fresh accumulator, promoted once into the f32 sum with the step's
+    per-channel f32 scale (weight_scale * input_scale)."""
+    cfg = MgpuW4Config(tile_tokens=64, stages=w4.fit_stages(64, asym=False, x_bytes=1))
+    fn = jax.jit(lambda x, si, p, s: w4.w4a8_matmul_mgpu(x, si, p, s, config=cfg))
+    text = fn.trace(*_w4a8_operands(72, 512, 1024)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in text
+    assert promotions == [((64, 64), jnp.float32)]                     # (M=72: no earlier trace cached)
