@@ -34,9 +34,13 @@
 
 10. Compile time (`compile`) of chains of 1, 8 and 32 planned GEMMs (8B o shape) per recipe at M=1 and 16.
 
+11. Wall time against the device's own (`trace`, benchmarks/device_trace.py): per point and recipe (XLA bf16,
+    W4A16, W4A8 planned), time_jax's wall time beside a profiler trace of the same executable: kernels per
+    call, their summed device time, the GPU's busy fraction and the costliest kernels.
+
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
-                                                              # w4groups, compile
+                                                              # w4groups, compile, trace
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
 Writes DIR/gemm_probe_<card>_<date>.json and prints a table.
 """
@@ -565,6 +569,35 @@ def probe_w4a8_gemv(copy_tbps, rows, shapes, flush):
         flush()
 
 
+def probe_trace(rows, shapes, ms, flush, recipes=("xla_bf16", "w4a16", "w4a8")):
+    """Wall time (time_jax) against a profiler trace of the same executable (device_trace.py): kernels per
+    call, their device time, the GPU's busy fraction and the costliest kernels, per (shape, M, recipe)."""
+    import device_trace
+    for name, m, n, k, x in _large_m_points(shapes, ms):
+        for recipe in recipes:
+            ws = [G.make_weights(recipe, n, k, seed=130 + r) for r in range(4)]
+            op, sets = G.jax_op(recipe), [(x, w) for w in ws]
+            try:
+                wall = G.time_jax(op, sets)
+                runs = 10
+                summary = device_trace.kernel_summary(
+                    device_trace.trace_kernels(jax.jit(lambda s: [op(*a) for a in s]), (sets,), runs=runs),
+                    calls=runs * len(sets))
+            except Exception as e:  # noqa: BLE001
+                G.log(f"  trace {name} M={m} {recipe} failed: {repr(e)[:600]}")
+                continue
+            top = list(summary["by_kernel"].items())[:4]
+            rows.append({"part": "trace", "shape": name, "M": m, "variant": recipe, "us": round(wall * 1e6, 2),
+                         **{key: summary[key] for key in ("kernels_per_call", "kernel_us_per_call", "busy_fraction")},
+                         "top_kernels": top})
+            G.log(f"trace {name} M={m} {recipe:9s} wall {wall * 1e6:8.1f} us, kernels "
+                  f"{summary['kernel_us_per_call']:8.1f} us in {summary['kernels_per_call']:.1f} launches, "
+                  f"busy {summary['busy_fraction']:.2f}: "
+                  + "; ".join(f"{kn[:40]} {v['per_call']:.1f}x {v['mean_us']:.1f} us" for kn, v in top))
+            del ws
+            flush()
+
+
 def probe_compile(rows, flush, layers=(1, 8, 32), ms=(1, 16)):
     """Compile time of a chain of `layers` GEMMs of the 8B o shape (4096 x 4096), each with its own weights,
     per recipe and M: what a model without a layer scan pays per linear layer at jit time."""
@@ -596,7 +629,7 @@ def main():
     ap.add_argument("--parts", default="gemv,fp8")
     ap.add_argument("--shapes", default="8b.gate_up,8b.o,8b.qkv,8b.down,70b.gate_up,70b.down")
     ap.add_argument("--ms", default="1,16,64,256,1024,4096",
-                    help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu and fp8 parts")
+                    help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu, trace and fp8 parts")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -630,6 +663,8 @@ def main():
             probe_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "compile" in parts:
             probe_compile(rows, flush)
+        if "trace" in parts:
+            probe_trace(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "xla4" in parts:
             probe_xla4(copy_tbps, rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush,
                        args.out)
