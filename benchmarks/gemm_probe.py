@@ -98,8 +98,8 @@ def probe_gemv(copy_tbps, rows, shapes, flush):
                 ok, err = G.check_op(recipe, op, x, w0) if check else (None, None)
                 t = G.time_jax(op, [(x, w) for w in ws])
                 rows.append({"part": "gemv", "shape": f"{model}.{layer}", "recipe": recipe, "variant": name,
-                             "config": cfg, "us": round(t * 1e6, 2), "pct_copy_bw": round(100 * floor_us / (t * 1e6), 1),
-                             "check_ok": ok, "err": err})
+                             "config": cfg, "us": round(t * 1e6, 2),
+                             "pct_copy_bw": round(100 * floor_us / (t * 1e6), 1), "check_ok": ok, "err": err})
                 return t
 
             base = {"plan": record("packed4_plan", G.jax_op(recipe))}
@@ -132,8 +132,9 @@ def probe_gemv(copy_tbps, rows, shapes, flush):
                              "config": str(cfg), "check_ok": ok, "err": err})
                 if not ok:
                     G.log(f"  CHECK FAILED {model}.{layer} {recipe} {cfg}: err {err}")
-                G.log(f"{model}.{layer} {recipe} M=1: floor {floor_us:.1f} us, packed4 plan {base['plan'] * 1e6:.1f} us, "
-                      f"best gemv {t * 1e6:.1f} us ({100 * floor_us / (t * 1e6):.0f}% copy) {cfg}")
+                G.log(f"{model}.{layer} {recipe} M=1: floor {floor_us:.1f} us, packed4 plan "
+                      f"{base['plan'] * 1e6:.1f} us, best gemv {t * 1e6:.1f} us "
+                      f"({100 * floor_us / (t * 1e6):.0f}% copy) {cfg}")
             del ws, w0
             gc.collect()
             flush()
