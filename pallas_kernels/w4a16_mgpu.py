@@ -122,48 +122,30 @@ def per_channel_row(ref, j: int, channels, shape):
     return lax.broadcast_in_dim(channel_values(ref, channels, j), shape, [0])
 
 
-def bf16_tile(wg, w_smem, flip: bool):
-    """The warpgroup's [64, 128] INT4 tile in bf16 registers (WGMMA layout; exact), the channels it covers.
-    flip: the tile holds the canonical codes u = q + 8 (as int4 bits), turned into q by flipping bit 3."""
+def _step(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool, group: int = GROUP):
+    """One 128-K step of a compute warpgroup: its [64, 128] INT4 tile decoded to bf16 in registers (WGMMA
+    layout, exact; flip: the tile holds the canonical codes u = q + 8 as int4 bits, turned into q by flipping
+    bit 3), then per group of `group` columns its zero and scale applied and one wgmma of that slice into the
+    running accumulator (x_smem is swizzled for slices of `group` columns). rest: (zero_smem, acc_ref) or
+    (acc_ref,)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
+    *zero_smem, acc_ref = rest
     channels = pl.ds(wg * WG_CHANNELS, WG_CHANNELS)
     q = plgpu.load(w_smem.at[channels], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
     if flip:
         q = q ^ jnp.int4(-8)
-    return plgpu.layout_cast(q, plgpu.Layout.WGMMA).astype(jnp.bfloat16), channels
-
-
-def wgmma_blocks(acc_ref, a, x_smem, block: int, scaled):
-    """acc += sum over the step's blocks j of `block` K columns: scaled(j, a[:, block j]) @ x[:, block j]^T, one
-    wgmma per block (the whole step when block == GROUP), then waits for them. a: the warpgroup's decoded
-    [64, 128] bf16 tile; x_smem swizzled for slices of `block` columns (launch_swap_ab's sub_k)."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    for j in range(GROUP // block):
-        whole = block == GROUP
-        a_j = a if whole else a[:, j * block:(j + 1) * block]
-        x_j = x_smem if whole else x_smem.at[:, pl.ds(j * block, block)]
-        plgpu.wgmma(acc_ref, scaled(j, a_j), x_j.T)
-    plgpu.wgmma_wait(0)
-    return acc_ref
-
-
-def _step(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool, group: int = GROUP):
-    """One 128-K step of a compute warpgroup: its INT4 tile decoded to bf16 in registers (bf16_tile), then per
-    group of `group` columns its zero and scale applied and one wgmma into the running accumulator. rest:
-    (zero_smem, acc_ref) or (acc_ref,)."""
-    *zero_smem, acc_ref = rest
-    a, channels = bf16_tile(wg, w_smem, flip)
-
-    def scaled(j, a_j):
+    a = plgpu.layout_cast(q, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
+    whole = group == GROUP
+    for j in range(GROUP // group):
+        a_j = a if whole else a[:, j * group:(j + 1) * group]
+        x_j = x_smem if whole else x_smem.at[:, pl.ds(j * group, group)]
         if zero_smem:
             a_j = a_j - per_channel_row(zero_smem[0], j, channels, a_j.shape)
-        return a_j * per_channel_row(s_smem, j, channels, a_j.shape)
-
-    return wgmma_blocks(acc_ref, a, x_smem, group, scaled)
+        plgpu.wgmma(acc_ref, a_j * per_channel_row(s_smem, j, channels, a_j.shape), x_j.T)
+    plgpu.wgmma_wait(0)
+    return acc_ref
 
 
 def _e4m3_tile(wg, w_smem, flip: bool):
