@@ -8,8 +8,11 @@ GEMMs of pallas_kernels (imported only when a kernel runs) for backend "gpu", so
 reference path.
 
 Kernel numerics against the reference (all accumulate in float32; see the pallas_kernels docstrings):
-  w4a16, nvfp4 / mxfp4 weight-only, fp8_block, fp8_rowwise: the reference's up to summation order and
-    the final rounding (FP8 activation codes come from jaxq.nn.activation_quant).
+  nvfp4 / mxfp4 weight-only, fp8_block, fp8_rowwise, and w4a16 at M = 1 or off Hopper: the reference's up
+    to summation order and the final rounding (FP8 activation codes come from jaxq.nn.activation_quant).
+  w4a16 from M = 2 on Hopper (pallas_kernels.w4a16_mgpu): scales rounded to bf16 and each dequantized
+    weight (q - z) * s rounded once to bf16 before the bf16 MMA, as Marlin and TensorRT-LLM's W4A16
+    kernels do: each weight within 2**-8 of itself, so an output may differ by 2**-8 (|x| @ |W|^T).
   fp8 (static): x_q = e4m3(x / input_scale), the TRT-LLM/vLLM run-time order, not ModelOpt's
     x * (448 / amax), which differs at FP8 ties (frequent with bf16 inputs).
   nvfp4 W4A4, mxfp4 with FP8 input: the activation fake quant runs in float32 and is rounded to x.dtype
