@@ -570,14 +570,22 @@ def probe_w4a8_gemv(copy_tbps, rows, shapes, flush):
         flush()
 
 
-def probe_trace(rows, shapes, ms, flush, recipes=("xla_bf16", "w4a16", "w4a8")):
+def probe_trace(rows, shapes, ms, flush,
+                recipes=("xla_bf16", "w4a16", "w4a16+rows", "w4a16_asym+rows", "w4a8", "w4a8+rows")):
     """Wall time (time_jax) against a profiler trace of the same executable (device_trace.py): kernels per
-    call, their device time, the GPU's busy fraction and the costliest kernels, per (shape, M, recipe)."""
+    call, their device time, the GPU's busy fraction and the costliest kernels, per (shape, M, recipe).
+    '+rows': the weights carry dispatch.with_step_rows's scale rows (built once, as a loader would), checked
+    against the reference first."""
     import device_trace
     for name, m, n, k, x in _large_m_points(shapes, ms):
-        for recipe in recipes:
+        for variant in recipes:
+            recipe, prepared = variant.split("+")[0], variant.endswith("+rows")
+            kernel_recipe = "w4a16" if recipe == "w4a16_asym" else recipe
             ws = [G.make_weights(recipe, n, k, seed=130 + r) for r in range(4)]
+            if prepared:
+                ws = [jax.block_until_ready(G.dispatch.with_step_rows(kernel_recipe, w)) for w in ws]
             op, sets = G.jax_op(recipe), [(x, w) for w in ws]
+            check = G.check_op(recipe, op, x, ws[0]) if prepared else (None, None)
             try:
                 wall = G.time_jax(op, sets)
                 runs = 10
@@ -588,10 +596,10 @@ def probe_trace(rows, shapes, ms, flush, recipes=("xla_bf16", "w4a16", "w4a8")):
                 G.log(f"  trace {name} M={m} {recipe} failed: {repr(e)[:600]}")
                 continue
             top = list(summary["by_kernel"].items())[:4]
-            rows.append({"part": "trace", "shape": name, "M": m, "variant": recipe, "us": round(wall * 1e6, 2),
+            rows.append({"part": "trace", "shape": name, "M": m, "variant": variant, "us": round(wall * 1e6, 2),
                          **{key: summary[key] for key in ("kernels_per_call", "kernel_us_per_call", "busy_fraction")},
-                         "top_kernels": top})
-            G.log(f"trace {name} M={m} {recipe:9s} wall {wall * 1e6:8.1f} us, kernels "
+                         "top_kernels": top, "check_ok": check[0], "check_err": check[1]})
+            G.log(f"trace {name} M={m} {variant:15s} ok={check[0]} wall {wall * 1e6:8.1f} us, kernels "
                   f"{summary['kernel_us_per_call']:8.1f} us in {summary['kernels_per_call']:.1f} launches, "
                   f"busy {summary['busy_fraction']:.2f}: "
                   + "; ".join(f"{kn[:40]} {v['per_call']:.1f}x {v['mean_us']:.1f} us" for kn, v in top))

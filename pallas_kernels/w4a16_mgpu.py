@@ -179,12 +179,34 @@ def _step_fp8(wg, _scratch, x_smem, w_smem, s_smem, acc, *, flip: bool):
     return _mgpu.scaled_sum(acc, part, row_scale=channel_values(s_smem, channels))
 
 
+def step_rows(scale, zero=None) -> tuple:
+    """What w4a16_matmul_mgpu's kernel reads per K-step, from scale and zero [N, K/G]: the scale as bf16
+    [K/G, N] and, asymmetric, zero - 8 as bf16 [K/G, N] (in [-8, 7]: exact). Two small XLA passes per call
+    when the kernel builds them itself; computed once at load time and passed as `rows`, no pass."""
+    rows = (scale.astype(jnp.bfloat16).T,)
+    return rows if zero is None else rows + ((zero.astype(jnp.float32) - 8.0).astype(jnp.bfloat16).T,)
+
+
+def w4a8_step_rows(weight_scale, input_scale) -> tuple:
+    """w4a8_matmul_mgpu's per-step rows: weight_scale [N, K/128] * input_scale as f32 [K/128, N]."""
+    return ((weight_scale.astype(jnp.float32) * jnp.asarray(input_scale, jnp.float32)).T,)
+
+
+def _check_rows(fn: str, rows, want: tuple):
+    """rows must be what step_rows / w4a8_step_rows build for these weights."""
+    got = tuple((r.shape, r.dtype) for r in rows)
+    if got != want:
+        raise ValueError(f"{fn}: rows {got} do not match the weights: expected {want} (build them with "
+                         "step_rows / w4a8_step_rows from the same scales)")
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
-def w4a16_matmul_mgpu(x, packed, scale, zero=None, *, config: MgpuW4Config = DEFAULT):
+def w4a16_matmul_mgpu(x, packed, scale, zero=None, *, config: MgpuW4Config = DEFAULT, rows=None):
     """y [M, N] bf16 = x [M, K] bf16 @ W^T, W = (q - (zero - 8)) * scale per group of G = K / scale.shape[1]
     in GROUPS (zero None: symmetric, W = q * scale). packed: w4a16.py's canonical uint8 [N, K/2] (read as is:
-    its int4 view costs no pass), or as_int4's int4 [N, K]; scale, zero: [N, K/G]. Groups of 32 and 64 run
-    one wgmma per group (checked and timed on an H100: dispatch.py's MGPU_W4_TILE notes)."""
+    its int4 view costs no pass), or as_int4's int4 [N, K]; scale, zero: [N, K/G]. rows: step_rows(scale,
+    zero) computed beforehand (then scale and zero give only the shapes), or None to build them here. Groups
+    of 32 and 64 run one wgmma per group (checked and timed on an H100: dispatch.py's MGPU_W4_TILE notes)."""
     cfg = config
     m, k = x.shape
     n = packed.shape[0]
@@ -197,20 +219,21 @@ def w4a16_matmul_mgpu(x, packed, scale, zero=None, *, config: MgpuW4Config = DEF
                          f", zero {None if zero is None else zero.shape} do not fit {cfg} (needs packed uint8 "
                          f"(N, K/2) or int4 (N, K), scale and zero (N, K/G) for G in {GROUPS}, K % 128 == 0, "
                          "N % 128 == 0)")
-    rows_per_step = [scale.astype(jnp.bfloat16).T]                                 # [K/G, N]
-    if zero is not None:                                                            # z - 8 in [-8, 7]: exact
-        rows_per_step.append((zero.astype(jnp.float32) - 8.0).astype(jnp.bfloat16).T)
+    if rows is None:
+        rows = step_rows(scale, zero)
+    _check_rows("w4a16_matmul_mgpu", rows, ((groups[::-1], jnp.dtype(jnp.bfloat16)),) * (1 if zero is None else 2))
     step = _step if group == GROUP else functools.partial(_step, group=group)
-    return launch_swap_ab(x.astype(jnp.bfloat16), packed, rows_per_step, cfg, step, acc_in_ref=True, sub_k=group)
+    return launch_swap_ab(x.astype(jnp.bfloat16), packed, list(rows), cfg, step, acc_in_ref=True, sub_k=group)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def w4a8_matmul_mgpu(xq, input_scale, packed, weight_scale, *, config: MgpuW4Config = DEFAULT):
+def w4a8_matmul_mgpu(xq, input_scale, packed, weight_scale, *, config: MgpuW4Config = DEFAULT, rows=None):
     """W4A8 on FP8 tensor cores: y [M, N] bf16 =
     sum over K-steps of (xq @ q^T)_step * weight_scale[:, step] * input_scale, from E4M3 activation codes xq
     [M, K], the canonical packed uint8 [N, K/2] (or as_int4's int4), weight_scale [N, K/128]; the products
     and per-step sums are exact (e4m3 x int4), so only the f32 promotion order differs from
-    w4a8.w4a8_matmul_reference. tile_tokens <= 128 (a fresh accumulator beside the sum)."""
+    w4a8.w4a8_matmul_reference. tile_tokens <= 128 (a fresh accumulator beside the sum). rows:
+    w4a8_step_rows(weight_scale, input_scale) computed beforehand, or None to build them here."""
     cfg = config
     m, k = xq.shape
     n = packed.shape[0]
@@ -220,8 +243,10 @@ def w4a8_matmul_mgpu(xq, input_scale, packed, weight_scale, *, config: MgpuW4Con
         raise ValueError(f"w4a8_matmul_mgpu: xq {xq.shape} {xq.dtype}, packed {packed.shape} {packed.dtype}, "
                          f"weight_scale {weight_scale.shape} do not fit {cfg} (needs e4m3 xq, packed uint8 (N, K/2) "
                          "or int4 (N, K), weight_scale (N, K/128), K % 128 == 0, N % 128 == 0, tile_tokens <= 128)")
-    rows = [(weight_scale.astype(jnp.float32) * jnp.asarray(input_scale, jnp.float32)).T]     # [K/128, N]
-    return launch_swap_ab(xq, packed, rows, cfg, _step_fp8, acc_in_ref=False)
+    if rows is None:
+        rows = w4a8_step_rows(weight_scale, input_scale)
+    _check_rows("w4a8_matmul_mgpu", rows, (((k // GROUP, n), jnp.dtype(jnp.float32)),))
+    return launch_swap_ab(xq, packed, list(rows), cfg, _step_fp8, acc_in_ref=False)
 
 
 def launch_swap_ab(x, packed, rows_per_step: list, cfg: MgpuW4Config, step, acc_in_ref: bool,

@@ -100,6 +100,11 @@ def test_quantized_matmul_paths(recipe, m, path):
     override = dispatch.Plan(path) if path else None
     out = dispatch.quantized_matmul(x, recipe, w, plan_override=override, interpret=True)
     npo.check_close(out, dispatch.reference_matmul(x, recipe, w), 1e-2)
+    prepared = dispatch.with_step_rows(recipe, w)     # scale rows built once: the same result on every path
+    assert ("mgpu_rows" in prepared) == (recipe in ("w4a16", "w4a8"))
+    if "mgpu_rows" in prepared:
+        again = dispatch.quantized_matmul(x, recipe, prepared, plan_override=override, interpret=True)
+        np.testing.assert_array_equal(np.asarray(again, np.float32), np.asarray(out, np.float32))
 
 
 @pytest.mark.parametrize("recipe", dispatch.W4A8_FP4)

@@ -126,3 +126,41 @@ def test_w4a8_promotes_each_step_once_with_its_f32_scale(promotions):
     text = fn.trace(*_w4a8_operands(72, 512, 1024)).lower(lowering_platforms=("cuda",)).as_text()
     assert "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in text
     assert promotions == [((64, 64), jnp.float32)]                     # (M=72: no earlier trace cached)
+
+
+def test_step_rows_hold_the_scales_and_zeros_per_k_step():
+    rng = npo.rng_for("w4a16_mgpu_rows")
+    scale = jnp.asarray(rng.uniform(1e-3, 1e-2, (256, 8)), jnp.float32)
+    zero = jnp.asarray(rng.integers(0, 16, (256, 8)), jnp.uint8)
+    s_rows, z_rows = w4.step_rows(scale, zero)
+    assert s_rows.shape == z_rows.shape == (8, 256) and s_rows.dtype == z_rows.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(s_rows), np.asarray(scale.astype(jnp.bfloat16)).T)
+    np.testing.assert_array_equal(np.asarray(z_rows, np.float32), np.asarray(zero, np.float32).T - 8)
+    (w8,) = w4.w4a8_step_rows(scale, jnp.float32(0.5))
+    np.testing.assert_array_equal(np.asarray(w8), np.asarray(scale).T * np.float32(0.5))
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_prebuilt_rows_leave_no_transpose_in_the_call(zero):
+    """With step_rows built beforehand (a loader's job) the call is the kernel alone; without, it transposes
+    the scales (and zeros) itself."""
+    x, p, s, z = _operands(40, 512, 1024, zero=zero)
+    rows = jax.eval_shape(w4.step_rows, s, z)
+    cfg = MgpuW4Config(tile_tokens=64, stages=w4.fit_stages(64))
+    own = str(jax.make_jaxpr(lambda x, p, s, z: w4.w4a16_matmul_mgpu(x, p, s, z, config=cfg))(x, p, s, z))
+    given = str(jax.make_jaxpr(lambda x, p, s, z, r: w4.w4a16_matmul_mgpu(x, p, s, z, config=cfg, rows=r))(
+        x, p, s, z, rows))
+    assert own.count("transpose[permutation") == (2 if zero else 1) and "transpose[permutation" not in given
+    text = jax.jit(lambda x, p, s, z, r: w4.w4a16_matmul_mgpu(x, p, s, z, config=cfg, rows=r)).trace(
+        x, p, s, z, rows).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+def test_rows_that_do_not_match_the_weights_are_refused():
+    x, p, s, z = _operands(40, 512, 1024, zero=True)
+    sym_rows = jax.eval_shape(w4.step_rows, s)                      # no zero rows for asymmetric weights
+    with pytest.raises(ValueError, match=r"w4a16_matmul_mgpu: rows .* expected"):
+        w4.w4a16_matmul_mgpu.trace(x, p, s, z, rows=sym_rows)
+    xq, si, p8, ws = _w4a8_operands(40, 512, 1024)
+    with pytest.raises(ValueError, match=r"w4a8_matmul_mgpu: rows .*\(8, 512\).* expected .*\(8, 512\)"):
+        w4.w4a8_matmul_mgpu.trace(xq, si, p8, ws, rows=(jax.ShapeDtypeStruct((8, 512), jnp.bfloat16),))
