@@ -78,13 +78,14 @@ def int4_group(config) -> int:
 
 
 def with_weights(model, weights: str):
-    """The model with `weights` ("bf16": as loaded; "w4a16": INT4 round-to-nearest, int4_group)."""
+    """The model with `weights` ("bf16": as loaded; "w4a16": INT4 round-to-nearest, int4_group; run on
+    model.run_params, "w4a16_percall" on model.params: the kernels then build their scale rows per call)."""
     if weights == "bf16":
         return model
-    if weights == "w4a16":
+    if weights in ("w4a16", "w4a16_percall"):
         recipe = jaxq.get_recipe("w4a16_awq", algorithm="max", group_size=int4_group(model.config))
         return jaxq.quantize(model, recipe)
-    raise SystemExit(f"--weights: unknown {weights!r}; expected bf16 or w4a16")
+    raise SystemExit(f"--weights: unknown {weights!r}; expected bf16, w4a16 or w4a16_percall")
 
 
 def kv_scaled(model, context: int):
@@ -102,7 +103,7 @@ def weight_bytes(model) -> int:
     return total
 
 
-def check_decode(model, kv: str, tokens: np.ndarray) -> float:
+def check_decode(model, params, kv: str, tokens: np.ndarray) -> float:
     """Min over rows of the cosine between the logits of the last token decoded through the cache and those of
     a cache-free forward over the same tokens."""
     b, t = tokens.shape
@@ -110,32 +111,34 @@ def check_decode(model, kv: str, tokens: np.ndarray) -> float:
     lengths = jnp.full((b,), t - 1, jnp.int32)
     padded = np.zeros((b, bucket(t - 1)), np.int32)
     padded[:, : t - 1] = tokens[:, :-1]
-    _, cache = prefill(model.module, model.params, jnp.asarray(padded), lengths, cache, jax.random.key(0))
-    step, _ = model.module.apply({"params": model.params}, jnp.asarray(tokens[:, -1:]), cache=cache)
+    _, cache = prefill(model.module, params, jnp.asarray(padded), lengths, cache, jax.random.key(0))
+    step, _ = model.module.apply({"params": params}, jnp.asarray(tokens[:, -1:]), cache=cache)
     full = jaxq.logits(model, tokens)[:, -1]
     a, f = np.asarray(step[:, 0], np.float64), np.asarray(full, np.float64)
     return float(np.min(np.sum(a * f, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(f, axis=-1))))
 
 
-def time_decode(model, kv: str, batch: int, context: int, steps: int) -> dict:
+def time_decode(model, kv: str, batch: int, context: int, steps: int, per_call_rows: bool = False) -> dict:
+    """per_call_rows: run model.params rather than model.run_params (the kernels' scale rows built per call)."""
+    params = model.params if per_call_rows else model.run_params
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.config.vocab_size, (batch, context)).astype(np.int32)
-    cosine = check_decode(model, kv, tokens[:, : min(context, 64)])
+    cosine = check_decode(model, params, kv, tokens[:, : min(context, 64)])
     max_len = cache_length(bucket(context), WARMUP + TRIALS * steps, model.max_positions)
     cache = new_cache(model, batch, max_len, kv)
     key, sampling = jax.random.key(0), Sampling()
     padded = np.zeros((batch, bucket(context)), np.int32)
     padded[:, :context] = tokens
-    nxt, cache = prefill(model.module, model.params, jnp.asarray(padded), jnp.full((batch,), context, jnp.int32),
+    nxt, cache = prefill(model.module, params, jnp.asarray(padded), jnp.full((batch,), context, jnp.int32),
                          cache, key, sampling)
     for i in range(WARMUP):
-        nxt, cache = decode_step(model.module, model.params, nxt, cache, key, jnp.int32(i), sampling)
+        nxt, cache = decode_step(model.module, params, nxt, cache, key, jnp.int32(i), sampling)
     nxt.block_until_ready()
     times = []
     for trial in range(TRIALS):
         start = time.perf_counter()
         for i in range(steps):
-            nxt, cache = decode_step(model.module, model.params, nxt, cache, key, jnp.int32(i), sampling)
+            nxt, cache = decode_step(model.module, params, nxt, cache, key, jnp.int32(i), sampling)
         nxt.block_until_ready()
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times) / steps
@@ -174,7 +177,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2,llama8b")
     parser.add_argument("--kv", default="bf16,fp8")
-    parser.add_argument("--weights", default="bf16", help="bf16 and/or w4a16 (INT4 round to nearest)")
+    parser.add_argument("--weights", default="bf16",
+                        help="bf16, w4a16 (INT4 round to nearest) and/or w4a16_percall (the same, scale rows per call)")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=64)
@@ -190,14 +194,17 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         loaded, label = load_model(name)
+        made = {}                                      # w4a16 and w4a16_percall share one quantized model
         for weights in args.weights.split(","):
-            base = with_weights(loaded, weights)
+            kind = "bf16" if weights == "bf16" else "w4a16"
+            made = made if kind in made else {kind: with_weights(loaded, weights)}
+            base = made[kind]
             fp8_model = kv_scaled(base, min(args.context, 512)) if "fp8" in args.kv.split(",") else None
             for kv in args.kv.split(","):
                 model = fp8_model if kv == "fp8" else base
                 for batch in map(int, args.batches.split(",")):
                     row = {"model": name, "label": label, "weights": weights,
-                           **time_decode(model, kv, batch, args.context, args.steps)}
+                           **time_decode(model, kv, batch, args.context, args.steps, weights == "w4a16_percall")}
                     if peak is not None:
                         row["pct_roofline"] = 100 * row["bytes_needed"] / peak / (row["ms_per_step"] / 1e3)
                     if kv == "bf16" and row["check_cosine"] < CHECK_MIN_COSINE:
@@ -209,9 +216,8 @@ def main() -> None:
                           f"{row['ms_per_step']:8.2f} ms/step  roofline {pct}  check cos {row['check_cosine']:.5f}",
                           flush=True)
             del base, fp8_model
-        del loaded
+        del loaded, made
     print(f"wrote {stem}.json and .md")
-
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def logits(model: LoadedModel, token_ids: Sequence[int] | Sequence[Sequence[int]
     if tokens.shape[1] > model.max_positions:
         raise ValueError(f"{tokens.shape[1]} tokens exceed the model's max_position_embeddings "
                          f"{model.max_positions}")
-    return _forward(model.module, model.params, jnp.asarray(tokens))
+    return _forward(model.module, model.run_params, jnp.asarray(tokens))
 
 
 class LLM:

@@ -61,5 +61,5 @@ def perplexity(model: LoadedModel, text: str | Sequence[int], window: int = 512,
     windows = token_windows(text_token_ids(model, text), window, max_windows)
     # One empty cache serves every window: the jitted forward returns a new cache and leaves this one as is.
     cache = None if kv_cache_dtype is None else new_cache(model, 1, window, kv_cache_dtype)
-    sums = [_window_nll_sum(model.module, model.params, jnp.asarray(row[None]), cache) for row in windows]
+    sums = [_window_nll_sum(model.module, model.run_params, jnp.asarray(row[None]), cache) for row in windows]
     return math.exp(float(sum(sums)) / (windows.shape[0] * (window - 1)))

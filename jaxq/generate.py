@@ -190,12 +190,12 @@ def generate_ids(
             stream(step, np.where(done, -1, new).astype(np.int32))
         done[np.isin(new, eos)] = True
 
-    next_tokens, cache = prefill(model.module, model.params, jnp.asarray(tokens), jnp.asarray(num_new), cache,
+    next_tokens, cache = prefill(model.module, model.run_params, jnp.asarray(tokens), jnp.asarray(num_new), cache,
                                  key, sampling)
     for step in range(1, max_new_tokens):
         # Dispatch step `step` before reading step-1's tokens on the host, so the device never waits for
         # Python; the price is at most one wasted step after the last row stops.
-        following, cache = decode_step(model.module, model.params, next_tokens, cache, key, jnp.int32(step),
+        following, cache = decode_step(model.module, model.run_params, next_tokens, cache, key, jnp.int32(step),
                                        sampling)
         consume(step - 1, next_tokens)
         next_tokens = following

@@ -10,6 +10,7 @@ evaluation and (later) quantization need, so the public functions take a single 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Any
 
@@ -57,6 +58,15 @@ class LoadedModel:
     @property
     def num_layers(self) -> int:
         return int(self.config.num_hidden_layers)
+
+    @functools.cached_property
+    def run_params(self) -> Any:
+        """params as generation, serving and evaluation run them: on a Hopper GPU the W4A16 / W4A8 weights
+        also carry their kernels' scale rows (jaxq.nn.kernel_dispatch.with_kernel_rows), built on first use
+        and kept; elsewhere params itself. Save and quantize read params."""
+        from jaxq.nn.kernel_dispatch import with_kernel_rows
+
+        return with_kernel_rows(self.params)
 
     def replace(self, **changes) -> "LoadedModel":
         return dataclasses.replace(self, **changes)

@@ -86,7 +86,7 @@ class Slots:
         check_lengths([len(prompt)], max_new_tokens, self.max_len, self.model.max_positions)
         tokens, length = pad_prompts([prompt], bucket(len(prompt)), self.model.pad_token_id)
         key = jax.random.fold_in(self.key, self._step * len(self.cache.lengths) + slot)
-        first, self.cache = prefill_slot(self.model.module, self.model.params, self.cache, jnp.int32(slot),
+        first, self.cache = prefill_slot(self.model.module, self.model.run_params, self.cache, jnp.int32(slot),
                                          jnp.asarray(tokens), jnp.asarray(length), key, self.sampling)
         self.tokens = self.tokens.at[slot].set(first[0])
         self._out[slot], self._budget[slot] = [int(first[0])], max_new_tokens
@@ -97,7 +97,7 @@ class Slots:
         if not self._out:
             return {}
         self._step += 1
-        self.tokens, self.cache = decode_step(self.model.module, self.model.params, self.tokens, self.cache,
+        self.tokens, self.cache = decode_step(self.model.module, self.model.run_params, self.tokens, self.cache,
                                               self.key, jnp.int32(self._step), self.sampling)
         new = np.asarray(self.tokens)
         finished = {}

@@ -102,9 +102,13 @@ def _dispatch(recipe: str, x, weights: dict):
     return quantized_matmul(x, recipe, weights)
 
 
+def _with_rows(weights: dict, w: QuantizedWeight) -> dict:
+    return weights if w.kernel_rows is None else {**weights, "mgpu_rows": w.kernel_rows}
+
+
 def _w4a16(x, w):
     t = w.weight
-    return _dispatch("w4a16", _bf16_input(x, w), {"packed": t.packed, "scale": t.scale, "zero": t.zero})
+    return _dispatch("w4a16", _bf16_input(x, w), _with_rows({"packed": t.packed, "scale": t.scale, "zero": t.zero}, w))
 
 
 def _w4a16_ok(x, w):
@@ -131,7 +135,7 @@ def _fp4_ok(x, w):
 
 def _w4a8(x, w):
     t = w.weight
-    weights = {"packed": t.packed, "weight_scale": t.scale, "input_scale": w.input_scale}
+    weights = _with_rows({"packed": t.packed, "weight_scale": t.scale, "input_scale": w.input_scale}, w)
     # the smoothed x stays float32: the kernel's FP8 quantization then reads the value the reference does
     return _dispatch("w4a8", apply_pre_quant_scale(x, w.pre_quant_scale), weights).astype(x.dtype)
 
@@ -175,3 +179,42 @@ register_kernel("pallas_w4a8", lambda w: isinstance(w.weight, Int4Tensor) and w.
 register_kernel("pallas_fp8_block", _fp8_weight("block", "fp8_group"), _fp8_block)
 register_kernel("xla_fp8", _fp8_weight("tensor", "fp8_static"), _fp8_xla)
 register_kernel("xla_fp8_rowwise", _fp8_weight("channel", "fp8_token"), _fp8_xla)
+
+
+def _mosaic_recipe(w: QuantizedWeight) -> str | None:
+    """'w4a16' / 'w4a8' where a 2-D weight is claimed by the W4A16 / W4A8 kernels and fits the Mosaic GPU
+    kernel's shape rules (which read scale rows per K-step), else None."""
+    from pallas_kernels import w4a16_mgpu
+
+    t = w.weight
+    if not isinstance(t, Int4Tensor) or t.packed.ndim != 2:
+        return None
+    names = {"pallas_w4a16": "w4a16", "pallas_w4a8": "w4a8"}
+    recipe = next((names[kernel.name] for kernel in _KERNELS if kernel.name in names and kernel.matches(w)), None)
+    n, k = t.shape
+    if recipe is None or t.group_size not in (w4a16_mgpu.GROUPS if recipe == "w4a16" else (w4a16_mgpu.GROUP,)):
+        return None
+    return recipe if w4a16_mgpu.can_use(2, n, k, t.group_size) else None
+
+
+def with_kernel_rows(params):
+    """params with kernel_rows set on every QuantizedWeight that the W4A16 / W4A8 Mosaic GPU kernels may run:
+    their scale rows (pallas_kernels.dispatch.with_step_rows) built once, so that no call transposes the
+    scales (an XLA pass of about 2 us per call on an H100). Extra memory: the rows, bf16 scale (and zero) per
+    group, f32 per group for W4A8. Off a Hopper GPU, params come back as they are."""
+    from pallas_kernels import _mgpu
+    from pallas_kernels.dispatch import with_step_rows
+
+    if not _mgpu.is_hopper():
+        return params
+
+    def prepare(w):
+        recipe = _mosaic_recipe(w) if isinstance(w, QuantizedWeight) else None
+        if recipe is None:
+            return w
+        t = w.weight
+        weights = ({"scale": t.scale, "zero": t.zero} if recipe == "w4a16"
+                   else {"weight_scale": t.scale, "input_scale": w.input_scale})
+        return w.replace(kernel_rows=tuple(with_step_rows(recipe, weights)["mgpu_rows"]))
+
+    return jax.tree.map(prepare, params, is_leaf=lambda node: isinstance(node, QuantizedWeight))

@@ -5,6 +5,8 @@ the recipe needs. Quantizers (jaxq.quantize), checkpoint loaders (jaxq.io) and e
 or consume exactly this, and `jaxq.nn.qdense.qmatmul` computes with it.
 """
 
+import dataclasses
+
 import jax
 from flax import struct
 
@@ -33,6 +35,9 @@ class QuantizedWeight:
                        smoothing could not be folded into a norm), None otherwise.
       weight_scale_2:  f32 [], W4A8 only: the per-tensor FP8 stage applied to the dequantized INT4
                        (or FP4) weight, W_fp8 = e4m3(W / weight_scale_2) * weight_scale_2.
+      kernel_rows:     None, or the scales in the layout a GPU kernel reads, derived from weight and
+                       input_scale once rather than per call (jaxq.nn.kernel_dispatch.with_kernel_rows; not
+                       saved or exported). `replace` drops them when weight or input_scale changes.
     """
 
     recipe: Recipe = struct.field(pytree_node=False)
@@ -40,7 +45,19 @@ class QuantizedWeight:
     input_scale: jax.Array | None = None
     pre_quant_scale: jax.Array | None = None
     weight_scale_2: jax.Array | None = None
+    kernel_rows: tuple | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.weight.shape
+
+
+def _replace(self: QuantizedWeight, **changes) -> QuantizedWeight:
+    """dataclasses.replace, with kernel_rows dropped when what they derive from (weight, input_scale)
+    changes and they are not replaced too (flax.struct sets `replace` after the class body, hence here)."""
+    if "kernel_rows" not in changes and changes.keys() & {"weight", "input_scale"}:
+        changes["kernel_rows"] = None
+    return dataclasses.replace(self, **changes)
+
+
+QuantizedWeight.replace = _replace
