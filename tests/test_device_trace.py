@@ -52,3 +52,20 @@ def test_a_trace_without_gpu_kernels_names_what_it_saw():
     assert any(p.name.startswith("/host:") for p in profile.planes)
     with pytest.raises(ValueError, match="no kernels on a GPU plane.*planes \\[.*/host:"):
         dt.kernel_summary(profile, calls=2)
+
+
+def test_trace_profiles_a_loop_that_carries_its_own_state():
+    """trace(run) for stateful loops (decode steps over a donated cache): run() executes once, under the
+    profiler, and what it returns is waited for."""
+    step = jax.jit(lambda s: s * 2.0 + 1.0)
+    state = {"s": jnp.ones((8,)), "calls": 0}
+
+    def three_steps():
+        state["calls"] += 1
+        for _ in range(3):
+            state["s"] = step(state["s"])
+        return state["s"]
+
+    profile = dt.trace(three_steps)
+    assert state["calls"] == 1 and float(state["s"][0]) == 15.0
+    assert any(p.name.startswith("/host:") for p in profile.planes)
