@@ -35,6 +35,10 @@ class LoadedModel:
     quantization: the weight quantization the params carry (a jaxq.recipes.QuantConfig for a pre-quantized
       checkpoint: which module has which recipe); None for unquantized params.
     source: where the model came from (for messages).
+    kernel_rows: whether run_params carries the GPU kernels' scale rows (True: faster calls for the memory of
+      a second copy of the W4A16 / W4A8 scales, 1/32 of the packed weights for bf16 scales of groups of 128,
+      1/8 for groups of 32, twice that with zero points; `model.replace(kernel_rows=False)` runs params as
+      they are).
     """
 
     params: Any
@@ -49,6 +53,7 @@ class LoadedModel:
     kv_scales: tuple[jax.Array, jax.Array] | None = None
     quantization: Any = None
     source: str = ""
+    kernel_rows: bool = True
 
     @property
     def max_positions(self) -> int:
@@ -63,10 +68,10 @@ class LoadedModel:
     def run_params(self) -> Any:
         """params as generation, serving and evaluation run them: on a Hopper GPU the W4A16 / W4A8 weights
         also carry their kernels' scale rows (jaxq.nn.kernel_dispatch.with_kernel_rows), built on first use
-        and kept; elsewhere params itself. Save and quantize read params."""
+        and kept; elsewhere, or with kernel_rows False, params itself. Save and quantize read params."""
         from jaxq.nn.kernel_dispatch import with_kernel_rows
 
-        return with_kernel_rows(self.params)
+        return with_kernel_rows(self.params) if self.kernel_rows else self.params
 
     def replace(self, **changes) -> "LoadedModel":
         return dataclasses.replace(self, **changes)

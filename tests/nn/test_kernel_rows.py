@@ -85,3 +85,4 @@ def test_run_params_are_built_once_per_model(hopper, monkeypatch):
                               num_key_value_heads=1, head_dim=32, max_position_embeddings=64))
     assert model.run_params is model.run_params and calls == [1]
     assert model.replace(source="x").run_params is not None and calls == [1, 1]   # a new model builds its own
+    assert model.replace(kernel_rows=False).run_params is model.params and calls == [1, 1]   # opted out
