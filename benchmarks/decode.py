@@ -157,8 +157,8 @@ def time_decode(model, kv: str, batch: int, context: int, steps: int, per_call_r
             return nxt
 
         summary = device_trace.kernel_summary(device_trace.trace(traced_steps), calls=trace_steps)
-        trace = {"kernels_per_step": summary["kernels_per_call"], "kernel_ms_per_step": summary["kernel_us_per_call"] / 1e3,
-                 "busy_fraction": summary["busy_fraction"],
+        trace = {"kernels_per_step": summary["kernels_per_call"],
+                 "kernel_ms_per_step": summary["kernel_us_per_call"] / 1e3, "busy_fraction": summary["busy_fraction"],
                  "top_kernels": [(name[:60], v["per_call"], round(v["mean_us"], 2))
                                  for name, v in list(summary["by_kernel"].items())[:12]]}
     cfg = model.config

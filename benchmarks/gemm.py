@@ -521,7 +521,8 @@ def step_bench(models, layers, ms, recipes, env, rows, flush, tune=False, tune_r
                     w0 = as_models_run(recipe, make_weights(recipe, n, k, seed=11))
                     wb = weight_bytes(w0)
                     reps = reps_for(wb, max((wb + io_bytes) / (copy_tbps * 1e12), flops / 900e12))
-                    ws = [w0] + [as_models_run(recipe, make_weights(recipe, n, k, seed=12 + r)) for r in range(reps - 1)]
+                    ws = [w0] + [as_models_run(recipe, make_weights(recipe, n, k, seed=12 + r))
+                                 for r in range(reps - 1)]
                     x = rand_x(m, k, seed=m + n)
                     plan = plans.get(recipe)
                     if plan is None and recipe in PACKED4_RECIPES + ("fp8_block",):

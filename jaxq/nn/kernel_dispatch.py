@@ -103,12 +103,14 @@ def _dispatch(recipe: str, x, weights: dict):
 
 
 def _with_rows(weights: dict, w: QuantizedWeight) -> dict:
+    """The kernel's weights dict plus the Mosaic kernels' scale rows where w carries them (with_kernel_rows)."""
     return weights if w.kernel_rows is None else {**weights, "mgpu_rows": w.kernel_rows}
 
 
 def _w4a16(x, w):
     t = w.weight
-    return _dispatch("w4a16", _bf16_input(x, w), _with_rows({"packed": t.packed, "scale": t.scale, "zero": t.zero}, w))
+    weights = _with_rows({"packed": t.packed, "scale": t.scale, "zero": t.zero}, w)
+    return _dispatch("w4a16", _bf16_input(x, w), weights)
 
 
 def _w4a16_ok(x, w):

@@ -38,7 +38,8 @@ def test_rows_go_to_the_weights_the_mosaic_kernels_take(hopper):
                                 weight_scale_2=jnp.float32(0.1)),
         "odd_n": QuantizedWeight(w4a16, _int4(rng, 200, 512, 64)),             # N off the 128-channel tile
         "odd_k": QuantizedWeight(w4a16, _int4(rng, 256, 192, 64)),             # K off the 128-K step
-        "per_channel": QuantizedWeight(get_recipe("w4a16_gptq", weight_granularity="channel", group_size=-1), _int4(rng, 256, 512, 512)),
+        "per_channel": QuantizedWeight(get_recipe("w4a16_gptq", weight_granularity="channel", group_size=-1),
+                                       _int4(rng, 256, 512, 512)),
         "experts": QuantizedWeight(w4a16, _int4(rng, 256, 512, 64, stacked=True)),
         "w4a8_g64": QuantizedWeight(get_recipe("w4a8_awq", group_size=64), _int4(rng, 256, 512, 64),
                                     jnp.float32(0.02), weight_scale_2=jnp.float32(0.1)),
