@@ -82,3 +82,10 @@ def kernel_summary(profile: ProfileData, calls: int) -> dict:
         "by_kernel": {name: {"per_call": len(ds) / calls, "mean_us": sum(ds) / len(ds) / 1e3}
                       for name, ds in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))},
     }
+
+
+def op_summary(op, arg_sets: list, runs: int = 10) -> dict:
+    """kernel_summary per call of op over arg_sets (a list of argument tuples, as gemm.py's time_jax takes):
+    one jitted executable calls op on every set, traced `runs` times."""
+    return kernel_summary(trace_kernels(jax.jit(lambda sets: [op(*a) for a in sets]), (arg_sets,), runs=runs),
+                          calls=runs * len(arg_sets))

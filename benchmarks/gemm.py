@@ -6,6 +6,7 @@ times it against XLA bf16, XLA dequant-then-dot, XLA/torch FP8 and torch's tinyg
   PYTHONPATH=. python3 benchmarks/gemm.py --steps check         # correctness only
   PYTHONPATH=. python3 benchmarks/gemm.py --steps sweep --sweep int4 --ms 1,16 --models 8b
   options: --models 8b,70b  --ms 1,16,64,256,1024,4096  --recipes ...  --out DIR
+           --device-time (each JAX row also traced: device_us per call beside the wall-clock us)
            --sweep int4,fp4,w4a8,w4a8_fp4,fp8 (tile families for --steps sweep)
 
 W4A16 / W4A8 weights carry their scale rows built once, as jaxq's models run them (as_models_run).
@@ -49,6 +50,7 @@ GROUP = 128
 L2_BYTES = 60e6
 TOL = 1e-2
 INTERPRET = False   # --smoke: tiny shapes, kernels in interpret mode, no torch (a CPU dry run)
+DEVICE_TIME = False  # --device-time: each JAX row also gets its device time per call from a profiler trace
 RECIPES = ("xla_bf16", "torch_bf16", "xla_deq_int4", "tinygemm", "w4a16", "w4a16_asym", "nvfp4", "mxfp4",
            "w4a8", "w4a8_mxfp4", "w4a8_nvfp4", "fp8_block", "fp8_xla", "fp8_xla_fast", "fp8_rowwise_xla",
            "fp8_rowwise_pallas", "torch_fp8", "torch_fp8_fast", "torch_fp8_rowwise")
@@ -534,9 +536,10 @@ def step_bench(models, layers, ms, recipes, env, rows, flush, tune=False, tune_r
                     except Exception as e:  # noqa: BLE001
                         log(f"  error {recipe} {model}.{layer} M={m}: {repr(e)[:300]}")
                         ok, err, t = False, float("nan"), None
+                    device = device_time(op, [(x, w) for w in ws]) if DEVICE_TIME and t else {}
                     base[recipe] = t
-                    rows.append(_row(recipe, model, layer, n, k, m, t, wb + io_bytes, flops, copy_tbps, env,
-                                     ok=ok, err=err, plan=plan, reps=reps))
+                    rows.append({**_row(recipe, model, layer, n, k, m, t, wb + io_bytes, flops, copy_tbps, env,
+                                        ok=ok, err=err, plan=plan, reps=reps), **device})
                     del ws, w0
                     gc.collect()
                 if any(r.startswith("torch") or r == "tinygemm" for r in recipes):
@@ -560,10 +563,24 @@ def step_bench(models, layers, ms, recipes, env, rows, flush, tune=False, tune_r
                                   "torch_fp8_rowwise"):
                             if base.get(b) and r["us"]:
                                 r[f"speedup_vs_{b}"] = round(base[b] * 1e6 / r["us"], 3)
-                line = "  ".join(f"{r['recipe']}={r['us']:.1f}" for r in rows
-                                 if r["shape"] == f"{model}.{layer}" and r["M"] == m and r["us"])
+                line = "  ".join(f"{r['recipe']}={r['us']:.1f}"
+                                 + (f" ({r['device_us']:.1f})" if "device_us" in r else "")
+                                 for r in rows if r["shape"] == f"{model}.{layer}" and r["M"] == m and r["us"])
                 log(f"{model}.{layer} M={m}: {line}")
                 flush()
+
+
+def device_time(op, arg_sets) -> dict:
+    """The device's own time per call of op (device_trace.op_summary: summed kernel time, so launch gaps
+    on the host side are left out) and the GPU's busy fraction over the traced calls; {} where the trace
+    holds no GPU kernels (a CPU run)."""
+    import device_trace
+    try:
+        summary = device_trace.op_summary(op, arg_sets)
+    except ValueError as e:                           # no GPU kernels in the trace: the row keeps its wall time
+        log(f"  no device time: {str(e)[:300]}")
+        return {}
+    return {"device_us": round(summary["kernel_us_per_call"], 2), "busy_fraction": round(summary["busy_fraction"], 3)}
 
 
 def _row(recipe, model, layer, n, k, m, t, nbytes, flops, copy_tbps, env, ok=True, err=0.0, plan=None,
@@ -641,12 +658,13 @@ def write_outputs(out_dir, env, rows, checks, sweeps):
     with open(base + ".md", "w") as f:
         f.write(f"# GEMM benchmark: {env['card']}, jax {env['jax']}, {env['date']}\n\n")
         f.write(f"copy bandwidth: {env['copy']}\n\n")
-        f.write("| recipe | shape | M | us | TB/s | % copy | TFLOP/s | x XLA bf16 | x torch bf16 | x tinygemm | path |\n")
-        f.write("|---|---|---|---|---|---|---|---|---|---|---|\n")
+        f.write("| recipe | shape | M | us | device us | TB/s | % copy | TFLOP/s | x XLA bf16 | x torch bf16 | "
+                "x tinygemm | path |\n")
+        f.write("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
-            f.write(f"| {r['recipe']} | {r['shape']} | {r['M']} | {r['us']} | {r['tbps']} | {r['pct_copy_bw']} | "
-                    f"{r['tflops']} | {r.get('speedup_vs_xla_bf16')} | {r.get('speedup_vs_torch_bf16')} | "
-                    f"{r.get('speedup_vs_tinygemm')} | {r.get('path')} |\n")
+            f.write(f"| {r['recipe']} | {r['shape']} | {r['M']} | {r['us']} | {r.get('device_us')} | {r['tbps']} | "
+                    f"{r['pct_copy_bw']} | {r['tflops']} | {r.get('speedup_vs_xla_bf16')} | "
+                    f"{r.get('speedup_vs_torch_bf16')} | {r.get('speedup_vs_tinygemm')} | {r.get('path')} |\n")
     log("wrote", base + ".json/.md")
 
 
@@ -661,7 +679,12 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--tune", action="store_true", help="quick per-point autotune before timing")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run: tiny shapes, interpret mode, no torch")
+    ap.add_argument("--device-time", action="store_true",
+                    help="GPU: also trace each JAX row for its device time per call (device_us, busy_fraction)")
     args = ap.parse_args(argv)
+    if args.device_time:
+        global DEVICE_TIME
+        DEVICE_TIME = True
     if args.smoke:
         global INTERPRET
         INTERPRET = True

@@ -574,24 +574,20 @@ def probe_trace(rows, shapes, ms, flush,
                 recipes=("xla_bf16", "w4a16", "w4a16+rows", "w4a16_asym+rows", "w4a8", "w4a8+rows")):
     """Wall time (time_jax) against a profiler trace of the same executable (device_trace.py): kernels per
     call, their device time, the GPU's busy fraction and the costliest kernels, per (shape, M, recipe).
-    '+rows': the weights carry dispatch.with_step_rows's scale rows (built once, as a loader would), checked
-    against the reference first."""
+    '+rows': the weights carry their scale rows built once (gemm.as_models_run, as the models run them),
+    checked against the reference first."""
     import device_trace
     for name, m, n, k, x in _large_m_points(shapes, ms):
         for variant in recipes:
             recipe, prepared = variant.split("+")[0], variant.endswith("+rows")
-            kernel_recipe = "w4a16" if recipe == "w4a16_asym" else recipe
             ws = [G.make_weights(recipe, n, k, seed=130 + r) for r in range(4)]
             if prepared:
-                ws = [jax.block_until_ready(G.dispatch.with_step_rows(kernel_recipe, w)) for w in ws]
+                ws = [G.as_models_run(recipe, w) for w in ws]
             op, sets = G.jax_op(recipe), [(x, w) for w in ws]
             check = G.check_op(recipe, op, x, ws[0]) if prepared else (None, None)
             try:
                 wall = G.time_jax(op, sets)
-                runs = 10
-                summary = device_trace.kernel_summary(
-                    device_trace.trace_kernels(jax.jit(lambda s: [op(*a) for a in s]), (sets,), runs=runs),
-                    calls=runs * len(sets))
+                summary = device_trace.op_summary(op, sets)
             except Exception as e:  # noqa: BLE001
                 G.log(f"  trace {name} M={m} {recipe} failed: {repr(e)[:600]}")
                 continue

@@ -52,6 +52,8 @@ def test_a_trace_without_gpu_kernels_names_what_it_saw():
     assert any(p.name.startswith("/host:") for p in profile.planes)
     with pytest.raises(ValueError, match="no kernels on a GPU plane.*planes \\[.*/host:"):
         dt.kernel_summary(profile, calls=2)
+    with pytest.raises(ValueError, match="no kernels on a GPU plane"):       # op_summary: the same, per op
+        dt.op_summary(lambda a: a @ a, [(jnp.ones((8, 8)),), (jnp.ones((8, 8)),)], runs=2)
 
 
 def test_trace_profiles_a_loop_that_carries_its_own_state():
