@@ -100,6 +100,12 @@ def check_quantized_weight(x: jax.Array, weight: QuantizedWeight, name: str = ""
     if weight.pre_quant_scale is not None and weight.pre_quant_scale.shape != (k,):
         raise ValueError(f"{where}pre_quant_scale has shape {tuple(weight.pre_quant_scale.shape)}, "
                          f"expected ({k},)")
+    if weight.kernel_rows is not None:                  # one [K/G, N] row array per scale-like tensor
+        want = tuple(reversed(weight.weight.scale.shape))
+        got = [tuple(r.shape) for r in weight.kernel_rows]
+        if any(g != want for g in got):
+            raise ValueError(f"{where}kernel_rows have shapes {got}, expected {want} each (rebuild them with "
+                             "jaxq.nn.kernel_dispatch.with_kernel_rows from this weight)")
 
 
 def module_name(path: tuple[str, ...]) -> str:

@@ -87,3 +87,13 @@ def test_run_params_are_built_once_per_model(hopper, monkeypatch):
     assert model.run_params is model.run_params and calls == [1]
     assert model.replace(source="x").run_params is not None and calls == [1, 1]   # a new model builds its own
     assert model.replace(kernel_rows=False).run_params is model.params and calls == [1, 1]   # opted out
+
+
+def test_rows_that_do_not_fit_the_weight_name_the_layer(hopper):
+    from jaxq.nn.qdense import qmatmul
+    rng = np.random.default_rng(3)
+    w = kernel_dispatch.with_kernel_rows(QuantizedWeight(get_recipe("w4a16_awq"), _int4(rng, 256, 512, 128)))
+    stale = w.replace(kernel_rows=(w.kernel_rows[0][:, :128],))
+    with pytest.raises(ValueError, match=r"layer model.layers.0.q_proj: kernel_rows have shapes \[\(4, 128\)\], "
+                                         r"expected \(4, 256\)"):
+        qmatmul(jnp.ones((2, 512)), stale, "model.layers.0.q_proj")
