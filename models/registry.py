@@ -33,7 +33,7 @@ class ModelFamily:
         return builder.finish("<in-memory tensors>")
 
     def init_kv_cache(self, config, batch: int, max_len: int, dtype, k_scale=None, v_scale=None) -> KVCache:
-        """An empty KVCache: per layer [batch, max_len, H_kv, head_dim] in dtype (compute dtype or FP8 E4M3);
+        """An empty KVCache: per layer [batch, H_kv, max_len, head_dim] in dtype (compute dtype or FP8 E4M3);
         k_scale/v_scale ([L] or scalar, ModelOpt's amax / 448) only matter for FP8."""
         return KVCache.create(
             config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim, dtype,

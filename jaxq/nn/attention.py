@@ -47,18 +47,18 @@ def dot_product_attention(
 ) -> jax.Array:
     """softmax(softcap(q k^T * scale) masked) v, grouped-query, without repeating k/v.
 
-    q [B, T, H, D]; k, v [B, S, H_kv, D] with H % H_kv == 0 (query head h uses kv head h // (H / H_kv));
-    mask [B, T, S] bool. Returns [B, T, H, D] in q.dtype. A fully masked row yields a uniform average
-    instead of NaN (masked scores are the float32 minimum, not -inf).
+    q [B, T, H, D]; k, v [B, H_kv, S, D] (heads before positions, the KV cache's layout) with H % H_kv == 0
+    (query head h uses kv head h // (H / H_kv)); mask [B, T, S] bool. Returns [B, T, H, D] in q.dtype. A fully
+    masked row yields a uniform average instead of NaN (masked scores are the float32 minimum, not -inf).
     """
     b, t, h, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [B, T, H_kv, G, D]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)  # [B, H_kv, G, T, S]
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)  # [B, H_kv, G, T, S]
     scores = softcap(scores * scale, logit_cap)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)  # [B, T, H_kv, G, D]
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)  # [B, T, H_kv, G, D]
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
@@ -110,7 +110,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, T, H, D], [B, T, H_kv, D]
         if kv is not None:
             kv = kv.write(k, v, positions)
-            k, v = kv.read(q.dtype)  # [B, S_max, H_kv, D]
+            k, v = kv.read(q.dtype)  # [B, H_kv, S_max, D]
+        else:
+            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, H_kv, T, D]
         out = dot_product_attention(q, k, v, mask, self.scale, self.logit_cap)  # [B, T, H, D]
         out = QDense(hidden, use_bias=self.out_bias, dtype=self.dtype, name="o_proj")(out.reshape(b, t, -1))
         return out, kv

@@ -4,6 +4,10 @@ FP8 storage reproduces ModelOpt's FP8 KV fake-quant exactly (fixtures/README.md,
 with amax = scale * 448 and s = 448 / amax, a stored value is q = e4m3(clamp(x * s, -448, 448)) and it reads
 back as q * (1 / s), all in float32. Keys are quantized after RoPE and before any GQA repeat (the cache holds
 H_kv heads only).
+
+Layout: heads before positions, [B, H_kv, S_max, D], so attention's two batched matmuls read each (row, head)
+slice of the cache in place; a [B, S_max, H_kv, D] cache made XLA transpose every layer's whole cache twice per
+step (four ~15 us copies per layer at batch 16 on Llama-3.1-8B shapes, H100).
 """
 from typing import Any
 
@@ -25,7 +29,7 @@ def _fp8_multiplier(scale: jax.Array) -> jax.Array:
 
 @flax.struct.dataclass
 class LayerKV:
-    """One layer's view of a KVCache: k, v [B, S_max, H_kv, D] and scalar float32 k_scale, v_scale."""
+    """One layer's view of a KVCache: k, v [B, H_kv, S_max, D] and scalar float32 k_scale, v_scale."""
 
     k: jax.Array
     v: jax.Array
@@ -44,7 +48,7 @@ class LayerKV:
         )
 
     def read(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
-        """(k, v) [B, S_max, H_kv, D] in dtype, dequantized if FP8 (q * (1 / s) in float32, then cast)."""
+        """(k, v) [B, H_kv, S_max, D] in dtype, dequantized if FP8 (q * (1 / s) in float32, then cast)."""
         return _decode(self.k, self.k_scale, dtype), _decode(self.v, self.v_scale, dtype)
 
 
@@ -61,16 +65,17 @@ def _decode(x: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
 
 
 def _scatter(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    # cache [B, S_max, H_kv, D], new [B, T, H_kv, D], positions [B, T]: a per-row scatter, in place when donated.
-    rows = jnp.arange(cache.shape[0])[:, None]
-    return cache.at[rows, positions].set(new, mode="drop")
+    # cache [B, H_kv, S_max, D], new [B, T, H_kv, D], positions [B, T]: a per-row scatter, in place when donated.
+    rows = jnp.arange(cache.shape[0])[:, None, None]
+    heads = jnp.arange(cache.shape[1])[None, :, None]
+    return cache.at[rows, heads, positions[:, None, :]].set(jnp.swapaxes(new, 1, 2), mode="drop")
 
 
 @flax.struct.dataclass
 class KVCache:
     """Per-layer key/value cache with a valid length per batch row.
 
-    k, v: tuple over layers of [B, S_max, H_kv, D], dtype = compute dtype or float8_e4m3fn.
+    k, v: tuple over layers of [B, H_kv, S_max, D], dtype = compute dtype or float8_e4m3fn.
     k_scale, v_scale: [L] float32 FP8 dequant multipliers (ModelOpt's k_scale/v_scale = amax / 448);
       ones, and unused, when the cache is not FP8.
     lengths: [B] int32, positions [0, lengths[b]) of row b hold valid entries.
@@ -96,7 +101,7 @@ class KVCache:
         v_scale: jax.Array | None = None,
     ) -> "KVCache":
         """An empty cache (zeros, lengths 0). k_scale/v_scale: [L] or scalar, default ones."""
-        shape = (batch, max_len, num_kv_heads, head_dim)
+        shape = (batch, num_kv_heads, max_len, head_dim)
 
         def scales(value):
             value = jnp.ones((), jnp.float32) if value is None else jnp.asarray(value, jnp.float32)
@@ -112,7 +117,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     def positions(self, num_tokens: int) -> jax.Array:
         """[B, T] positions of the next num_tokens tokens of each row: lengths[:, None] + arange(T)."""

@@ -111,5 +111,5 @@ def test_init_kv_cache_shapes():
     config = LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=8, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2)
     cache = get_model_family(["LlamaForCausalLM"]).init_kv_cache(config, 2, 16, jnp.float8_e4m3fn, k_scale=0.5)
-    assert len(cache.k) == 3 and cache.k[0].shape == (2, 16, 2, 8) and cache.k[0].dtype == jnp.float8_e4m3fn
+    assert len(cache.k) == 3 and cache.k[0].shape == (2, 2, 16, 8) and cache.k[0].dtype == jnp.float8_e4m3fn
     assert cache.k_scale.tolist() == [0.5] * 3 and cache.v_scale.tolist() == [1.0] * 3

@@ -22,15 +22,16 @@ def _reference(q, k, v, mask, scale, cap):
 def test_gqa_with_mask_and_softcap_matches_reference():
     rng = np.random.RandomState(0)
     q = rng.randn(2, 5, 6, 8)  # [B, T, H, D]
-    k, v = rng.randn(2, 7, 2, 8), rng.randn(2, 7, 2, 8)  # [B, S, H_kv, D]
+    k, v = rng.randn(2, 7, 2, 8), rng.randn(2, 7, 2, 8)  # [B, S, H_kv, D] for the reference
     positions = np.array([[2, 3, 4, 5, 6], [0, 1, 2, 3, 4]])
     valid = np.array([[1] * 7, [1, 1, 1, 1, 0, 0, 0]])
     mask = np.asarray(causal_mask(jnp.asarray(positions), jnp.asarray(np.tile(np.arange(7), (2, 1))),
                                   jnp.asarray(valid), sliding_window=3))
     for cap in (None, 2.0):
         with jax.default_matmul_precision("highest"):  # a GPU's default float32 matmul is TF32-class
-            got = dot_product_attention(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
-                                        jnp.asarray(v, jnp.float32), jnp.asarray(mask), 0.3, cap)
+            heads_first = lambda x: jnp.asarray(x.transpose(0, 2, 1, 3), jnp.float32)  # [B, H_kv, S, D]
+            got = dot_product_attention(jnp.asarray(q, jnp.float32), heads_first(k), heads_first(v),
+                                        jnp.asarray(mask), 0.3, cap)
         np.testing.assert_allclose(np.asarray(got), _reference(q, k, v, mask, 0.3, cap), atol=2e-6)
 
 

@@ -16,18 +16,19 @@ def test_fp8_storage_follows_modelopt_op_order():
     layer = cache.layer(0).write(jnp.asarray(x), jnp.asarray(x), jnp.arange(3, dtype=jnp.int32)[None])
     s = np.float32(448.0) / (scale * np.float32(448.0))
     q = np.clip(x * s, -448, 448).astype(ml_dtypes.float8_e4m3fn)
-    np.testing.assert_array_equal(np.asarray(layer.k[:, :3]).view(np.uint8), q.view(np.uint8))
+    q = q.transpose(0, 2, 1, 3)  # the cache's [B, H_kv, S, D]
+    np.testing.assert_array_equal(np.asarray(layer.k[:, :, :3]).view(np.uint8), q.view(np.uint8))
     k, _ = layer.read(jnp.float32)
-    np.testing.assert_array_equal(np.asarray(k[:, :3]), q.astype(np.float32) * (np.float32(1.0) / s))
+    np.testing.assert_array_equal(np.asarray(k[:, :, :3]), q.astype(np.float32) * (np.float32(1.0) / s))
     assert np.isfinite(np.asarray(k)).all() and np.asarray(k)[0, 0, 0, 0] == np.float32(448.0) / s
 
 
 def test_per_row_positions_and_dropped_overflow():
-    cache = KVCache.create(2, 2, 4, 1, 2, jnp.float32)
-    new = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 1, 2) + 1
+    cache = KVCache.create(2, 2, 4, 2, 3, jnp.float32)  # two kv heads: the write must keep heads apart
+    new = jnp.arange(2 * 3 * 2 * 3, dtype=jnp.float32).reshape(2, 3, 2, 3) + 1  # [B, T, H_kv, D]
     cache = cache.replace(lengths=jnp.array([0, 2], jnp.int32))
     layer = cache.layer(1).write(new, new, cache.positions(3))  # row 1 writes positions 2, 3, 4 (4 >= S_max)
-    k = np.asarray(layer.k)
+    k = np.asarray(layer.k).transpose(0, 2, 1, 3)  # [B, S_max, H_kv, D]
     np.testing.assert_array_equal(k[0, :3], new[0])
     np.testing.assert_array_equal(k[0, 3], 0)
     np.testing.assert_array_equal(k[1, :2], 0)  # untouched: a clamped write would have shifted onto them
