@@ -41,6 +41,8 @@
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
                                                               # w4groups, compile, trace
+Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
+("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
 Writes DIR/gemm_probe_<card>_<date>.json and prints a table.
 """
@@ -62,6 +64,11 @@ from jax import lax  # noqa: E402
 from pallas_kernels import _common as cm  # noqa: E402
 from pallas_kernels import dispatch, fp8, w4a16_gemv  # noqa: E402
 from pallas_kernels.w4a16_gemv import GemvConfig  # noqa: E402
+
+# Llama-3.1 layer (N, K): gemm.py's fused shapes plus the separate projections the models call one by one.
+UNFUSED = {"8b": {"q": (4096, 4096), "kv": (1024, 4096), "gate": (14336, 4096)},
+           "70b": {"q": (8192, 8192), "kv": (1024, 8192), "gate": (28672, 8192)}}
+SHAPES = {model: {**layers, **UNFUSED[model]} for model, layers in G.SHAPES.items()}
 
 
 def gemv_candidates(n, k, wide: bool):
@@ -85,7 +92,7 @@ def probe_gemv(copy_tbps, rows, shapes, flush):
     top: dict = {}
     for i, name in enumerate(shapes):
         model, layer = name.split(".")
-        n, k = G.SHAPES[model][layer]
+        n, k = SHAPES[model][layer]
         x = G.rand_x(1, k, seed=n)
         for recipe in ("w4a16", "w4a16_asym") if i == 0 else ("w4a16",):
             w0 = G.make_weights(recipe, n, k, seed=11)
@@ -159,7 +166,7 @@ def fp8_variants():
 def probe_fp8(rows, flush, shapes=("8b.gate_up", "8b.qkv"), ms=(1024, 4096)):
     import torch
     for (model, layer), m in itertools.product([s.split(".") for s in shapes], ms):
-        n, k = G.SHAPES[model][layer]
+        n, k = SHAPES[model][layer]
         x = G.rand_x(m, k, seed=m + n)
         reps = 4
         wq = [cm.cast_e4m3_saturating(jax.random.normal(jax.random.PRNGKey(r), (n, k)) * 64) for r in range(reps)]
@@ -245,7 +252,7 @@ def probe_xla4(copy_tbps, rows, shapes, ms, flush, hlo_dir=None):
     variants = ("s4_sym", "s4_asym", "f4_nvfp4", "f4_mxfp4")
     for name in shapes:
         model, layer = name.split(".")
-        n, k = G.SHAPES[model][layer]
+        n, k = SHAPES[model][layer]
         for m in ms:
             x = G.rand_x(m, k, seed=m + n)
             ops = {"xla_bf16": ("xla_bf16", G.jax_op("xla_bf16"), G.make_weights),
@@ -295,7 +302,7 @@ def _large_m_points(shapes, ms):
     """(shape name, M, N, K, fresh x [M, K]) for every "model.layer" shape and M."""
     for name in shapes:
         model, layer = name.split(".")
-        n, k = G.SHAPES[model][layer]
+        n, k = SHAPES[model][layer]
         for m in ms:
             yield name, m, n, k, G.rand_x(m, k, seed=m + n)
 
@@ -383,7 +390,7 @@ def probe_fp4_gemv(copy_tbps, rows, shapes, flush):
     from pallas_kernels import fp4_gemv
     for name in shapes:
         model, layer = name.split(".")
-        n, k = G.SHAPES[model][layer]
+        n, k = SHAPES[model][layer]
         x = G.rand_x(1, k, seed=n + 7)
         for recipe in ("nvfp4", "mxfp4"):
             w0 = G.make_weights(recipe, n, k, seed=11)
@@ -421,7 +428,7 @@ def w4_mgpu_configs(m):
     """(label, config): token tiles and K splits suited to M, stages as shared memory allows."""
     from pallas_kernels import w4a16_mgpu as w4
     if m <= 16:
-        points = [(16, 1), (16, 2), (16, 4)]
+        points = [(16, 1), (16, 2), (16, 4), (16, 8)]
     elif m <= 64:
         points = [(64, 1), (64, 2), (64, 4), (32, 1)]
     elif m <= 256:
@@ -539,7 +546,7 @@ def probe_w4a8_gemv(copy_tbps, rows, shapes, flush):
     """W4A8 at M=1: the word GEMV per tile (Plan("gemv")) against the packed-4 plan and XLA bf16."""
     for name in shapes:
         model, layer = name.split(".")
-        n, k = G.SHAPES[model][layer]
+        n, k = SHAPES[model][layer]
         x = G.rand_x(1, k, seed=n + 9)
         w0 = G.make_weights("w4a8", n, k, seed=11)
         wb = G.weight_bytes(w0)
