@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxq.nn.kv_cache import LayerKV
-from jaxq.nn.qdense import QDense
+from jaxq.nn.qdense import QDense, dense_group
 from jaxq.nn.rms_norm import RMSNorm
 from jaxq.nn.rope import apply_rope
 
@@ -58,14 +58,17 @@ def dot_product_attention(
     scores = softcap(scores * scale, logit_cap)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)  # [B, T, H_kv, G, D]
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    # [B, H_kv, G, T, D], the dot's own batch-major order (XLA CPU has no bf16 x bf16 -> f32 dot that also
+    # permutes its output), then to [B, T, H, D]: a copy of T tokens' outputs, small beside the cache read
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
 class Attention(nn.Module):
     """Self-attention block with HF param names q_proj, k_proj, v_proj, o_proj (and q_norm, k_norm).
 
-    q_proj [H*D, hidden], k_proj/v_proj [H_kv*D, hidden], o_proj [hidden, H*D] (QDense, HF orientation).
+    q_proj [H*D, hidden], k_proj/v_proj [H_kv*D, hidden], o_proj [hidden, H*D] (QDense, HF orientation); q, k
+    and v run through dense_group (one launch where their quantized weights allow it).
     qkv_bias / out_bias: biases on q,k,v / on o (Qwen2 has qkv only; Llama's attention_bias sets both).
     qk_norm: RMSNorm over each head's D before RoPE (Qwen3, Gemma 3); norm_unit_offset picks Gemma's (1 + w).
     scale: score multiplier (head_dim**-0.5, or query_pre_attn_scalar**-0.5 for Gemma).
@@ -101,9 +104,11 @@ class Attention(nn.Module):
         """
         b, t, hidden = x.shape
         dense = partial(QDense, use_bias=self.qkv_bias, dtype=self.dtype)
-        q = dense(self.num_heads * self.head_dim, name="q_proj")(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = dense(self.num_kv_heads * self.head_dim, name="k_proj")(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = dense(self.num_kv_heads * self.head_dim, name="v_proj")(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = dense_group([dense(self.num_heads * self.head_dim, name="q_proj"),
+                               dense(self.num_kv_heads * self.head_dim, name="k_proj"),
+                               dense(self.num_kv_heads * self.head_dim, name="v_proj")], x)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k, v = k.reshape(b, t, self.num_kv_heads, self.head_dim), v.reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             norm = partial(RMSNorm, eps=self.norm_eps, unit_offset=self.norm_unit_offset)
             q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)

@@ -55,3 +55,16 @@ def test_softcap_bounds_and_identity():
     x = jnp.array([-100.0, -1.0, 0.0, 1.0, 100.0])
     assert np.abs(np.asarray(softcap(x, 5.0))).max() <= 5.0
     np.testing.assert_array_equal(np.asarray(softcap(x, None)), np.asarray(x))
+
+
+def test_bf16_gqa_runs_op_by_op_and_follows_float32():
+    """Outside jit (each op compiled alone, as an eager model.apply runs it) bf16 attention with grouped heads
+    must run on every backend (XLA CPU has no bf16 dot that permutes its output) and follow float32."""
+    rng = np.random.RandomState(3)
+    q = jnp.asarray(rng.randn(2, 1, 6, 16), jnp.float32)
+    k, v = jnp.asarray(rng.randn(2, 2, 40, 16), jnp.float32), jnp.asarray(rng.randn(2, 2, 40, 16), jnp.float32)
+    mask = jnp.ones((2, 1, 40), bool)
+    want = np.asarray(dot_product_attention(q, k, v, mask, 0.25))
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    got = np.asarray(dot_product_attention(*bf16, mask, 0.25).astype(jnp.float32))
+    np.testing.assert_allclose(got, want, atol=3e-2, rtol=3e-2)
