@@ -32,11 +32,15 @@ def tiled_swizzle(row_bytes: int, itemsize_bits: int):
 
 def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, grid, k_iters: int, stages: int,
                       grid_tile_width: int, step, scratch: dict, acc_in_ref: bool = False,
-                      transpose_out: bool = False):
+                      transpose_out: bool = False, pipeline_operands: int | None = None):
     """Kernel body: refs = the gmem operands, then the gmem output ([M, N], or [N, M] with transpose_out).
 
     in_specs: one plgpu.BlockSpec per operand for one K-step (index map kb -> block index);
-    views(mi, ni, operands): the operands' gmem views for CTA tile (mi, ni), in in_specs order; cta = (cta_m, cta_n);
+    views(mi, ni, operands): the operands' gmem views for CTA tile (mi, ni), in in_specs order, or for a
+    grouped grid (tiles drawn from several operand sets, e.g. the q, k and v weights) a list of (condition,
+    views): each tile runs the pipeline of the entry whose traced boolean condition holds (exactly one);
+    pipeline_operands: how many leading operands make one pipeline's set (default all), which sizes the
+    shared memory that every entry reuses; cta = (cta_m, cta_n);
     wg_offset(wg) -> (row, col) of warpgroup wg's tile inside the CTA tile; tile = (tile_m, tile_n);
     grid = (m_iters, n_iters) CTA tiles; scratch: extra shared-memory allocations (name -> plgpu.SMEM);
     step(wg, scratch_refs, *operand_smem_refs, acc) -> acc: one K-step of a compute warpgroup, acc its f32
@@ -60,7 +64,7 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
 
     @functools.partial(
         pl.run_scoped,
-        allocs=pipeline(ignore, ignore).get_allocations(*operands),
+        allocs=pipeline(ignore, ignore).get_allocations(*operands[:pipeline_operands]),
         out_smem=plgpu.SMEM((2, 2) + ((epi_n, tile_m) if transpose_out else (tile_m, epi_n)), out_dtype,
                         transforms=tiled_swizzle((tile_m if transpose_out else epi_n) * out_bits // 8, out_bits)),
         **scratch,
@@ -99,7 +103,15 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
             def body(_, *smem_and_acc):
                 return step(wg, scratch_refs, *smem_and_acc)
 
-            pipeline(body, context)(*views(mi, ni, operands), allocations=allocs)
+            tile_views = views(mi, ni, operands)
+            if not isinstance(tile_views, list):
+                tile_views = [(None, tile_views)]
+            for condition, one in tile_views:
+                run = functools.partial(pipeline(body, context), *one, allocations=allocs)
+                if condition is None:
+                    run()
+                else:
+                    pl.when(condition)(run)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

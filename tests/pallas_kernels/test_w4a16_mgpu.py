@@ -164,3 +164,41 @@ def test_rows_that_do_not_match_the_weights_are_refused():
     xq, si, p8, ws = _w4a8_operands(40, 512, 1024)
     with pytest.raises(ValueError, match=r"w4a8_matmul_mgpu: rows .*\(8, 512\).* expected .*\(8, 512\)"):
         w4.w4a8_matmul_mgpu.trace(xq, si, p8, ws, rows=(jax.ShapeDtypeStruct((8, 512), jnp.bfloat16),))
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_a_group_of_weights_lowers_to_one_kernel_with_a_pipeline_per_weight(monkeypatch, zero):
+    """q, k and v (N 512, 128, 128) in one launch: one Mosaic GPU kernel whose body traces each weight's
+    pipeline (three times the wgmma of one weight's kernel), writing [M, 768]."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    calls = []
+    wgmma = plgpu.wgmma
+
+    def recording_wgmma(acc, a, b):
+        calls.append(a.shape)
+        return wgmma(acc, a, b)
+
+    monkeypatch.setattr(plgpu, "wgmma", recording_wgmma)
+    cfg = MgpuW4Config(tile_tokens=16, stages=w4.fit_stages(16, split_k=2), split_k=2)
+    parts = [_operands(40, n, 1024, zero=zero) for n in (512, 128, 128)]
+    x = parts[0][0]
+    packed, scale = tuple(p[1] for p in parts), tuple(p[2] for p in parts)
+    zeros = tuple(p[3] for p in parts) if zero else None
+    group = jax.jit(lambda x, p, s, z: w4.w4a16_matmul_mgpu_group(x, p, s, z, config=cfg))
+    assert jax.eval_shape(group, x, packed, scale, zeros).shape == (40, 768)
+    text = group.trace(x, packed, scale, zeros).lower(lowering_platforms=("cuda",)).as_text()
+    grouped_calls, calls[:] = len(calls), []
+    jax.jit(lambda x, p, s, z: w4.w4a16_matmul_mgpu(x, p, s, z, config=cfg)).trace(
+        *parts[0]).lower(lowering_platforms=("cuda",))
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert len(calls) > 0 and grouped_calls == 3 * len(calls)
+
+
+def test_a_group_refuses_weights_that_differ_in_group_or_shape():
+    x, p, s, _ = _operands(40, 512, 1024)
+    _, p2, s64, _ = _operands(40, 256, 1024, scale_cols=16)             # group 64 beside group 128
+    with pytest.raises(ValueError, match=r"weight 1: .*scale \(256, 16\)"):
+        w4.w4a16_matmul_mgpu_group.trace(x, (p, p2), (s, s64))
+    _, p3, s3, _ = _operands(40, 192, 1024)                             # N off the 128-channel tile
+    with pytest.raises(ValueError, match=r"weight 1: .*packed \(192, 512\)"):
+        w4.w4a16_matmul_mgpu_group.trace(x, (p, p3), (s, s3))
