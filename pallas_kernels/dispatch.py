@@ -28,6 +28,9 @@ Weights per recipe (the canonical layouts of each kernel module):
 w4a16 and w4a8 may also carry mgpu_rows (with_step_rows: the Mosaic kernels' scale rows, built once so that
 no call transposes the scales).
 
+Groups: weights that share x (q, k, v; gate, up) run as one launch where `group_plan` allows it
+(`quantized_matmul_group`, W4A16 on the Mosaic GPU kernel), planned as their [M, sum N] product.
+
 Activations: x in its model dtype, quantized here where the recipe has FP8 activations (static ones as
 e4m3(x / input_scale)). The FP4 x FP8 recipes (W4A8_FP4) also take x already as float8_e4m3fn codes:
 then input_scale is their dequant multiplier, and out_dtype (default bf16) the result's dtype.
@@ -90,8 +93,10 @@ GEMV_TILE = Packed4Config(block_m=1, block_n=16, block_k=128, split_k=1, num_war
 # W4A16 at M=1: the word GEMV beat the packed-4 plan on every Llama-3.1-8B layer (H100,
 # benchmarks/results/gemm_probe_NVIDIA_H100_80GB_HBM3_2026-11-27.json): gate_up 37.6 vs 45.9 us, down 22.4 vs
 # 33.7, qkv 15.1 vs 19.2, o 12.8 vs 17.5. Tiles by shape class, (block_n, block_k, unroll, num_warps,
-# programs that split-K aims for); the 70B classes are the same rules, not yet measured there.
-GEMV_WIDE_N, GEMV_DEEP_K = 16384, 8192
+# programs that split-K aims for); the 70B classes are the same rules, not yet measured there. "wide" from
+# N = 14336, the separate gate_proj / up_proj the models run at M=1 (H200, gemm_probe --parts gemv, session 9:
+# 8b.gate 19.6 us on the wide tile vs 23.7 on the small one; run 33 in gemm_notes.md).
+GEMV_WIDE_N, GEMV_DEEP_K = 14336, 8192
 GEMV_TILES: dict[str, tuple[int, int, int, int, int]] = {
     "wide": (16, 512, 2, 4, 0),      # N >= GEMV_WIDE_N (gate_up): enough programs without split-K
     "deep": (32, 512, 1, 4, 512),    # K >= GEMV_DEEP_K (down)
@@ -243,6 +248,32 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128, mosaic: bool = T
         "w4a8_nvfp4": w4a8_fp4.NVFP4_FP8,
     }[recipe]
     return Plan("pallas", packed4_config(fmt, m, n, k))
+
+
+def group_plan(recipe: str, m: int, ns: tuple, k: int, group: int = 128, mosaic: bool = True) -> Plan | None:
+    """The plan for one launch over weights of widths ns that share x [M, K] (a grouped GEMM), or None where
+    they should run as separate calls: only the W4A16 Mosaic GPU kernel takes a group (from M=2, every N a
+    multiple of its 128-channel tile), planned as the [M, sum N] product, the fused shape gemm.py times."""
+    if recipe != "w4a16" or not mosaic or len(ns) < 2 or any(n % w4a16_mgpu.CTA_CHANNELS for n in ns):
+        return None
+    p = plan(recipe, m, sum(ns), k, group, mosaic)
+    return p if p.path == "mgpu" else None
+
+
+@functools.partial(jax.jit, static_argnames=("recipe", "group_plan_"))
+def quantized_matmul_group(x, recipe: str, weights: tuple, group_plan_: Plan) -> jax.Array:
+    """y [M, sum N] = x [M, K] @ [W_0; W_1; ...]^T in one launch, on a plan from group_plan (the caller
+    checks it is not None). weights: one dict per weight as quantized_matmul takes them (w4a16: packed,
+    scale, zero, optional mgpu_rows; no perm), all with the same group, packing and symmetry."""
+    if recipe != "w4a16" or group_plan_.path != "mgpu" or any(w.get("perm") is not None for w in weights):
+        raise ValueError(f"quantized_matmul_group: recipe {recipe!r} on path {group_plan_.path!r}: only w4a16 "
+                         "weights without act-order (perm) on the Mosaic GPU kernel run as a group")
+    zeros = [w.get("zero") for w in weights]
+    rows = [w.get("mgpu_rows") for w in weights]
+    return w4a16_mgpu.w4a16_matmul_mgpu_group(
+        x, tuple(w["packed"] for w in weights), tuple(w["scale"] for w in weights),
+        None if zeros[0] is None else tuple(zeros), config=group_plan_.config,
+        rows=None if any(r is None for r in rows) else tuple(rows)).astype(x.dtype)
 
 
 def _xla_dot(x, w, out_dtype=None):

@@ -19,6 +19,8 @@ Kernel numerics against the reference (all accumulate in float32; see the pallas
     (bf16) for the W4A16-style kernel (Hopper has no FP4 tensor cores).
   w4a8: pallas_kernels.w4a8 keeps the INT4 weights exact and rescales per group, so it skips the
     reference's FP8 rounding of W with weight_scale_2, and quantizes x as e4m3(x / input_scale) itself.
+  Groups (select_group: q, k, v or gate, up in one launch) compute each weight's product as its own call's
+    kernel does, up to the K split of the wider [M, sum N] plan (summation order).
   At large M, pallas_kernels.dispatch may pick its 'xla_dequant' path for the 4-bit recipes: weights
     dequantized to bf16 (about 2**-9 relative per weight) and one cuBLAS GEMM.
 """
@@ -197,6 +199,42 @@ def _mosaic_recipe(w: QuantizedWeight) -> str | None:
     if recipe is None or t.group_size not in (w4a16_mgpu.GROUPS if recipe == "w4a16" else (w4a16_mgpu.GROUP,)):
         return None
     return recipe if w4a16_mgpu.can_use(2, n, k, t.group_size) else None
+
+
+GroupFn = Callable[[jax.Array, list], jax.Array]  # (x [M, K], weights) -> y [M, sum N] in x.dtype
+
+
+def select_group(x: jax.Array, weights: list, backend: str | None = None) -> GroupFn | None:
+    """One launch for x [M, K] @ W^T over several weights that share x (q, k, v; gate, up), or None where they
+    should run as separate qmatmul calls. A group needs every weight claimed by the W4A16 kernel with the
+    same group size, packing and symmetry, no smoothing (pre_quant_scale) or act-order (g_idx), and a
+    grouped plan from pallas_kernels.dispatch.group_plan (the Mosaic GPU kernel on Hopper, M >= 2)."""
+    from pallas_kernels import _mgpu
+    from pallas_kernels.dispatch import group_plan, quantized_matmul_group
+
+    backend = backend or jax.default_backend()
+    if backend != "gpu" or len(weights) < 2 or not all(isinstance(w, QuantizedWeight) for w in weights):
+        return None
+    kernels = [select_kernel(x, w, backend) for w in weights]
+    if any(kernel is None or kernel.name != "pallas_w4a16" for kernel in kernels):
+        return None
+    first = weights[0].weight
+    for w in weights:
+        t = w.weight
+        if (w.pre_quant_scale is not None or t.packed.ndim != 2 or t.group_size != first.group_size
+                or t.packed.dtype != first.packed.dtype or (t.zero is None) != (first.zero is None)):
+            return None
+    ns = tuple(w.weight.shape[0] for w in weights)
+    plan = group_plan("w4a16", x.shape[0], ns, x.shape[1], first.group_size, mosaic=_mgpu.is_hopper())
+    if plan is None:
+        return None
+
+    def run(x2, ws):
+        dicts = tuple(_with_rows({"packed": w.weight.packed, "scale": w.weight.scale, "zero": w.weight.zero}, w)
+                      for w in ws)
+        return quantized_matmul_group(x2, "w4a16", dicts, plan)
+
+    return run
 
 
 def with_kernel_rows(params):

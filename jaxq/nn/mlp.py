@@ -5,7 +5,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
-from jaxq.nn.qdense import QDense
+from jaxq.nn.qdense import QDense, dense_group
 
 # Names as Hugging Face config.json spells them (hidden_act / hidden_activation).
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -24,7 +24,8 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 class GatedMLP(nn.Module):
     """Params gate_proj, up_proj [intermediate, hidden], down_proj [hidden, intermediate] (QDense, HF names).
 
-    x: [..., hidden] -> [..., hidden]. The activation runs in the compute dtype, as in transformers.
+    x: [..., hidden] -> [..., hidden]. The activation runs in the compute dtype, as in transformers. gate and
+    up run through dense_group (one launch where their quantized weights allow it).
     """
 
     intermediate_size: int
@@ -36,6 +37,6 @@ class GatedMLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         act = activation(self.activation)
         dense = partial(QDense, use_bias=self.use_bias, dtype=self.dtype)
-        gate = dense(self.intermediate_size, name="gate_proj")(x)
-        up = dense(self.intermediate_size, name="up_proj")(x)
+        gate, up = dense_group([dense(self.intermediate_size, name="gate_proj"),
+                                dense(self.intermediate_size, name="up_proj")], x)
         return dense(x.shape[-1], name="down_proj")(act(gate) * up)

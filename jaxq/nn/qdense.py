@@ -7,7 +7,7 @@ producers document. A quantized layer holds a `QuantizedWeight` (jaxq/nn/quantiz
 """
 import math
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -35,6 +35,33 @@ def qmatmul(x: jax.Array, weight: Any, name: str = "") -> jax.Array:
     if kernel is not None:
         return kernel.fn(x2, weight).reshape(*x.shape[:-1], weight.shape[0])
     return quantized_matmul_reference(x, weight)
+
+
+def qmatmul_group(x: jax.Array, weights: Sequence[Any], names: Sequence[str]) -> list[jax.Array]:
+    """[qmatmul(x, w, name) for each weight], as one launch where kernel_dispatch.select_group finds one for
+    these weights (they share x: q, k, v; gate, up), else as separate calls. Same results either way up to the
+    summation order of the grouped kernel's K split."""
+    x2 = x.reshape(-1, x.shape[-1])
+    group = kernel_dispatch.select_group(x2, list(weights))
+    if group is None:
+        return [qmatmul(x, w, name) for w, name in zip(weights, names)]
+    for w, name in zip(weights, names):
+        check_quantized_weight(x, w, name)
+    y = group(x2, list(weights))
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + w.shape[0])
+    return [y[:, a:b].reshape(*x.shape[:-1], b - a) for a, b in zip(bounds, bounds[1:])]
+
+
+def dense_group(layers: Sequence["QDense"], x: jax.Array) -> list[jax.Array]:
+    """[layer(x) for layer in layers] for QDense layers of one parent module that read the same x and share
+    dtype (attention's q, k, v; the MLP's gate, up), computed by qmatmul_group: one launch where the weights
+    allow it. Each layer keeps its own params and names; biases are added per layer."""
+    parts = [layer(x, weight_only=True) for layer in layers]
+    ys = qmatmul_group(parts[0][0], [weight for _, weight, _ in parts],
+                       [module_name(layer.scope.path) for layer in layers])
+    return [y if bias is None else y + bias.astype(y.dtype) for y, (_, _, bias) in zip(ys, parts)]
 
 
 def _dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -127,14 +154,16 @@ class QDense(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, weight_only: bool = False):
+        """y [..., features] = x @ W^T (+ bias). weight_only: declare the params and return (x in the compute
+        dtype, weight, bias or None) instead, for dense_group to run several layers' matmuls together."""
         if self.dtype is not None:
             x = x.astype(self.dtype)
         weight = self.get_variable("params", "weight")
         if not isinstance(weight, QuantizedWeight):  # flax's shape check compares only a pytree's first leaf
             weight = self.param("weight", nn.initializers.normal(0.02), (self.features, x.shape[-1]), x.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype) if self.use_bias else None
+        if weight_only:
+            return x, weight, bias
         y = qmatmul(x, weight, module_name(self.scope.path))
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
-            y = y + bias.astype(y.dtype)
-        return y
+        return y if bias is None else y + bias.astype(y.dtype)
