@@ -21,6 +21,7 @@ Results: benchmarks/results/decode_<device>_<date>.json and .md, naming the devi
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import pathlib
@@ -35,6 +36,7 @@ import numpy as np
 import jaxq
 from jaxq.generate import Sampling, bucket, cache_length, decode_step, new_cache, prefill
 from jaxq.loaded_model import random_model
+from jaxq.nn import kernel_dispatch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOLLM2 = dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -78,15 +80,37 @@ def int4_group(config) -> int:
     return next(g for g in (128, 64, 32) if all(k % g == 0 for k in ks))
 
 
+W4A16_VARIANTS = ("w4a16", "w4a16_percall", "w4a16_ungrouped")
+
+
 def with_weights(model, weights: str):
     """The model with `weights` ("bf16": as loaded; "w4a16": INT4 round-to-nearest, int4_group; run on
-    model.run_params, "w4a16_percall" on model.params: the kernels then build their scale rows per call)."""
+    model.run_params, "w4a16_percall" on model.params: the kernels then build their scale rows per call;
+    "w4a16_ungrouped": q, k, v and gate, up as separate launches, see `grouped_launches`)."""
     if weights == "bf16":
         return model
-    if weights in ("w4a16", "w4a16_percall"):
+    if weights in W4A16_VARIANTS:
         recipe = jaxq.get_recipe("w4a16_awq", algorithm="max", group_size=int4_group(model.config))
         return jaxq.quantize(model, recipe)
-    raise SystemExit(f"--weights: unknown {weights!r}; expected bf16, w4a16 or w4a16_percall")
+    raise SystemExit(f"--weights: unknown {weights!r}; expected bf16 or one of {', '.join(W4A16_VARIANTS)}")
+
+
+@contextlib.contextmanager
+def grouped_launches(enabled: bool):
+    """enabled False: kernel_dispatch.select_group finds no group, so q, k, v and gate, up run as separate
+    launches (jaxq before grouped projections), with jit caches cleared on the way in and out so that no
+    executable is shared with the grouped rows."""
+    if enabled:
+        yield
+        return
+    saved = kernel_dispatch.select_group
+    kernel_dispatch.select_group = lambda *args, **kwargs: None
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        kernel_dispatch.select_group = saved
+        jax.clear_caches()
 
 
 def kv_scaled(model, context: int):
@@ -198,7 +222,8 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2,llama8b")
     parser.add_argument("--kv", default="bf16,fp8")
     parser.add_argument("--weights", default="bf16",
-                        help="bf16, w4a16 (INT4 round to nearest) and/or w4a16_percall (the same, scale rows per call)")
+                        help="bf16, w4a16 (INT4 round to nearest) and/or w4a16_percall (the same, scale rows per "
+                             "call), w4a16_ungrouped (the same, q / k / v and gate / up as separate launches)")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=64)
@@ -216,18 +241,19 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         loaded, label = load_model(name)
-        made = {}                                      # w4a16 and w4a16_percall share one quantized model
+        made = {}
         for weights in args.weights.split(","):
             kind = "bf16" if weights == "bf16" else "w4a16"
-            made = made if kind in made else {kind: with_weights(loaded, weights)}
+            made = made if kind in made else {kind: with_weights(loaded, weights)}  # the w4a16 variants share one
             base = made[kind]
             fp8_model = kv_scaled(base, min(args.context, 512)) if "fp8" in args.kv.split(",") else None
             for kv in args.kv.split(","):
                 model = fp8_model if kv == "fp8" else base
                 for batch in map(int, args.batches.split(",")):
-                    row = {"model": name, "label": label, "weights": weights,
-                           **time_decode(model, kv, batch, args.context, args.steps, weights == "w4a16_percall",
-                                         args.trace_steps)}
+                    with grouped_launches(weights != "w4a16_ungrouped"):
+                        timed = time_decode(model, kv, batch, args.context, args.steps, weights == "w4a16_percall",
+                                            args.trace_steps)
+                    row = {"model": name, "label": label, "weights": weights, **timed}
                     if peak is not None:
                         row["pct_roofline"] = 100 * row["bytes_needed"] / peak / (row["ms_per_step"] / 1e3)
                     if kv == "bf16" and row["check_cosine"] < CHECK_MIN_COSINE:
