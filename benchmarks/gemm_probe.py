@@ -38,9 +38,15 @@
     W4A16, W4A8 planned), time_jax's wall time beside a profiler trace of the same executable: kernels per
     call, their summed device time, the GPU's busy fraction and the costliest kernels.
 
+12. The grouped GEMV at M=1 (`gemvgroup`, w4a16_gemv.w4a16_gemv_group) on the fused shapes qkv and gate_up,
+    split into the projections the models run (8b.qkv = q 4096 + k 1024 + v 1024, gate_up = two halves):
+    one launch over the separate weights on the fused shape's planned tile, checked against the reference,
+    timed against the separate planned calls, the planned GEMV of the fused weight and XLA bf16. Whether
+    pallas_kernels.dispatch.group_plan should group at M=1 (it groups from M=2 only) is decided by it.
+
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
-                                                              # w4groups, compile, trace
+                                                              # w4groups, compile, trace, gemvgroup
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
@@ -542,6 +548,60 @@ def probe_w4a8_mgpu(rows, shapes, ms, flush):
         flush()
 
 
+def projection_widths(name: str) -> tuple:
+    """The separate projections a fused "model.qkv" / "model.gate_up" shape stands for: q, k, v (k and v the
+    Llama-3.1 GQA width of 8 heads x 128) or gate, up."""
+    model, layer = name.split(".")
+    n = SHAPES[model][layer][0]
+    if layer == "qkv":
+        return (n - 2 * 1024, 1024, 1024)
+    if layer == "gate_up":
+        return (n // 2, n // 2)
+    raise SystemExit(f"gemvgroup: {name} is not a fused qkv / gate_up shape")
+
+
+def probe_gemv_group(copy_tbps, rows, shapes, flush):
+    """The grouped GEMV (one launch over the separate weights) against the separate planned GEMVs, the
+    fused weight's planned GEMV and XLA bf16, at M=1, symmetric and asymmetric."""
+    for name in shapes:
+        ns = projection_widths(name)
+        n, k = sum(ns), SHAPES[name.split(".")[0]][name.split(".")[1]][1]
+        x = G.rand_x(1, k, seed=n + 3)
+        cfg = dispatch.gemv_config(n, k, G.GROUP)
+        for recipe in ("w4a16", "w4a16_asym"):
+            fused = [G.make_weights(recipe, n, k, seed=40 + r) for r in range(2)]
+            bounds = [0] + list(itertools.accumulate(ns))
+
+            def parts(w):
+                return [{key: v[a:b] for key, v in w.items() if v is not None} for a, b in zip(bounds, bounds[1:])]
+
+            def grouped(xx, ws):
+                return w4a16_gemv.w4a16_gemv_group(
+                    xx, tuple(w["packed"] for w in ws), tuple(w["scale"] for w in ws),
+                    tuple(w["zero"] for w in ws) if "zero" in ws[0] else None, config=cfg)
+
+            split = [parts(w) for w in fused]
+            ok, err = G.check_op(recipe, lambda xx, w: grouped(xx, parts(w)), x, fused[0], n_keep=n)
+            plan_op = G.jax_op(recipe)
+            variants = [("grouped", grouped, [(x, ws) for ws in split]),
+                        ("separate", lambda xx, ws: [plan_op(xx, w) for w in ws], [(x, ws) for ws in split]),
+                        ("fused_plan", plan_op, [(x, w) for w in fused])]
+            for variant, op, arg_sets in variants:
+                t = G.time_jax(op, arg_sets)
+                rows.append({"part": "gemvgroup", "shape": name, "recipe": recipe, "variant": variant,
+                             "widths": list(ns), "config": str(cfg), "us": round(t * 1e6, 2),
+                             "check_ok": ok if variant == "grouped" else None, "err": err if variant == "grouped" else None})
+                G.log(f"gemvgroup {name} {recipe:10s} {variant:10s} {t * 1e6:8.1f} us"
+                      + (f" ok={ok} err={err}" if variant == "grouped" else ""))
+            del fused, split
+        wb = [G.make_weights("xla_bf16", n, k, seed=50 + r) for r in range(2)]
+        t = G.time_jax(G.jax_op("xla_bf16"), [(x, w) for w in wb])
+        rows.append({"part": "gemvgroup", "shape": name, "recipe": "xla_bf16", "variant": "xla", "us": round(t * 1e6, 2)})
+        del wb
+        gc.collect()
+        flush()
+
+
 def probe_w4a8_gemv(copy_tbps, rows, shapes, flush):
     """W4A8 at M=1: the word GEMV per tile (Plan("gemv")) against the packed-4 plan and XLA bf16."""
     for name in shapes:
@@ -669,6 +729,8 @@ def main():
             probe_w4a8_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4a8gemv" in parts:
             probe_w4a8_gemv(copy_tbps, rows, args.shapes.split(","), flush)
+        if "gemvgroup" in parts:
+            probe_gemv_group(copy_tbps, rows, args.shapes.split(","), flush)
         if "fp4gemv" in parts:
             probe_fp4_gemv(copy_tbps, rows, args.shapes.split(","), flush)
         if "mgpu" in parts:

@@ -89,9 +89,13 @@ def deinterleave(v, ways: int):
 
 
 def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig, n: int, k: int, group: int,
-                      word_dot, post=None):
+                      word_dot, post=None, block0: int = 0, ids=None):
     """The program shared by the word GEMVs (this module, fp4_gemv.py), for the output channels of
-    program_id(0) and the K range of split program_id(1).
+    program_id(0) and the K range of split program_id(1). block0: in a grouped GEMV, the grid's first
+    channel block of this weight: it computes the weight's channels (program_id(0) - block0) * block_n and
+    stores them at output columns program_id(0) * block_n (each earlier weight's N a multiple of block_n).
+    ids: (program_id(0), program_id(1)) read by the caller, for a program run inside a branch (interpret
+    mode cannot lower program_id there).
 
     x_ref [1, K]; w_ref int32 words [N, K/8]; group_refs: name -> ref [N, K/group] of per-group values
     (scales, zeros); o_ref [1, N] (split_k 1) or f32 [split_k, N]. Per K chunk it loads the words
@@ -101,8 +105,8 @@ def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig,
     summed, multiplied by `post` (a traced scalar, optional) and stored."""
     bn, bk, split, unroll = cfg.block_n, cfg.block_k, cfg.split_k, cfg.unroll
     words = bk // WORD
-    pn, ps = pl.program_id(0), pl.program_id(1)
-    n0 = pn * bn
+    pn, ps = ids or (pl.program_id(0), pl.program_id(1))
+    n0 = (pn - block0) * bn
     chunks = cm.cdiv(k, bk)
     per_split = cm.cdiv(cm.cdiv(chunks, split), unroll) * unroll
     k_ragged = k % bk != 0 or chunks != per_split * split
@@ -137,28 +141,45 @@ def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig,
     y = jnp.sum(acc, axis=1)                            # [bn]
     if post is not None:
         y = y * post
-    idx = (jnp.int32(0), n_rows) if split == 1 else (ps, n_rows)
+    out_cols = pl.ds(pn * bn, bn)
+    idx = (jnp.int32(0), out_cols) if split == 1 else (ps, out_cols)
     cm.masked_store(o_ref, idx, y.astype(o_ref.dtype), n_mask)
 
 
-def w4a16_gemv_kernel(*refs, cfg: GemvConfig, n: int, k: int, group: int, asym: bool, has_post: bool):
-    """refs: x [1, K] bf16 or e4m3, words [N, K/8] int32, scale [N, K/G], zero [N, K/G] (asym only), post f32 [1]
-    (has_post only), out [1, N] (split_k 1) or f32 [split_k, N]."""
-    x_ref, w_ref, s_ref, *rest = refs
-    group_refs = {"s": s_ref}
-    if asym:
-        group_refs["z"] = rest.pop(0)
-    post = rest.pop(0)[0] if has_post else None
-    (o_ref,) = rest
-
+def _int4_word_dot(asym: bool):
     def word_dot(w, xs, g):
         dot = sum(_nibble_plus_128(w, j) * xs[j][None, :] for j in range(WORD))         # [bn, words]
         xsum = sum(xs)                                                                   # [words]
         c = 128.0 + g["z"].astype(jnp.float32) if asym else 136.0
         return g["s"].astype(jnp.float32) * (dot - c * xsum[None, :])
+    return word_dot
 
-    word_gemv_program(x_ref, w_ref, group_refs, o_ref, cfg=cfg, n=n, k=k, group=group, word_dot=word_dot,
-                      post=post)
+
+def w4a16_gemv_kernel(*refs, cfg: GemvConfig, ns: tuple, k: int, group: int, asym: bool, has_post: bool):
+    """refs: x [1, K] bf16 or e4m3; per weight s of widths ns, words [N_s, K/8] int32, scale [N_s, K/G] and
+    zero [N_s, K/G] (asym only); post f32 [1] (has_post only); out [1, sum N] (split_k 1) or f32 [split_k,
+    sum N]. Several weights (a group sharing x) split the grid's channel blocks in order, each N_s but the
+    last a multiple of block_n; a program runs the weight its block falls in."""
+    x_ref, *rest = refs
+    per_weight = 3 if asym else 2
+    weights = [rest[i * per_weight:(i + 1) * per_weight] for i in range(len(ns))]
+    rest = rest[len(ns) * per_weight:]
+    post = rest.pop(0)[0] if has_post else None
+    (o_ref,) = rest
+    word_dot = _int4_word_dot(asym)
+    ids = (pl.program_id(0), pl.program_id(1))
+    pn = ids[0]
+    block0 = 0
+    for i, (n, (w_ref, s_ref, *z_ref)) in enumerate(zip(ns, weights)):
+        group_refs = {"s": s_ref, **({"z": z_ref[0]} if asym else {})}
+        program = functools.partial(word_gemv_program, x_ref, w_ref, group_refs, o_ref, cfg=cfg, n=n, k=k,
+                                    group=group, word_dot=word_dot, post=post, block0=block0, ids=ids)
+        blocks = cm.cdiv(n, cfg.block_n)
+        if len(ns) == 1:
+            program()
+        else:
+            pl.when((pn >= block0) & (pn < block0 + blocks))(program)
+        block0 += blocks
 
 
 def as_words(packed: jax.Array) -> jax.Array:
@@ -175,17 +196,36 @@ def w4a16_gemv(x, packed, scale, zero=None, *, post_scale=None, config: GemvConf
     f32 scalar multiplying the f32 result before its one rounding (W4A8 at M=1 passes its E4M3 activation
     codes as x and input_scale here). The caller (w4a16.w4a16_matmul
     / dispatch) has checked shape_is_supported and, for a given config, config_is_valid."""
+    return w4a16_gemv_group(x, (packed,), (scale,), None if zero is None else (zero,), post_scale=post_scale,
+                            config=config, out_dtype=out_dtype, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "interpret"))
+def w4a16_gemv_group(x, packed: tuple, scale: tuple, zero: tuple | None = None, *, post_scale=None,
+                     config: GemvConfig | None = None, out_dtype=None, interpret: bool = False):
+    """Several weights that share x (q, k, v; gate, up) in one launch: y [1, N_0 + N_1 + ...], x @ W_s^T for
+    each weight side by side, each as w4a16_gemv computes it alone with this config (default: the heuristic
+    for the summed N). One entry per weight in packed, scale and zero, all with the same K, group and
+    symmetry; every N but the last a multiple of config.block_n (ValueError otherwise)."""
     m, k = x.shape
-    n = packed.shape[0]
-    group = k // scale.shape[1]
-    cfg = config or default_config(n, k, group)
+    ns = tuple(p.shape[0] for p in packed)
+    group = k // scale[0].shape[1]
+    cfg = config or default_config(sum(ns), k, group)
+    zeros = (None,) * len(packed) if zero is None else zero
+    for i, (p, s, z) in enumerate(zip(packed, scale, zeros)):
+        if (s.shape != (p.shape[0], k // group) or (z is None) != (zeros[0] is None)
+                or (z is not None and z.shape != s.shape) or (i < len(ns) - 1 and p.shape[0] % cfg.block_n)):
+            raise ValueError(f"w4a16_gemv_group: weight {i}: packed {p.shape}, scale {s.shape}, zero "
+                             f"{None if z is None else z.shape} do not fit x {x.shape} with group {group} and "
+                             f"block_n {cfg.block_n} (every weight's scale (N, K/{group}), zeros on all or none, "
+                             f"each N but the last a multiple of block_n)")
     asym = zero is not None
     has_post = post_scale is not None
-    kernel = functools.partial(w4a16_gemv_kernel, cfg=cfg, n=n, k=k, group=group, asym=asym, has_post=has_post)
-    args = [x, as_words(packed), scale] + ([zero] if asym else [])
+    kernel = functools.partial(w4a16_gemv_kernel, cfg=cfg, ns=ns, k=k, group=group, asym=asym, has_post=has_post)
+    args = [x] + [a for p, s, z in zip(packed, scale, zeros) for a in (as_words(p), s, *([z] if asym else []))]
     if has_post:
         args.append(jnp.reshape(post_scale, (1,)).astype(jnp.float32))
-    return call_word_gemv(kernel, args, out_dtype or x.dtype, n, cfg, interpret, "w4a16_gemv")
+    return call_word_gemv(kernel, args, out_dtype or x.dtype, sum(ns), cfg, interpret, "w4a16_gemv")
 
 
 def call_word_gemv(kernel, args, out_dtype, n: int, cfg: GemvConfig, interpret: bool, name: str) -> jax.Array:

@@ -74,3 +74,37 @@ def test_invalid_configs_are_refused():
     assert not w4a16_gemv.config_is_valid(96, GemvConfig(block_k=128))
     assert not w4a16_gemv.shape_is_supported(2, 64, 256, 64)
     assert not w4a16_gemv.shape_is_supported(1, 64, 256, 16)
+
+
+@pytest.mark.parametrize("zero_kind,cfg", [(None, GemvConfig(block_n=16, block_k=128, split_k=2)),
+                                           ("int", GemvConfig(block_n=8, block_k=256, unroll=2))])
+def test_a_group_of_weights_is_each_weight_side_by_side(zero_kind, cfg):
+    """q, k, v of widths 48, 16, 40 (the last ragged against block_n) in one launch equal three calls, and
+    every output column is written (interpret mode starts outputs as NaN)."""
+    parts = [_operands(n, 384, 128, zero_kind) for n in (48, 16, 40)]
+    x = parts[0][0]
+    packed, scale = tuple(p[1] for p in parts), tuple(p[2] for p in parts)
+    zeros = tuple(p[3] for p in parts) if zero_kind else None
+    out = w4a16_gemv.w4a16_gemv_group(x, packed, scale, zeros, config=cfg, interpret=True)
+    want = np.concatenate([np.asarray(w4a16.w4a16_matmul_reference(x, p, s, z), np.float32)
+                           for _, p, s, z in parts], axis=-1)
+    assert out.shape == (1, 104) and np.isfinite(np.asarray(out, np.float32)).all()
+    npo.check_close(out, want, TOL)
+
+
+def test_a_group_refuses_a_weight_off_the_channel_block():
+    parts = [_operands(n, 256, 128, None) for n in (40, 16)]                # 40 is not a multiple of 16
+    with pytest.raises(ValueError, match=r"w4a16_gemv_group: weight 0: packed \(40, 128\)"):
+        w4a16_gemv.w4a16_gemv_group(parts[0][0], tuple(p[1] for p in parts), tuple(p[2] for p in parts),
+                                    config=GemvConfig(block_n=16), interpret=True)
+
+
+def test_a_group_lowers_to_one_triton_kernel_for_cuda():
+    import jax
+    sds = jax.ShapeDtypeStruct
+    x = sds((1, 1024), jnp.bfloat16)
+    packed = tuple(sds((n, 512), jnp.uint8) for n in (512, 128, 128))
+    scale = tuple(sds((n, 8), jnp.bfloat16) for n in (512, 128, 128))
+    fn = jax.jit(lambda x, p, s: w4a16_gemv.w4a16_gemv_group(x, p, s, config=GemvConfig(block_n=64, split_k=2)))
+    text = fn.trace(x, packed, scale).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
