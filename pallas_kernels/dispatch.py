@@ -260,19 +260,19 @@ def group_plan(recipe: str, m: int, ns: tuple, k: int, group: int = 128, mosaic:
     return p if p.path == "mgpu" else None
 
 
-@functools.partial(jax.jit, static_argnames=("recipe", "group_plan_"))
-def quantized_matmul_group(x, recipe: str, weights: tuple, group_plan_: Plan) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("recipe", "launch_plan"))
+def quantized_matmul_group(x, recipe: str, weights: tuple, launch_plan: Plan) -> jax.Array:
     """y [M, sum N] = x [M, K] @ [W_0; W_1; ...]^T in one launch, on a plan from group_plan (the caller
     checks it is not None). weights: one dict per weight as quantized_matmul takes them (w4a16: packed,
     scale, zero, optional mgpu_rows; no perm), all with the same group, packing and symmetry."""
-    if recipe != "w4a16" or group_plan_.path != "mgpu" or any(w.get("perm") is not None for w in weights):
-        raise ValueError(f"quantized_matmul_group: recipe {recipe!r} on path {group_plan_.path!r}: only w4a16 "
+    if recipe != "w4a16" or launch_plan.path != "mgpu" or any(w.get("perm") is not None for w in weights):
+        raise ValueError(f"quantized_matmul_group: recipe {recipe!r} on path {launch_plan.path!r}: only w4a16 "
                          "weights without act-order (perm) on the Mosaic GPU kernel run as a group")
     zeros = [w.get("zero") for w in weights]
     rows = [w.get("mgpu_rows") for w in weights]
     return w4a16_mgpu.w4a16_matmul_mgpu_group(
         x, tuple(w["packed"] for w in weights), tuple(w["scale"] for w in weights),
-        None if zeros[0] is None else tuple(zeros), config=group_plan_.config,
+        None if zeros[0] is None else tuple(zeros), config=launch_plan.config,
         rows=None if any(r is None for r in rows) else tuple(rows)).astype(x.dtype)
 
 
