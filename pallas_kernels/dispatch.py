@@ -29,7 +29,8 @@ w4a16 and w4a8 may also carry mgpu_rows (with_step_rows: the Mosaic kernels' sca
 no call transposes the scales).
 
 Groups: weights that share x (q, k, v; gate, up) run as one launch where `group_plan` allows it
-(`quantized_matmul_group`, W4A16 on the Mosaic GPU kernel), planned as their [M, sum N] product.
+(`quantized_matmul_group`, W4A16 on the word GEMV at M=1 and on the Mosaic GPU kernel from M=2), planned
+as their [M, sum N] product.
 
 Activations: x in its model dtype, quantized here where the recipe has FP8 activations (static ones as
 e4m3(x / input_scale)). The FP4 x FP8 recipes (W4A8_FP4) also take x already as float8_e4m3fn codes:
@@ -252,27 +253,42 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128, mosaic: bool = T
 
 def group_plan(recipe: str, m: int, ns: tuple, k: int, group: int = 128, mosaic: bool = True) -> Plan | None:
     """The plan for one launch over weights of widths ns that share x [M, K] (a grouped GEMM), or None where
-    they should run as separate calls: only the W4A16 Mosaic GPU kernel takes a group (from M=2, every N a
-    multiple of its 128-channel tile), planned as the [M, sum N] product, the fused shape gemm.py times."""
-    if recipe != "w4a16" or not mosaic or len(ns) < 2 or any(n % w4a16_mgpu.CTA_CHANNELS for n in ns):
+    they should run as separate calls. Only W4A16 groups, planned as the [M, sum N] product (the fused shape
+    gemm.py times): at M=1 the word GEMV (every N but the last a multiple of its block_n), from M=2 the
+    Mosaic GPU kernel (Hopper, every N a multiple of its 128-channel tile)."""
+    if recipe != "w4a16" or len(ns) < 2:
         return None
-    p = plan(recipe, m, sum(ns), k, group, mosaic)
+    n = sum(ns)
+    if m == 1:
+        if not w4a16_gemv.shape_is_supported(m, n, k, group):
+            return None
+        cfg = gemv_config(n, k, group)
+        return Plan("gemv", cfg) if all(w % cfg.block_n == 0 for w in ns[:-1]) else None
+    if not mosaic or any(w % w4a16_mgpu.CTA_CHANNELS for w in ns):
+        return None
+    p = plan(recipe, m, n, k, group, mosaic)
     return p if p.path == "mgpu" else None
 
 
-@functools.partial(jax.jit, static_argnames=("recipe", "launch_plan"))
-def quantized_matmul_group(x, recipe: str, weights: tuple, launch_plan: Plan) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("recipe", "launch_plan", "interpret"))
+def quantized_matmul_group(x, recipe: str, weights: tuple, launch_plan: Plan, interpret: bool = False) -> jax.Array:
     """y [M, sum N] = x [M, K] @ [W_0; W_1; ...]^T in one launch, on a plan from group_plan (the caller
     checks it is not None). weights: one dict per weight as quantized_matmul takes them (w4a16: packed,
-    scale, zero, optional mgpu_rows; no perm), all with the same group, packing and symmetry."""
-    if recipe != "w4a16" or launch_plan.path != "mgpu" or any(w.get("perm") is not None for w in weights):
+    scale, zero, optional mgpu_rows; no perm), all with the same group, packing and symmetry. interpret:
+    the GEMV plan in Pallas interpret mode (the Mosaic GPU kernel has none)."""
+    if recipe != "w4a16" or launch_plan.path not in ("gemv", "mgpu") or any(w.get("perm") is not None
+                                                                            for w in weights):
         raise ValueError(f"quantized_matmul_group: recipe {recipe!r} on path {launch_plan.path!r}: only w4a16 "
-                         "weights without act-order (perm) on the Mosaic GPU kernel run as a group")
+                         "weights without act-order (perm) on the word GEMV or the Mosaic GPU kernel run as a group")
     zeros = [w.get("zero") for w in weights]
+    packed = tuple(w["packed"] for w in weights)
+    scales = tuple(w["scale"] for w in weights)
+    zeros = None if zeros[0] is None else tuple(zeros)
+    if launch_plan.path == "gemv":
+        return w4a16_gemv.w4a16_gemv_group(x, packed, scales, zeros, config=launch_plan.config, interpret=interpret)
     rows = [w.get("mgpu_rows") for w in weights]
     return w4a16_mgpu.w4a16_matmul_mgpu_group(
-        x, tuple(w["packed"] for w in weights), tuple(w["scale"] for w in weights),
-        None if zeros[0] is None else tuple(zeros), config=launch_plan.config,
+        x, packed, scales, zeros, config=launch_plan.config,
         rows=None if any(r is None for r in rows) else tuple(rows)).astype(x.dtype)
 
 

@@ -208,7 +208,8 @@ def select_group(x: jax.Array, weights: list, backend: str | None = None) -> Gro
     """One launch for x [M, K] @ W^T over several weights that share x (q, k, v; gate, up), or None where they
     should run as separate qmatmul calls. A group needs every weight claimed by the W4A16 kernel with the
     same group size, packing and symmetry, no smoothing (pre_quant_scale) or act-order (g_idx), and a
-    grouped plan from pallas_kernels.dispatch.group_plan (the Mosaic GPU kernel on Hopper, M >= 2)."""
+    grouped plan from pallas_kernels.dispatch.group_plan (the word GEMV at M=1, the Mosaic GPU kernel on
+    Hopper from M=2)."""
     from pallas_kernels import _mgpu
     from pallas_kernels.dispatch import group_plan, quantized_matmul_group
 

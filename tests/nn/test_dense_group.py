@@ -31,17 +31,18 @@ def hopper(monkeypatch):
     monkeypatch.setattr(_mgpu, "is_hopper", lambda: True)
 
 
-def test_select_group_takes_alike_w4a16_weights_from_two_tokens(hopper):
+def test_select_group_takes_alike_w4a16_weights(hopper):
     rng = np.random.default_rng(0)
     qkv = [_w4a16(rng, 512, 1024), _w4a16(rng, 128, 1024), _w4a16(rng, 128, 1024)]
     x16 = jnp.ones((16, 1024), jnp.bfloat16)
     assert kernel_dispatch.select_group(x16, qkv, backend="gpu") is not None
+    assert kernel_dispatch.select_group(x16[:1], qkv, backend="gpu") is not None          # the grouped GEMV
     asym = [_w4a16(rng, 256, 1024, zero=True), _w4a16(rng, 256, 1024, zero=True)]
     assert kernel_dispatch.select_group(x16, asym, backend="gpu") is not None
     fp8 = QuantizedWeight(get_recipe("fp8"), FP8Tensor(jnp.zeros((128, 1024), jnp.float8_e4m3fn),
                                                        jnp.float32(1.0), "tensor"), jnp.float32(1.0))
     apart = {
-        "one token (the GEMV plan)": (jnp.ones((1, 1024), jnp.bfloat16), qkv),
+        "one token, q off the GEMV's channel block": (x16[:1], [_w4a16(rng, 96, 1024)] + qkv[1:]),
         "a CPU backend": (x16, qkv),
         "one weight": (x16, qkv[:1]),
         "an FP8 weight": (x16, qkv[:2] + [fp8]),
@@ -111,7 +112,7 @@ def test_dense_group_names_the_layer_whose_weight_does_not_fit(monkeypatch):
 
 @pytest.mark.skipif(jax.default_backend() != "gpu" or not _mgpu.is_hopper(), reason="the grouped kernel needs Hopper")
 @pytest.mark.parametrize("zero", [False, True])
-@pytest.mark.parametrize("m", [16, 40, 300])
+@pytest.mark.parametrize("m", [1, 16, 40, 300])
 def test_the_grouped_kernel_equals_the_separate_calls_on_hopper(zero, m):
     """q, k, v of unequal widths in one launch against each weight's own kernel call: equal up to the K split's
     summation order (the grouped plan may split K differently), |diff| <= 1e-2 |y| + 1e-2 rms(y)."""

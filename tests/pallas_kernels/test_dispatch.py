@@ -142,3 +142,36 @@ def test_gemv_path_gathers_act_order_activations():
     assert dispatch.plan("w4a16", 1, n, k, group).path == "gemv"
     out = dispatch.quantized_matmul(x, "w4a16", w, interpret=True)
     npo.check_close(out, w4a16.w4a16_matmul_reference(x, packed, scale, zero, g_idx=g_idx), 1e-2)
+
+
+def test_group_plan_runs_one_token_on_the_gemv_of_the_summed_width():
+    qkv = dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096)
+    assert qkv == dispatch.plan("w4a16", 1, 6144, 4096) and qkv.path == "gemv"
+    assert dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096, mosaic=False) == qkv   # Triton: any GPU
+    assert dispatch.group_plan("w4a16", 1, (96, 64, 64), 1024) is None        # q off the GEMV's 128 channels
+    assert dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096, group=16) is None   # GEMV needs G >= 32
+    assert dispatch.group_plan("w4a8", 1, (4096, 1024), 4096) is None
+    assert dispatch.group_plan("w4a16", 1, (4096,), 4096) is None
+    assert dispatch.group_plan("w4a16", 16, (4096, 1024, 1024), 4096).path == "mgpu"
+    assert dispatch.group_plan("w4a16", 16, (4096, 1024, 1024), 4096, mosaic=False) is None
+
+
+@pytest.mark.parametrize("asym", [False, True])
+def test_quantized_matmul_group_on_the_gemv_equals_each_weights_reference(asym):
+    """One token over q, k, v of unequal widths (the last ragged) in one interpret-mode GEMV launch: each
+    output slice equals that weight's W4A16 reference."""
+    rng = npo.rng_for(f"dispatch_group_gemv_{asym}")
+    k, group, ns = 512, 64, (256, 128, 72)
+    x = npo.rand_x(rng, 1, k)
+    weights = []
+    for n in ns:
+        w = {"packed": jnp.asarray(npo.rand_packed(rng, n, k)),
+             "scale": jnp.asarray(rng.uniform(0.01, 0.03, (n, k // group)).astype(np.float32))}
+        w["zero"] = jnp.asarray(rng.integers(4, 12, (n, k // group)).astype(np.float32)) if asym else None
+        weights.append(w)
+    p = dispatch.group_plan("w4a16", 1, ns, k, group)
+    assert p is not None and p.path == "gemv"
+    out = dispatch.quantized_matmul_group(jnp.asarray(x), "w4a16", tuple(weights), p, interpret=True)
+    ref = np.concatenate([np.asarray(w4a16.w4a16_matmul_reference(x, w["packed"], w["scale"], w["zero"]),
+                                     np.float32) for w in weights], axis=-1)
+    npo.check_close(out, ref, 1e-2)
