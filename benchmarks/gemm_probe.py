@@ -41,12 +41,16 @@
 12. The grouped GEMV at M=1 (`gemvgroup`, w4a16_gemv.w4a16_gemv_group) on the fused shapes qkv and gate_up,
     split into the projections the models run (8b.qkv = q 4096 + k 1024 + v 1024, gate_up = two halves):
     one launch over the separate weights on the fused shape's planned tile, checked against the reference,
-    timed against the separate planned calls, the planned GEMV of the fused weight and XLA bf16. Whether
-    pallas_kernels.dispatch.group_plan should group at M=1 (it groups from M=2 only) is decided by it.
+    timed against the separate planned calls, the planned GEMV of the fused weight and XLA bf16. Run 37 (H100):
+    grouped beat separate on all four, so pallas_kernels.dispatch.group_plan groups at M=1 too.
+
+13. The grouped GEMV's tile (`gemvgroupcfg`): a sweep of tiles and K splits on the fused qkv / gate_up shapes,
+    checked, against the fused weight's planned GEMV.
 
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
-                                                              # w4groups, compile, trace, gemvgroup
+                                                              # w4groups, compile, trace, gemvgroup,
+                                                              # gemvgroupcfg
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
@@ -602,6 +606,42 @@ def probe_gemv_group(copy_tbps, rows, shapes, flush):
         flush()
 
 
+def probe_gemv_group_configs(rows, shapes, flush):
+    """The grouped GEMV (symmetric) over a sweep of tiles and K splits on the fused qkv / gate_up shapes, each
+    checked, against the fused weight's planned GEMV: which tile the group should plan."""
+    tiles = [(128, 256, 1, 8), (128, 256, 2, 8), (128, 256, 1, 4), (64, 256, 1, 4), (64, 256, 2, 4),
+             (32, 512, 1, 4), (32, 256, 2, 4), (16, 512, 2, 4)]
+    for name in shapes:
+        ns = projection_widths(name)
+        n, k = sum(ns), SHAPES[name.split(".")[0]][name.split(".")[1]][1]
+        x = G.rand_x(1, k, seed=n + 5)
+        fused = [G.make_weights("w4a16", n, k, seed=60 + r) for r in range(2)]
+        bounds = [0] + list(itertools.accumulate(ns))
+        split = [[{key: v[a:b] for key, v in w.items() if v is not None} for a, b in zip(bounds, bounds[1:])]
+                 for w in fused]
+        t = G.time_jax(G.jax_op("w4a16"), [(x, w) for w in fused])
+        rows.append({"part": "gemvgroupcfg", "shape": name, "variant": "fused_plan",
+                     "config": str(dispatch.gemv_config(n, k, G.GROUP)), "us": round(t * 1e6, 2)})
+        G.log(f"gemvgroupcfg {name} fused_plan {t * 1e6:8.1f} us")
+        for (bn, bk, unroll, warps), s in itertools.product(tiles, (1, 2, 4, 8)):
+            cfg = GemvConfig(bn, bk, s, unroll, warps, 3)
+            if (k // bk) // s < unroll or any(w % bn for w in ns[:-1]) or not w4a16_gemv.config_is_valid(G.GROUP, cfg):
+                continue
+
+            def grouped(xx, ws, cfg=cfg):
+                return w4a16_gemv.w4a16_gemv_group(xx, tuple(w["packed"] for w in ws),
+                                                   tuple(w["scale"] for w in ws), config=cfg)
+
+            ok, err = G.check_op("w4a16", lambda xx, w: grouped(xx, split[0]), x, fused[0], n_keep=n)
+            t = G.time_jax(grouped, [(x, ws) for ws in split])
+            rows.append({"part": "gemvgroupcfg", "shape": name, "variant": "grouped", "config": str(cfg),
+                         "us": round(t * 1e6, 2), "check_ok": ok, "err": err})
+            G.log(f"gemvgroupcfg {name} {bn:4d} {bk:4d} u{unroll} w{warps} split {s} {t * 1e6:8.1f} us ok={ok}")
+        del fused, split
+        gc.collect()
+        flush()
+
+
 def probe_w4a8_gemv(copy_tbps, rows, shapes, flush):
     """W4A8 at M=1: the word GEMV per tile (Plan("gemv")) against the packed-4 plan and XLA bf16."""
     for name in shapes:
@@ -731,6 +771,8 @@ def main():
             probe_w4a8_gemv(copy_tbps, rows, args.shapes.split(","), flush)
         if "gemvgroup" in parts:
             probe_gemv_group(copy_tbps, rows, args.shapes.split(","), flush)
+        if "gemvgroupcfg" in parts:
+            probe_gemv_group_configs(rows, args.shapes.split(","), flush)
         if "fp4gemv" in parts:
             probe_fp4_gemv(copy_tbps, rows, args.shapes.split(","), flush)
         if "mgpu" in parts:
