@@ -47,16 +47,20 @@
 13. The grouped GEMV's tile (`gemvgroupcfg`): a sweep of tiles and K splits on the fused qkv / gate_up shapes,
     checked, against the fused weight's planned GEMV.
 
+14. K splits of the W4A16 / W4A8 Mosaic GPU kernels (`w4split`): 1 to 16 on the plan's token tile, where few
+    CTA tiles leave the last wave mostly idle, checked, against the plan and XLA bf16.
+
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
                                                               # w4groups, compile, trace, gemvgroup,
-                                                              # gemvgroupcfg
+                                                              # gemvgroupcfg, w4split
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
 Writes DIR/gemm_probe_<card>_<date>.json and prints a table.
 """
 import argparse
+import dataclasses
 import datetime
 import gc
 import itertools
@@ -495,6 +499,33 @@ def probe_w4_mgpu(rows, shapes, ms, flush):
         flush()
 
 
+def probe_w4_split(rows, shapes, ms, flush):
+    """The W4A16 and W4A8 Mosaic GPU kernels on the plan's token tile with K split 1 to 16 (stages refitted),
+    symmetric, each checked against the reference, against the plan and XLA bf16: how the split should
+    balance the waves of CTA tiles where N is small."""
+    from pallas_kernels import w4a16_mgpu as w4
+    for name, m, n, k, x in _large_m_points(shapes, ms):
+        for recipe in ("w4a16", "w4a8"):
+            ws = [G.make_weights(recipe, n, k, seed=80 + r) for r in range(2)]
+            base = dispatch.plan(recipe, m, n, k).config
+            for split in (1, 2, 4, 8, 16):
+                cfg = dataclasses.replace(base, split_k=split, stages=w4.fit_stages(
+                    base.tile_tokens, split_k=split, asym=recipe == "w4a16", x_bytes=1 if recipe == "w4a8" else 2))
+                if not w4.can_use(m, n, k, 128, cfg):
+                    continue
+                op = G.jax_op(recipe, plan=dispatch.Plan("mgpu", cfg))
+                _record_large_m(rows, flush, "w4split", name, m, n, k, f"{recipe}.t{cfg.tile_tokens}_k{split}", op,
+                                [(x, w) for w in ws], lambda op=op: G.check_op(recipe, op, x, ws[0]))
+            _record_large_m(rows, flush, "w4split", name, m, n, k, f"{recipe}.plan_k{base.split_k}", G.jax_op(recipe),
+                            [(x, w) for w in ws])
+            del ws
+        wb = [G.make_weights("xla_bf16", n, k, seed=70 + r) for r in range(2)]
+        _record_large_m(rows, flush, "w4split", name, m, n, k, "xla_bf16", G.jax_op("xla_bf16"), [(x, w) for w in wb])
+        del wb
+        gc.collect()
+        flush()
+
+
 def probe_w4_groups(rows, shapes, ms, flush):
     """W4A16 with groups of 64 and 32 (symmetric and asymmetric): the dispatcher's plan against its plan
     without the Mosaic kernel (packed-4 Triton, or XLA dequant at large M: the plan before groups other than
@@ -763,6 +794,8 @@ def main():
             probe_fp8(rows, flush, args.shapes.split(","), [int(v) for v in args.ms.split(",")])
         if "w4mgpu" in parts:
             probe_w4_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
+        if "w4split" in parts:
+            probe_w4_split(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4groups" in parts:
             probe_w4_groups(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4a8mgpu" in parts:
