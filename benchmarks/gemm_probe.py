@@ -45,7 +45,7 @@
     grouped beat separate on all four, so pallas_kernels.dispatch.group_plan groups at M=1 too.
 
 13. The grouped GEMV's tile (`gemvgroupcfg`): a sweep of tiles and K splits on the fused qkv / gate_up shapes,
-    checked, against the fused weight's planned GEMV.
+    checked, against the fused weight's planned GEMV and the separate planned GEMVs.
 
 14. K splits of the W4A16 / W4A8 Mosaic GPU kernels (`w4split`): 1 to 16 on the plan's token tile, where few
     CTA tiles leave the last wave mostly idle, checked, against the plan and XLA bf16.
@@ -83,6 +83,19 @@ from pallas_kernels.w4a16_gemv import GemvConfig  # noqa: E402
 UNFUSED = {"8b": {"q": (4096, 4096), "kv": (1024, 4096), "gate": (14336, 4096)},
            "70b": {"q": (8192, 8192), "kv": (1024, 8192), "gate": (28672, 8192)}}
 SHAPES = {model: {**layers, **UNFUSED[model]} for model, layers in G.SHAPES.items()}
+
+
+def time_op(op, arg_sets) -> float:
+    """Seconds per call of op: gemm.py's wall clock, or with --device-time the device's own time from a
+    profiler trace (host launch gaps left out; the kernel inside a jitted model step pays no such gap)."""
+    if DEVICE_TIME:
+        device = G.device_time(op, arg_sets)
+        if device:
+            return device["device_us"] / 1e6
+    return G.time_jax(op, arg_sets)
+
+
+DEVICE_TIME = False
 
 
 def gemv_candidates(n, k, wide: bool):
@@ -326,7 +339,7 @@ def _record_large_m(rows, flush, part, shape, m, n, k, variant, op, arg_sets, ch
     failure is logged and skipped."""
     try:
         ok, err = checker() if checker else (None, None)
-        t = G.time_jax(op, arg_sets)
+        t = time_op(op, arg_sets)
     except Exception as e:  # noqa: BLE001
         G.log(f"  {part} {shape} M={m} {variant} failed: {repr(e)[:600]}")
         return
@@ -639,9 +652,10 @@ def probe_gemv_group(copy_tbps, rows, shapes, flush):
 
 def probe_gemv_group_configs(rows, shapes, flush):
     """The grouped GEMV (symmetric) over a sweep of tiles and K splits on the fused qkv / gate_up shapes, each
-    checked, against the fused weight's planned GEMV: which tile the group should plan."""
+    checked, against the fused weight's planned GEMV and the separate planned GEMVs: which tile the group
+    should plan."""
     tiles = [(128, 256, 1, 8), (128, 256, 2, 8), (128, 256, 1, 4), (64, 256, 1, 4), (64, 256, 2, 4),
-             (32, 512, 1, 4), (32, 256, 2, 4), (16, 512, 2, 4)]
+             (16, 512, 2, 4)]
     for name in shapes:
         ns = projection_widths(name)
         n, k = sum(ns), SHAPES[name.split(".")[0]][name.split(".")[1]][1]
@@ -650,10 +664,14 @@ def probe_gemv_group_configs(rows, shapes, flush):
         bounds = [0] + list(itertools.accumulate(ns))
         split = [[{key: v[a:b] for key, v in w.items() if v is not None} for a, b in zip(bounds, bounds[1:])]
                  for w in fused]
-        t = G.time_jax(G.jax_op("w4a16"), [(x, w) for w in fused])
+        t = time_op(G.jax_op("w4a16"), [(x, w) for w in fused])
         rows.append({"part": "gemvgroupcfg", "shape": name, "variant": "fused_plan",
                      "config": str(dispatch.gemv_config(n, k, G.GROUP)), "us": round(t * 1e6, 2)})
         G.log(f"gemvgroupcfg {name} fused_plan {t * 1e6:8.1f} us")
+        plan_op = G.jax_op("w4a16")
+        t = time_op(lambda xx, ws: [plan_op(xx, w) for w in ws], [(x, ws) for ws in split])
+        rows.append({"part": "gemvgroupcfg", "shape": name, "variant": "separate_plan", "config": "", "us": round(t * 1e6, 2)})
+        G.log(f"gemvgroupcfg {name} separate_plan {t * 1e6:8.1f} us")
         for (bn, bk, unroll, warps), s in itertools.product(tiles, (1, 2, 4, 8)):
             cfg = GemvConfig(bn, bk, s, unroll, warps, 3)
             if (k // bk) // s < unroll or any(w % bn for w in ns[:-1]) or not w4a16_gemv.config_is_valid(G.GROUP, cfg):
@@ -664,7 +682,7 @@ def probe_gemv_group_configs(rows, shapes, flush):
                                                    tuple(w["scale"] for w in ws), config=cfg)
 
             ok, err = G.check_op("w4a16", lambda xx, w: grouped(xx, split[0]), x, fused[0], n_keep=n)
-            t = G.time_jax(grouped, [(x, ws) for ws in split])
+            t = time_op(grouped, [(x, ws) for ws in split])
             rows.append({"part": "gemvgroupcfg", "shape": name, "variant": "grouped", "config": str(cfg),
                          "us": round(t * 1e6, 2), "check_ok": ok, "err": err})
             G.log(f"gemvgroupcfg {name} {bn:4d} {bk:4d} u{unroll} w{warps} split {s} {t * 1e6:8.1f} us ok={ok}")
@@ -774,7 +792,11 @@ def main():
     ap.add_argument("--ms", default="1,16,64,256,1024,4096",
                     help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu, trace and fp8 parts")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--device-time", action="store_true",
+                    help="time the gemvgroupcfg and large-M parts by the device's own time (profiler trace)")
     args = ap.parse_args()
+    global DEVICE_TIME
+    DEVICE_TIME = args.device_time
     parts = set(args.parts.split(","))
     card = jax.devices()[0].device_kind
     copy = G.copy_bandwidth()
