@@ -38,7 +38,10 @@ def test_plan_buckets():
     assert dispatch.plan("w4a8", 1, 28672, 4096).path == "gemv"                  # W4A8 M=1: word GEMV
     fp8_mma = [dispatch.plan("w4a8", m, 6144, 4096) for m in (2, 64, 256, 4096)]  # FP8 tensor-core variant
     assert all(p.path == "mgpu" for p in fp8_mma)
-    assert [(p.config.tile_tokens, p.config.split_k) for p in fp8_mma] == [(16, 4), (64, 4), (128, 1), (128, 1)]
+    assert [(p.config.tile_tokens, p.config.split_k) for p in fp8_mma] == [(16, 2), (64, 2), (128, 1), (128, 1)]
+    # small token tiles: the K split that balances the waves (48 tiles: 2; 80: 4; a wave or more: none)
+    assert [dispatch.plan("w4a16", 64, n, k).config.split_k for n, k in
+            ((6144, 4096), (10240, 8192), (4096, 4096), (28672, 4096))] == [2, 4, 4, 1]
     assert dispatch.plan("w4a8", 16, 28672, 4096, mosaic=False).path == "pallas"  # elsewhere: packed-4
     assert dispatch.plan("w4a8", 4096, 4096, 4096, mosaic=False).path == "xla_dequant"
     assert dispatch.plan("nvfp4", 1, 28672, 4096).path == "gemv"                 # FP4 word GEMV
