@@ -350,6 +350,15 @@ def _record_large_m(rows, flush, part, shape, m, n, k, variant, op, arg_sets, ch
     flush()
 
 
+def _record_xla_bf16(rows, flush, part, shape, m, n, k, x, seed=70):
+    """The point's XLA bf16 baseline row (two weight sets), then the memory handed back."""
+    wb = [G.make_weights("xla_bf16", n, k, seed=seed + r) for r in range(2)]
+    _record_large_m(rows, flush, part, shape, m, n, k, "xla_bf16", G.jax_op("xla_bf16"), [(x, w) for w in wb])
+    del wb
+    gc.collect()
+    flush()
+
+
 MGPU_CONFIGS = (("m64n128_wgN_s4", dict(tile_m=64, tile_n=128, wg_dim="n", stages=4)),
                 ("m64n128_wgM_s4", dict(tile_m=64, tile_n=128, wg_dim="m", stages=4)),
                 ("m64n128_wgM_s5", dict(tile_m=64, tile_n=128, wg_dim="m", stages=5)),
@@ -505,11 +514,7 @@ def probe_w4_mgpu(rows, shapes, ms, flush):
                         best = (t, cfg)
             record("plan", G.jax_op(recipe))
             del ws
-        wb = [G.make_weights("xla_bf16", n, k, seed=70 + r) for r in range(2)]
-        _record_large_m(rows, flush, "w4mgpu", name, m, n, k, "xla_bf16", G.jax_op("xla_bf16"), [(x, w) for w in wb])
-        del wb
-        gc.collect()
-        flush()
+        _record_xla_bf16(rows, flush, "w4mgpu", name, m, n, k, x)
 
 
 def probe_w4_split(rows, shapes, ms, flush):
@@ -532,11 +537,7 @@ def probe_w4_split(rows, shapes, ms, flush):
             _record_large_m(rows, flush, "w4split", name, m, n, k, f"{recipe}.plan_k{base.split_k}", G.jax_op(recipe),
                             [(x, w) for w in ws])
             del ws
-        wb = [G.make_weights("xla_bf16", n, k, seed=70 + r) for r in range(2)]
-        _record_large_m(rows, flush, "w4split", name, m, n, k, "xla_bf16", G.jax_op("xla_bf16"), [(x, w) for w in wb])
-        del wb
-        gc.collect()
-        flush()
+        _record_xla_bf16(rows, flush, "w4split", name, m, n, k, x)
 
 
 def probe_w4_groups(rows, shapes, ms, flush):
@@ -560,12 +561,7 @@ def probe_w4_groups(rows, shapes, ms, flush):
                                     lambda op=op, w0=ws[0]: G.check_op(recipe, op, x, w0))
                 del ws
             del base
-        wb = [G.make_weights("xla_bf16", n, k, seed=70 + r) for r in range(2)]
-        _record_large_m(rows, flush, "w4groups", name, m, n, k, "xla_bf16", G.jax_op("xla_bf16"),
-                        [(x, w) for w in wb])
-        del wb
-        gc.collect()
-        flush()
+        _record_xla_bf16(rows, flush, "w4groups", name, m, n, k, x)
 
 
 def probe_w4a8_mgpu(rows, shapes, ms, flush):
@@ -588,12 +584,8 @@ def probe_w4a8_mgpu(rows, shapes, ms, flush):
                     cm.quantize_fp8_static(xx, w["input_scale"]), w["input_scale"], w["packed"], w["weight_scale"],
                     config=c))
         record("plan", G.jax_op("w4a8"))
-        wb = [G.make_weights("xla_bf16", n, k, seed=90 + r) for r in range(2)]
-        _record_large_m(rows, flush, "w4a8mgpu", name, m, n, k, "xla_bf16", G.jax_op("xla_bf16"),
-                        [(x, w) for w in wb])
-        del ws, wb
-        gc.collect()
-        flush()
+        del ws
+        _record_xla_bf16(rows, flush, "w4a8mgpu", name, m, n, k, x, seed=90)
 
 
 def projection_widths(name: str) -> tuple:
