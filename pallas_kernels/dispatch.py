@@ -98,6 +98,10 @@ GEMV_TILE = Packed4Config(block_m=1, block_n=16, block_k=128, split_k=1, num_war
 # N = 14336, the separate gate_proj / up_proj the models run at M=1 (H200, gemm_probe --parts gemv, session 9:
 # 8b.gate 19.6 us on the wide tile vs 23.7 on the small one; run 33 in gemm_notes.md).
 GEMV_WIDE_N, GEMV_DEEP_K = 14336, 8192
+# A grouped GEMV (q / k / v in one launch) takes the wide tile from a summed N of 6144: device time (run 40,
+# H100) 9.0 us vs 10.1 on the small tile with split-K for 8b.qkv, 26.7 vs 27.6 (the fused weight on the deep
+# tile) for 70b.qkv.
+GROUP_GEMV_WIDE_N = 6144
 GEMV_TILES: dict[str, tuple[int, int, int, int, int]] = {
     "wide": (16, 512, 2, 4, 0),      # N >= GEMV_WIDE_N (gate_up): enough programs without split-K
     "deep": (32, 512, 1, 4, 512),    # K >= GEMV_DEEP_K (down)
@@ -198,9 +202,10 @@ def fill_split(progs: int, chunks: int, target: int) -> int:
     return split
 
 
-def _gemv_tile(n: int, k: int, tiles: dict) -> GemvConfig:
-    """The GEMV tile of this shape class, split-K sized so the grid reaches the class's program target."""
-    shape_class = "wide" if n >= GEMV_WIDE_N else "deep" if k >= GEMV_DEEP_K else "small"
+def _gemv_tile(n: int, k: int, tiles: dict, wide_n: int = GEMV_WIDE_N) -> GemvConfig:
+    """The GEMV tile of this shape class (wide from N = wide_n), split-K sized so the grid reaches the class's
+    program target."""
+    shape_class = "wide" if n >= wide_n else "deep" if k >= GEMV_DEEP_K else "small"
     bn, bk, unroll, warps, target = tiles[shape_class]
     iterations, split = cm.cdiv(k, bk) // unroll, 1
     while cm.cdiv(n, bn) * split < target and iterations >= 4 * split:     # >= 2 iterations per split
@@ -208,9 +213,9 @@ def _gemv_tile(n: int, k: int, tiles: dict) -> GemvConfig:
     return GemvConfig(bn, bk, split, unroll, warps, 3)
 
 
-def gemv_config(n: int, k: int, group: int) -> GemvConfig:
+def gemv_config(n: int, k: int, group: int, wide_n: int = GEMV_WIDE_N) -> GemvConfig:
     """W4A16: the measured GEMV tile for this shape class; the heuristic where invalid."""
-    cfg = _gemv_tile(n, k, GEMV_TILES)
+    cfg = _gemv_tile(n, k, GEMV_TILES, wide_n)
     return cfg if w4a16_gemv.config_is_valid(group, cfg) else w4a16_gemv.default_config(n, k, group)
 
 
@@ -271,15 +276,16 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128, mosaic: bool = T
 def group_plan(recipe: str, m: int, ns: tuple, k: int, group: int = 128, mosaic: bool = True) -> Plan | None:
     """The plan for one launch over weights of widths ns that share x [M, K] (a grouped GEMM), or None where
     they should run as separate calls. Only W4A16 groups, planned as the [M, sum N] product (the fused shape
-    gemm.py times): at M=1 the word GEMV (every N but the last a multiple of its block_n), from M=2 the
-    Mosaic GPU kernel (Hopper, every N a multiple of its 128-channel tile)."""
+    gemm.py times): at M=1 the word GEMV (the wide tile from GROUP_GEMV_WIDE_N; every N but the last a
+    multiple of its block_n), from M=2 the Mosaic GPU kernel (Hopper, every N a multiple of its 128-channel
+    tile)."""
     if recipe != "w4a16" or len(ns) < 2:
         return None
     n = sum(ns)
     if m == 1:
         if not w4a16_gemv.shape_is_supported(m, n, k, group):
             return None
-        cfg = gemv_config(n, k, group)
+        cfg = gemv_config(n, k, group, wide_n=GROUP_GEMV_WIDE_N)
         return Plan("gemv", cfg) if all(w % cfg.block_n == 0 for w in ns[:-1]) else None
     if not mosaic or any(w % w4a16_mgpu.CTA_CHANNELS for w in ns):
         return None

@@ -8,6 +8,7 @@ import pytest
 
 from pallas_kernels import dispatch, w4a8_fp4, w4a16
 from pallas_kernels import packed4
+from pallas_kernels.w4a16_gemv import GemvConfig
 
 from . import np_oracle as npo
 
@@ -153,7 +154,9 @@ def test_gemv_path_gathers_act_order_activations():
 
 def test_group_plan_runs_one_token_on_the_gemv_of_the_summed_width():
     qkv = dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096)
-    assert qkv == dispatch.plan("w4a16", 1, 6144, 4096) and qkv.path == "gemv"
+    wide = GemvConfig(block_n=16, block_k=512, split_k=1, unroll=2, num_warps=4)   # no split-K sum to launch
+    assert qkv == dispatch.Plan("gemv", wide) and dispatch.plan("w4a16", 1, 6144, 4096).config.split_k == 8
+    assert dispatch.group_plan("w4a16", 1, (8192, 1024, 1024), 8192) == qkv         # 70B: wide, not deep
     assert dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096, mosaic=False) == qkv   # Triton: any GPU
     assert dispatch.group_plan("w4a16", 1, (96, 64, 64), 1024) is None        # q off the GEMV's 128 channels
     assert dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096, group=16) is None   # GEMV needs G >= 32
