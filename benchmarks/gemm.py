@@ -644,7 +644,8 @@ def write_outputs(out_dir, env, rows, checks, sweeps):
     base = os.path.join(out_dir, f"gemm_{card}_{stamp}")
     with open(base + ".json", "w") as f:
         json.dump({"env": env, "rows": rows, "checks": checks, "sweeps": sweeps}, f, indent=1)
-    keys = ("recipe", "shape", "M", "us", "tbps", "pct_copy_bw", "tflops", "speedup_vs_xla_bf16", "card", "jax")
+    keys = ("recipe", "shape", "M", "us", "tbps", "pct_copy_bw", "tflops", "speedup_vs_xla_bf16", "card", "jax",
+            "device_us")
     fresh = [{kk: r.get(kk) for kk in keys} for r in rows]
     summary_path = os.path.join(out_dir, "gemm_summary.json")
     kept = []

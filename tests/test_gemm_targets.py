@@ -14,8 +14,9 @@ _SPEC.loader.exec_module(gt)
 CARD = "H100"
 
 
-def _row(recipe, shape, m, us, pct=None):
-    return {"recipe": recipe, "shape": shape, "M": m, "us": us, "pct_copy_bw": pct, "card": CARD}
+def _row(recipe, shape, m, us, pct=None, device_us=None):
+    return {"recipe": recipe, "shape": shape, "M": m, "us": us, "pct_copy_bw": pct, "card": CARD,
+            "device_us": device_us}
 
 
 def _target(name):
@@ -56,3 +57,20 @@ def test_main_writes_the_table(tmp_path):
     md = (tmp_path / "gemm_targets.md").read_text()
     assert "| fp8_block M=4096: >= 1.4x XLA bf16 | 1.5 | 1.5 | 1 | met |" in md
     assert len(json.loads((tmp_path / "gemm_targets.json").read_text())) == len(gt.TARGETS)
+
+
+def test_device_time_view_uses_the_rows_device_time_only():
+    rows = [_row("xla_bf16", "8b.qkv", 64, 30.0, device_us=25.0), _row("w4a16", "8b.qkv", 64, 30.0, device_us=12.5),
+            _row("w4a16", "8b.qkv", 1, 20.0, pct=30.0, device_us=10.0),
+            _row("w4a16", "8b.o", 1, 20.0, pct=30.0),                                   # wall time only
+            _row("tinygemm", "8b.qkv", 1, 15.0), _row("w4a16", "8b.qkv", 16, 10.0, pct=40.0, device_us=10.0)]
+    device = gt.on_device_time(rows)
+    assert len(device) == 4 and {r["shape"] for r in device} == {"8b.qkv"}
+    m64 = gt.evaluate(device, _target("w4a16 M=64"))
+    assert m64["value"] == pytest.approx(2.0) and m64["met"]                    # 25 / 12.5; wall: 1.0x
+    assert gt.evaluate(rows, _target("w4a16 M=64"))["met"] is False
+    copy = gt.evaluate(device, _target("w4a16 M=1,16"))                          # 30 % x 20 / 10, 40 % x 1
+    assert copy["points"] == 2 and copy["value"] == pytest.approx((0.6 * 0.4) ** 0.5, abs=1e-3)
+    assert gt.evaluate(device, _target("w4a16 M=1: >= 1.4x tinygemm"))["points"] == 0   # torch: no device time
+    results, md = gt.table(rows)
+    assert results[0]["device"]["points"] == 2 and "## Device time" in md
