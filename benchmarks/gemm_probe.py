@@ -54,10 +54,13 @@
     registers, W4A16 / NVFP4 / MXFP4 at M=1 on the planned tile (and W4A16's wide tile without a K split),
     checked, by device time: the whole call and the GEMV kernel's own.
 
+16. Chained tiles (`chain`): the W4A16 / W4A8 / FP8 block Mosaic kernels on the plan's tiles with
+    chain_tiles off and on (one pipeline of pipelines per CTA), checked, against XLA bf16.
+
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
                                                               # w4groups, compile, trace, gemvgroup,
-                                                              # gemvgroupcfg, w4split, gemvplanar
+                                                              # gemvgroupcfg, w4split, gemvplanar, chain
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
@@ -583,6 +586,25 @@ def probe_w4_split(rows, shapes, ms, flush):
         _record_xla_bf16(rows, flush, "w4split", name, m, n, k, x)
 
 
+def probe_chain(rows, shapes, ms, flush):
+    """The Mosaic GPU kernels (W4A16, W4A8, FP8 block) on the plan's tiles with chain_tiles off and on (a CTA's
+    tiles as one pipeline of pipelines, so the next tile's loads overlap this tile's last steps and its
+    output write), each checked against the reference, against XLA bf16; worth most where a CTA runs many
+    tiles (large M, wide N)."""
+    for name, m, n, k, x in _large_m_points(shapes, ms):
+        for recipe in ("w4a16", "w4a8", "fp8_block"):
+            p = dispatch.plan(recipe, m, n, k)
+            if p.path != "mgpu":
+                continue
+            ws = [G.make_weights(recipe, n, k, seed=30 + r) for r in range(2)]
+            for chain in (False, True):
+                op = G.jax_op(recipe, plan=dispatch.Plan("mgpu", dataclasses.replace(p.config, chain_tiles=chain)))
+                _record_large_m(rows, flush, "chain", name, m, n, k, f"{recipe}.{'chained' if chain else 'plan'}",
+                                op, [(x, w) for w in ws], lambda op=op: G.check_op(recipe, op, x, ws[0]))
+            del ws
+        _record_xla_bf16(rows, flush, "chain", name, m, n, k, x)
+
+
 def probe_w4_groups(rows, shapes, ms, flush):
     """W4A16 with groups of 64 and 32 (symmetric and asymmetric): the dispatcher's plan against its plan
     without the Mosaic kernel (packed-4 Triton, or XLA dequant at large M: the plan before groups other than
@@ -851,6 +873,8 @@ def main():
             probe_fp8(rows, flush, args.shapes.split(","), [int(v) for v in args.ms.split(",")])
         if "w4mgpu" in parts:
             probe_w4_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
+        if "chain" in parts:
+            probe_chain(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4split" in parts:
             probe_w4_split(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4groups" in parts:

@@ -32,7 +32,7 @@ def tiled_swizzle(row_bytes: int, itemsize_bits: int):
 
 def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, grid, k_iters: int, stages: int,
                       grid_tile_width: int, step, scratch: dict, acc_in_ref: bool = False,
-                      transpose_out: bool = False, pipeline_operands: int | None = None):
+                      transpose_out: bool = False, pipeline_operands: int | None = None, chain_tiles: bool = False):
     """Kernel body: refs = the gmem operands, then the gmem output ([M, N], or [N, M] with transpose_out).
 
     in_specs: one plgpu.BlockSpec per operand for one K-step (index map kb -> block index);
@@ -46,19 +46,26 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
     step(wg, scratch_refs, *operand_smem_refs, acc) -> acc: one K-step of a compute warpgroup, acc its f32
     [tile_m, tile_n] register sum (WGMMA layout), or with acc_in_ref a zero-initialised wgmma accumulator ref
     (plgpu.ACC) that step passes on. transpose_out: the output holds the accumulator transposed (the CTA tile
-    (mi, ni) lands at out[ni * cta_n + col, mi * cta_m + row])."""
+    (mi, ni) lands at out[ni * cta_n + col, mi * cta_m + row]). chain_tiles: a CTA's tiles run as one
+    pipeline of pipelines (Pallas' PipelinePipeline START / STEADY / STOP), so the producer loads the next
+    tile's first K-steps while the compute warpgroups finish a tile and write it out; it needs k_iters to be
+    a multiple of stages (ValueError otherwise)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    if chain_tiles and k_iters % stages:
+        raise ValueError(f"persistent_kernel: chain_tiles needs k_iters ({k_iters}) to be a multiple of stages "
+                         f"({stages})")
 
     *operands, out_gmem = refs
     (tile_m, tile_n), (cta_m, cta_n), (m_iters, n_iters) = tile, cta, grid
     out_dtype = out_gmem.dtype
     out_bits = jnp.dtype(out_dtype).itemsize * 8
 
-    def pipeline(body, context):
+    def pipeline(body, context, state=None):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_iters,), memory_registers=40, in_specs=in_specs, wg_axis="wg", num_compute_wgs=2,
-            max_concurrent_steps=stages, compute_context=context)
+            max_concurrent_steps=stages, compute_context=context, pipeline_state=state)
 
     ignore = lambda *_, **__: None  # noqa: E731  (allocation sizes do not depend on the body)
 
@@ -103,11 +110,17 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
             def body(_, *smem_and_acc):
                 return step(wg, scratch_refs, *smem_and_acc)
 
+            state = None
+            if chain_tiles:                             # a one-tile CTA runs START: its producer skips the final wait
+                phases = plgpu.PipelinePipeline
+                last = info.local_index == info.num_local_steps - 1
+                state = jnp.where(info.local_index == 0, int(phases.START),
+                                  jnp.where(last, int(phases.STOP), int(phases.STEADY))).astype(jnp.int32)
             tile_views = views(mi, ni, operands)
             if not isinstance(tile_views, list):
                 tile_views = [(None, tile_views)]
             for condition, one in tile_views:
-                run = functools.partial(pipeline(body, context), *one, allocations=allocs)
+                run = functools.partial(pipeline(body, context, state), *one, allocations=allocs)
                 if condition is None:
                     run()
                 else:
@@ -128,6 +141,11 @@ def launch(kernel, operands, out_shape: tuple[int, int], out_dtype, tiles: int):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )(*operands)
+
+
+def chain_stages(k_iters: int, stages: int) -> int:
+    """The most stages <= `stages` that divide k_iters (persistent_kernel's chain_tiles needs a divisor)."""
+    return max(d for d in range(1, min(stages, k_iters) + 1) if k_iters % d == 0)
 
 
 def scaled_sum(acc, part, row_scale=None, col_scale=None):

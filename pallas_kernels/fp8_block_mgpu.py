@@ -37,7 +37,9 @@ BLOCK = 128
 class MgpuFp8Config:
     """tile_m x tile_n: one compute warpgroup's output tile (tile_m a multiple of 64); two warpgroups
     side by side along `wg_dim` ("m" or "n") make the CTA tile. stages: K-steps in flight (shared memory:
-    stages * (cta_m + cta_n) * 128 bytes). grid_tile_width: tiles per band of the snake order (L2 reuse)."""
+    stages * (cta_m + cta_n) * 128 bytes). grid_tile_width: tiles per band of the snake order (L2 reuse).
+    chain_tiles: a CTA's tiles as one pipeline of pipelines (_mgpu.persistent_kernel), stages cut to the
+    largest divisor of K/128."""
 
     tile_m: int = 64
     tile_n: int = 128
@@ -45,6 +47,7 @@ class MgpuFp8Config:
     stages: int = 4
     grid_tile_width: int = 8
     epi_tile_n: int = 64
+    chain_tiles: bool = False
 
     @property
     def cta_m(self) -> int:
@@ -129,8 +132,9 @@ def fp8_block_matmul_mgpu(xq, x_scale, wq, w_scale, *, config: MgpuFp8Config = D
         cta=(cta_m, cta_n),
         wg_offset=lambda wg: (wg * cfg.tile_m if cfg.wg_dim == "m" else 0,
                               wg * cfg.tile_n if cfg.wg_dim == "n" else 0),
-        tile=(cfg.tile_m, cfg.tile_n), epi_n=cfg.epi_tile_n, grid=grid, k_iters=kb, stages=cfg.stages,
-        grid_tile_width=cfg.grid_tile_width,
-        step=functools.partial(_step, cfg=cfg), scratch={})
+        tile=(cfg.tile_m, cfg.tile_n), epi_n=cfg.epi_tile_n, grid=grid, k_iters=kb,
+        stages=_mgpu.chain_stages(kb, cfg.stages) if cfg.chain_tiles else cfg.stages,
+        grid_tile_width=cfg.grid_tile_width, step=functools.partial(_step, cfg=cfg), scratch={},
+        chain_tiles=cfg.chain_tiles)
     y = _mgpu.launch(kernel, (xq, wq, sx_t, sw_t), (mp, n), out_dtype, grid[0] * grid[1])
     return y[:m]

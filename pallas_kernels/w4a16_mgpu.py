@@ -63,13 +63,15 @@ class MgpuW4Config:
     (shared memory per stage: tile_tokens * 256 + 8 KiB); grid_tile_width: tiles per band of the snake
     order; epi_tokens: tokens per epilogue store (at most tile_tokens); split_k: K ranges computed by
     separate tiles into f32 partial products that one XLA fusion sums (fills the SMs when N and M are
-    small)."""
+    small); chain_tiles: a CTA's tiles as one pipeline of pipelines (_mgpu.persistent_kernel), stages cut to
+    the largest divisor of the K-steps per tile."""
 
     tile_tokens: int = 128
     stages: int = 4
     grid_tile_width: int = 8
     epi_tokens: int = 32
     split_k: int = 1
+    chain_tiles: bool = False
 
 
 DEFAULT = MgpuW4Config()
@@ -322,9 +324,10 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
                   plgpu.BlockSpec((CTA_CHANNELS, GROUP), lambda kb: (0, kb),
                                   transforms=_mgpu.tiled_swizzle(GROUP // 2, 4))] + [row_spec] * (per_weight - 1),
         views=views, cta=(CTA_CHANNELS, t), wg_offset=lambda wg: (wg * WG_CHANNELS, 0), tile=(WG_CHANNELS, t),
-        epi_n=_epi_tokens(cfg), grid=grid, k_iters=kb_split, stages=cfg.stages, grid_tile_width=cfg.grid_tile_width,
-        step=functools.partial(step, flip=flip), scratch={}, acc_in_ref=acc_in_ref, transpose_out=True,
-        pipeline_operands=1 + per_weight)
+        epi_n=_epi_tokens(cfg), grid=grid, k_iters=kb_split,
+        stages=_mgpu.chain_stages(kb_split, cfg.stages) if cfg.chain_tiles else cfg.stages,
+        grid_tile_width=cfg.grid_tile_width, step=functools.partial(step, flip=flip), scratch={},
+        acc_in_ref=acc_in_ref, transpose_out=True, pipeline_operands=1 + per_weight, chain_tiles=cfg.chain_tiles)
     operands = [xp] + [a for w, r in zip(weights, rows_per_step) for a in (w, *r)]
     y = _mgpu.launch(kernel, tuple(operands), (split * mp, n), jnp.float32 if split > 1 else jnp.bfloat16,
                      grid[0] * grid[1])

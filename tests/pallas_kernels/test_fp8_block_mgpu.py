@@ -26,7 +26,8 @@ def _operands(m, n, k, sw_shape=None):
             jax.ShapeDtypeStruct(sw_shape or (n // 128, k // 128), jnp.float32))
 
 
-@pytest.mark.parametrize("cfg", [MgpuFp8Config(64, 128, "m", 4), MgpuFp8Config(64, 128, "n", 4)])
+@pytest.mark.parametrize("cfg", [MgpuFp8Config(64, 128, "m", 4), MgpuFp8Config(64, 128, "n", 4),
+                                 MgpuFp8Config(64, 128, "m", 3, chain_tiles=True)])         # 8 K-steps: 2 stages
 def test_lowers_to_a_mosaic_gpu_kernel_with_fp8_wgmma(cfg):
     text = mg.fp8_block_matmul_mgpu.trace(*_operands(200, 512, 1024), config=cfg).lower(
         lowering_platforms=("cuda",)).as_text()

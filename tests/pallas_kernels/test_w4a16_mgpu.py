@@ -202,3 +202,41 @@ def test_a_group_refuses_weights_that_differ_in_group_or_shape():
     _, p3, s3, _ = _operands(40, 192, 1024)                             # N off the 128-channel tile
     with pytest.raises(ValueError, match=r"weight 1: .*packed \(192, 512\)"):
         w4.w4a16_matmul_mgpu_group.trace(x, (p, p3), (s, s3))
+
+
+@pytest.fixture
+def pipeline_states(monkeypatch):
+    """The pipeline_state each emitted warp-specialized pipeline got (None: a standalone pipeline)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    states = []
+    emit = plgpu.emit_pipeline_warp_specialized
+
+    def recording(*args, pipeline_state=None, **kwargs):
+        states.append(pipeline_state)
+        return emit(*args, pipeline_state=pipeline_state, **kwargs)
+
+    monkeypatch.setattr(plgpu, "emit_pipeline_warp_specialized", recording)
+    return states
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_chained_tiles_lower_with_a_pipeline_state_per_tile(pipeline_states, chain):
+    """chain_tiles: every pipeline of a CTA's tiles (one per weight of a group) gets a traced START / STEADY /
+    STOP state, and the stages are cut to a divisor of the K-steps per tile (8 / split 2 = 4 of fit's more),
+    which a chained pipeline needs."""
+    cfg = MgpuW4Config(tile_tokens=16, stages=w4.fit_stages(16, split_k=2), split_k=2, chain_tiles=chain)
+    assert cfg.stages > 4
+    parts = [_operands(40, n, 1024) for n in (256, 128)]
+    group = jax.jit(lambda x, p, s: w4.w4a16_matmul_mgpu_group(x, p, s, config=cfg))
+    text = group.trace(parts[0][0], tuple(p[1] for p in parts), tuple(p[2] for p in parts)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    traced = [s for s in pipeline_states if s is not None]      # besides one stateless allocation query
+    assert len(pipeline_states) == 3 and len(traced) == (2 if chain else 0)
+    if chain:
+        assert all(s.dtype == jnp.int32 and s.shape == () for s in traced)
+
+
+def test_chain_stages_divide_the_k_steps():
+    from pallas_kernels import _mgpu
+    assert [_mgpu.chain_stages(k, s) for k, s in ((32, 6), (7, 4), (8, 8), (12, 5), (2, 4))] == [4, 1, 8, 4, 2]
