@@ -727,7 +727,8 @@ def probe_gemv_group_configs(rows, shapes, flush):
         G.log(f"gemvgroupcfg {name} fused_plan {t * 1e6:8.1f} us")
         plan_op = G.jax_op("w4a16")
         t = time_op(lambda xx, ws: [plan_op(xx, w) for w in ws], [(x, ws) for ws in split])
-        rows.append({"part": "gemvgroupcfg", "shape": name, "variant": "separate_plan", "config": "", "us": round(t * 1e6, 2)})
+        rows.append({"part": "gemvgroupcfg", "shape": name, "variant": "separate_plan", "config": "",
+                     "us": round(t * 1e6, 2)})
         G.log(f"gemvgroupcfg {name} separate_plan {t * 1e6:8.1f} us")
         for (bn, bk, unroll, warps), s in itertools.product(tiles, (1, 2, 4, 8)):
             cfg = GemvConfig(bn, bk, s, unroll, warps, 3)

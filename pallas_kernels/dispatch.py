@@ -157,10 +157,9 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) 
     the bucket's token tile (larger M: 256 unless its last wave is under 80 % full, then 128), then the K
     split: token tiles < 128 balance the waves (_balanced_split), tiles >= 128 take the smallest split
     (<= 4) that gives a tile to half of the SMs. Measured, 8b.down M=16: 70 / 40 / 37 us at split 1 / 2 / 4;
-    M=256 with t128 (run 17): down
-    (64 tiles) 98 / 60 us at split 1 / 2, qkv (96 tiles) 42.5 / 45.4. Token tiles >= 128 also split in two
-    where the grid takes more than one wave and fills under 65 % of its SM slots (70b.qkv M=256, 160 tiles:
-    120 / 103 us)."""
+    M=256 with t128 (run 17): down (64 tiles) 98 / 60 us at split 1 / 2, qkv (96 tiles) 42.5 / 45.4. Token
+    tiles >= 128 also split in two where the grid takes more than one wave and fills under 65 % of its SM
+    slots (70b.qkv M=256, 160 tiles: 120 / 103 us)."""
     bucket = m_bucket(m)
     t = MGPU_W4_TILE.get(bucket, MGPU_W4_TILE["larger"])
     channel_tiles = n // w4a16_mgpu.CTA_CHANNELS
@@ -184,10 +183,9 @@ def _balanced_split(tiles: int, k: int) -> int:
     """Token tiles < 128: no split for a grid of a wave or more (the f32 partials would cost more than the
     last wave's idle SMs: 8b.gate_up M=64 would write 29 MB of them); below, the K split (1, 2 or 4) whose
     waves of CTA tiles give each SM the least K to stream, ceil(tiles * split / SMs) / split, the smaller
-    split on a tie (fewer partials to sum). Device time
-    (run 40, H100, us at split 1 / 2 / 4 / 8, W4A16): 8b.qkv (48 tiles) M=64 23.7 / 16.5 / 18.9 / 20.4;
-    70b.qkv (80 tiles) M=64 45.3 / 50.8 / 44.8 / 48.3, M=16 40.6 / 39.2 / 35.8 / 36.5; 8b.o (32 tiles) M=64
-    23.0 / 15.4 / 11.3 / 13.8. W4A8 the same within 2 us."""
+    split on a tie (fewer partials to sum). Device time (run 40, H100, us at split 1 / 2 / 4 / 8, W4A16):
+    8b.qkv (48 tiles) M=64 23.7 / 16.5 / 18.9 / 20.4; 70b.qkv (80 tiles) M=64 45.3 / 50.8 / 44.8 / 48.3, M=16
+    40.6 / 39.2 / 35.8 / 36.5; 8b.o (32 tiles) M=64 23.0 / 15.4 / 11.3 / 13.8. W4A8 the same within 2 us."""
     if tiles >= cm.NUM_SMS:
         return 1
     candidates = [s for s in (1, 2, 4) if k % (w4a16_mgpu.GROUP * s) == 0]

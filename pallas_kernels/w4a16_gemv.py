@@ -167,10 +167,10 @@ def _int4_word_dot(asym: bool):
 
 
 def w4a16_gemv_kernel(*refs, cfg: GemvConfig, ns: tuple, k: int, group: int, asym: bool, has_post: bool):
-    """refs: x [1, K] (planar_x: [8, K/8]) bf16 or e4m3; per weight s of widths ns, words [N_s, K/8] int32, scale [N_s, K/G] and
-    zero [N_s, K/G] (asym only); post f32 [1] (has_post only); out [1, sum N] (split_k 1) or f32 [split_k,
-    sum N]. Several weights (a group sharing x) split the grid's channel blocks in order, each N_s but the
-    last a multiple of block_n; a program runs the weight its block falls in."""
+    """refs: x [1, K] (planar_x: [8, K/8]) bf16 or e4m3; per weight s of widths ns, words [N_s, K/8] int32,
+    scale [N_s, K/G] and zero [N_s, K/G] (asym only); post f32 [1] (has_post only); out [1, sum N] (split_k 1)
+    or f32 [split_k, sum N]. Several weights (a group sharing x) split the grid's channel blocks in order,
+    each N_s but the last a multiple of block_n; a program runs the weight its block falls in."""
     x_ref, *rest = refs
     per_weight = 3 if asym else 2
     weights = [rest[i * per_weight:(i + 1) * per_weight] for i in range(len(ns))]
