@@ -29,8 +29,8 @@ w4a16 and w4a8 may also carry mgpu_rows (with_step_rows: the Mosaic kernels' sca
 no call transposes the scales).
 
 Groups: weights that share x (q, k, v; gate, up) run as one launch where `group_plan` allows it
-(`quantized_matmul_group`, W4A16 on the word GEMV at M=1 and on the Mosaic GPU kernel from M=2), planned
-as their [M, sum N] product.
+(`quantized_matmul_group`: W4A16 on the word GEMV at M=1, W4A16 and W4A8 on the Mosaic GPU kernels from
+M=2), planned as their [M, sum N] product.
 
 Activations: x in its model dtype, quantized here where the recipe has FP8 activations (static ones as
 e4m3(x / input_scale)). The FP4 x FP8 recipes (W4A8_FP4) also take x already as float8_e4m3fn codes:
@@ -273,15 +273,15 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128, mosaic: bool = T
 
 def group_plan(recipe: str, m: int, ns: tuple, k: int, group: int = 128, mosaic: bool = True) -> Plan | None:
     """The plan for one launch over weights of widths ns that share x [M, K] (a grouped GEMM), or None where
-    they should run as separate calls. Only W4A16 groups, planned as the [M, sum N] product (the fused shape
-    gemm.py times): at M=1 the word GEMV (the wide tile from GROUP_GEMV_WIDE_N; every N but the last a
-    multiple of its block_n), from M=2 the Mosaic GPU kernel (Hopper, every N a multiple of its 128-channel
-    tile)."""
-    if recipe != "w4a16" or len(ns) < 2:
+    they should run as separate calls. W4A16 and W4A8 groups, planned as the [M, sum N] product (the fused
+    shape gemm.py times): W4A16 at M=1 on the word GEMV (the wide tile from GROUP_GEMV_WIDE_N; every N but the
+    last a multiple of its block_n); both from M=2 on the Mosaic GPU kernels (Hopper, every N a multiple of
+    their 128-channel tile; W4A8 with groups of 128)."""
+    if recipe not in ("w4a16", "w4a8") or len(ns) < 2:
         return None
     n = sum(ns)
-    if m == 1:
-        if not w4a16_gemv.shape_is_supported(m, n, k, group):
+    if m == 1:                                          # the GEMV takes one x; W4A8 has one per input scale
+        if recipe == "w4a8" or not w4a16_gemv.shape_is_supported(m, n, k, group):
             return None
         cfg = gemv_config(n, k, group, wide_n=GROUP_GEMV_WIDE_N)
         return Plan("gemv", cfg) if all(w % cfg.block_n == 0 for w in ns[:-1]) else None
@@ -295,22 +295,29 @@ def group_plan(recipe: str, m: int, ns: tuple, k: int, group: int = 128, mosaic:
 def quantized_matmul_group(x, recipe: str, weights: tuple, launch_plan: Plan, interpret: bool = False) -> jax.Array:
     """y [M, sum N] = x [M, K] @ [W_0; W_1; ...]^T in one launch, on a plan from group_plan (the caller
     checks it is not None). weights: one dict per weight as quantized_matmul takes them (w4a16: packed,
-    scale, zero, optional mgpu_rows; no perm), all with the same group, packing and symmetry. interpret:
-    the GEMV plan in Pallas interpret mode (the Mosaic GPU kernel has none)."""
-    if recipe != "w4a16" or launch_plan.path not in ("gemv", "mgpu") or any(w.get("perm") is not None
-                                                                            for w in weights):
-        raise ValueError(f"quantized_matmul_group: recipe {recipe!r} on path {launch_plan.path!r}: only w4a16 "
-                         "weights without act-order (perm) on the word GEMV or the Mosaic GPU kernel run as a group")
-    zeros = [w.get("zero") for w in weights]
+    scale, zero, optional mgpu_rows, no perm; w4a8: packed, weight_scale, input_scale, optional mgpu_rows),
+    all with the same group, packing and symmetry; W4A8 weights may differ in input_scale (x is quantized
+    once per weight). interpret: the GEMV plan in Pallas interpret mode (the Mosaic GPU kernels have none)."""
+    paths = {"w4a16": ("gemv", "mgpu"), "w4a8": ("mgpu",)}
+    if launch_plan.path not in paths.get(recipe, ()) or any(w.get("perm") is not None for w in weights):
+        raise ValueError(f"quantized_matmul_group: recipe {recipe!r} on path {launch_plan.path!r}: groups are "
+                         "w4a16 weights without act-order (perm) on the word GEMV or the Mosaic GPU kernel, or "
+                         "w4a8 weights on the Mosaic GPU kernel")
     packed = tuple(w["packed"] for w in weights)
+    rows = [w.get("mgpu_rows") for w in weights]
+    rows = None if any(r is None for r in rows) else tuple(rows)
+    if recipe == "w4a8":
+        scales_in = tuple(w["input_scale"] for w in weights)
+        return w4a16_mgpu.w4a8_matmul_mgpu_group(
+            tuple(cm.quantize_fp8_static(x, s) for s in scales_in), scales_in, packed,
+            tuple(w["weight_scale"] for w in weights), config=launch_plan.config, rows=rows).astype(x.dtype)
+    zeros = [w.get("zero") for w in weights]
     scales = tuple(w["scale"] for w in weights)
     zeros = None if zeros[0] is None else tuple(zeros)
     if launch_plan.path == "gemv":
         return w4a16_gemv.w4a16_gemv_group(x, packed, scales, zeros, config=launch_plan.config, interpret=interpret)
-    rows = [w.get("mgpu_rows") for w in weights]
-    return w4a16_mgpu.w4a16_matmul_mgpu_group(
-        x, packed, scales, zeros, config=launch_plan.config,
-        rows=None if any(r is None for r in rows) else tuple(rows)).astype(x.dtype)
+    return w4a16_mgpu.w4a16_matmul_mgpu_group(x, packed, scales, zeros, config=launch_plan.config,
+                                              rows=rows).astype(x.dtype)
 
 
 def _xla_dot(x, w, out_dtype=None):

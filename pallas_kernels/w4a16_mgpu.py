@@ -259,33 +259,54 @@ def w4a8_matmul_mgpu(xq, input_scale, packed, weight_scale, *, config: MgpuW4Con
     and per-step sums are exact (e4m3 x int4), so only the f32 promotion order differs from
     w4a8.w4a8_matmul_reference. tile_tokens <= 128 (a fresh accumulator beside the sum). rows:
     w4a8_step_rows(weight_scale, input_scale) computed beforehand, or None to build them here."""
+    return w4a8_matmul_mgpu_group((xq,), (input_scale,), (packed,), (weight_scale,), config=config,
+                                  rows=None if rows is None else (rows,))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def w4a8_matmul_mgpu_group(xq: tuple, input_scale: tuple, packed: tuple, weight_scale: tuple, *,
+                           config: MgpuW4Config = DEFAULT, rows: tuple | None = None):
+    """Several W4A8 weights that share an input (q, k and v; gate and up) in one launch: y [M, N_0 + N_1 + ...]
+    bf16, each weight's columns exactly as w4a8_matmul_mgpu computes them alone. Each weight s brings its own
+    activation codes xq[s] = e4m3(x / input_scale[s]) [M, K], so weights calibrated to different input
+    scales group as well; xq, input_scale, packed, weight_scale, rows: one entry per weight, as
+    w4a8_matmul_mgpu takes them. config is the tiling of the whole [M, sum N] product."""
     cfg = config
-    m, k = xq.shape
-    n = packed.shape[0]
-    want = (n, k) if packed.dtype == jnp.int4 else (n, k // 2)
-    if (xq.dtype != jnp.float8_e4m3fn or packed.shape != want or weight_scale.shape != (n, k // GROUP)
-            or cfg.tile_tokens > 128 or not can_use(m, n, k, GROUP, cfg)):
-        raise ValueError(f"w4a8_matmul_mgpu: xq {xq.shape} {xq.dtype}, packed {packed.shape} {packed.dtype}, "
-                         f"weight_scale {weight_scale.shape} do not fit {cfg} (needs e4m3 xq, packed uint8 (N, K/2) "
-                         "or int4 (N, K), weight_scale (N, K/128), K % 128 == 0, N % 128 == 0, tile_tokens <= 128)")
-    if rows is None:
-        rows = w4a8_step_rows(weight_scale, input_scale)
-    _check_rows("w4a8_matmul_mgpu", rows, (((k // GROUP, n), jnp.dtype(jnp.float32)),))
-    return launch_swap_ab(xq, [packed], [list(rows)], cfg, _step_fp8, acc_in_ref=False)
+    rows = (None,) * len(packed) if rows is None else rows
+    if not (len(xq) == len(input_scale) == len(packed) == len(weight_scale) == len(rows) >= 1):
+        raise ValueError(f"w4a8_matmul_mgpu_group: {len(xq)} xq, {len(input_scale)} input_scale, {len(packed)} "
+                         f"packed, {len(weight_scale)} weight_scale and {len(rows)} rows entries; expected one of "
+                         "each per weight")
+    m, k = xq[0].shape
+    checked = []
+    for i, (x_s, s_in, p, ws, r) in enumerate(zip(xq, input_scale, packed, weight_scale, rows)):
+        n = p.shape[0]
+        want = (n, k) if p.dtype == jnp.int4 else (n, k // 2)
+        if (x_s.dtype != jnp.float8_e4m3fn or x_s.shape != (m, k) or p.shape != want or p.dtype != packed[0].dtype
+                or ws.shape != (n, k // GROUP) or cfg.tile_tokens > 128 or not can_use(m, n, k, GROUP, cfg)):
+            raise ValueError(f"w4a8_matmul_mgpu: weight {i}: xq {x_s.shape} {x_s.dtype}, packed {p.shape} {p.dtype}, "
+                             f"weight_scale {ws.shape} do not fit {cfg} (needs e4m3 xq (M, K) alike for every "
+                             "weight, packed uint8 (N, K/2) or int4 (N, K) alike, weight_scale (N, K/128), "
+                             "K % 128 == 0, N % 128 == 0, tile_tokens <= 128)")
+        r = w4a8_step_rows(ws, s_in) if r is None else r
+        _check_rows("w4a8_matmul_mgpu", r, (((k // GROUP, n), jnp.dtype(jnp.float32)),))
+        checked.append(list(r))
+    return launch_swap_ab(list(xq), list(packed), checked, cfg, _step_fp8, acc_in_ref=False)
 
 
 def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step, acc_in_ref: bool,
                    sub_k: int = GROUP):
-    """Runs `step` over the persistent swap-AB grid: x [M, K] (bf16 or e4m3) padded to the token tile; packed:
-    one weight array [N_s, K/2] (or int4 [N_s, K]) per weight of a group (flipped in the kernel when given as
-    canonical uint8); rows_per_step: per weight, its list of [K/sub_k, N_s] arrays (GROUP // sub_k rows per
-    128-K step; x is swizzled so step can slice it every sub_k columns). y [M, sum N_s] bf16, the weights'
-    outputs side by side. With split-K partials the kernel writes f32 and one XLA fusion sums and rounds
-    once."""
+    """Runs `step` over the persistent swap-AB grid: x [M, K] (bf16 or e4m3) padded to the token tile, shared
+    by every weight, or a list of one such x per weight (W4A8's codes per input scale); packed: one weight
+    array [N_s, K/2] (or int4 [N_s, K]) per weight of a group (flipped in the kernel when given as canonical
+    uint8); rows_per_step: per weight, its list of [K/sub_k, N_s] arrays (GROUP // sub_k rows per 128-K step;
+    x is swizzled so step can slice it every sub_k columns). y [M, sum N_s] bf16, the weights' outputs side by
+    side. With split-K partials the kernel writes f32 and one XLA fusion sums and rounds once."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    m, k = x.shape
+    xs = x if isinstance(x, list) else [x]
+    m, k = xs[0].shape
     flip = packed[0].dtype != jnp.int4
     weights = [bits_as_int4(p) if flip else p for p in packed]
     n = sum(p.shape[0] for p in packed)
@@ -297,19 +318,25 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
     tiles_t, kb_split = mp // t, k // GROUP // split
     rows = GROUP // sub_k
     per_weight = 1 + len(rows_per_step[0])              # operands per weight: its int4 array and its rows
-    xp = jnp.pad(x, ((0, mp - m), (0, 0)))
-    x_bits = jnp.dtype(x.dtype).itemsize * 8
+    xps = [jnp.pad(xx, ((0, mp - m), (0, 0))) for xx in xs]
+    x_bits = jnp.dtype(xs[0].dtype).itemsize * 8
     grid = (n // CTA_CHANNELS, tiles_t * split)        # tile (ci, s * tiles_t + ti): K range s, tokens ti
+
+    # operands: x, then (w, rows) per weight; or, with one x per weight, (x_s, w, rows) per weight. Either way
+    # one pipeline's set (x, w, rows) comes first: it sizes the shared memory every pipeline reuses.
+    own_x = len(xps) > 1
+    block = per_weight + own_x
 
     def views(ci, j, ops):
         ti, k0 = j % tiles_t, (j // tiles_t) * kb_split
         k_range = pl.ds(k0 * GROUP, kb_split * GROUP)
-        x_view = ops[0].at[pl.ds(ti * t, t), k_range]
 
         def weight_views(s):
-            w, *step_rows_s = ops[1 + s * per_weight:1 + (s + 1) * per_weight]
+            first = s * block + (0 if own_x else 1)
+            x_op = ops[first] if own_x else ops[0]
+            w, *step_rows_s = ops[first + own_x:first + own_x + per_weight]
             chan = pl.ds((ci - starts[s]) * CTA_CHANNELS, CTA_CHANNELS)
-            return (x_view, w.at[chan, k_range],
+            return (x_op.at[pl.ds(ti * t, t), k_range], w.at[chan, k_range],
                     *(r.at[pl.ds(k0 * rows, kb_split * rows), chan] for r in step_rows_s))
 
         if len(weights) == 1:
@@ -328,7 +355,9 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
         stages=_mgpu.chain_stages(kb_split, cfg.stages) if cfg.chain_tiles else cfg.stages,
         grid_tile_width=cfg.grid_tile_width, step=functools.partial(step, flip=flip), scratch={},
         acc_in_ref=acc_in_ref, transpose_out=True, pipeline_operands=1 + per_weight, chain_tiles=cfg.chain_tiles)
-    operands = [xp] + [a for w, r in zip(weights, rows_per_step) for a in (w, *r)]
+    per_weight_ops = [[w, *r] for w, r in zip(weights, rows_per_step)]
+    operands = ([a for xx, o in zip(xps, per_weight_ops) for a in (xx, *o)] if own_x
+                else xps + [a for o in per_weight_ops for a in o])
     y = _mgpu.launch(kernel, tuple(operands), (split * mp, n), jnp.float32 if split > 1 else jnp.bfloat16,
                      grid[0] * grid[1])
     if split > 1:                                       # partials [split, Mp, N], summed in f32, rounded once

@@ -206,18 +206,20 @@ GroupFn = Callable[[jax.Array, list], jax.Array]  # (x [M, K], weights) -> y [M,
 
 def select_group(x: jax.Array, weights: list, backend: str | None = None) -> GroupFn | None:
     """One launch for x [M, K] @ W^T over several weights that share x (q, k, v; gate, up), or None where they
-    should run as separate qmatmul calls. A group needs every weight claimed by the W4A16 kernel with the
-    same group size, packing and symmetry, no smoothing (pre_quant_scale) or act-order (g_idx), and a
-    grouped plan from pallas_kernels.dispatch.group_plan (the word GEMV at M=1, the Mosaic GPU kernel on
-    Hopper from M=2)."""
+    should run as separate qmatmul calls. A group needs every weight claimed by the W4A16 kernel, or every one
+    by the W4A8 kernel (each with its own input_scale), with the same group size, packing and symmetry, no
+    smoothing (pre_quant_scale) or act-order (g_idx), and a grouped plan from
+    pallas_kernels.dispatch.group_plan (W4A16: the word GEMV at M=1; both: the Mosaic GPU kernels on Hopper
+    from M=2)."""
     from pallas_kernels import _mgpu
     from pallas_kernels.dispatch import group_plan, quantized_matmul_group
 
     backend = backend or jax.default_backend()
     if backend != "gpu" or len(weights) < 2 or not all(isinstance(w, QuantizedWeight) for w in weights):
         return None
-    kernels = [select_kernel(x, w, backend) for w in weights]
-    if any(kernel is None or kernel.name != "pallas_w4a16" for kernel in kernels):
+    names = {getattr(select_kernel(x, w, backend), "name", None) for w in weights}
+    recipe = {"pallas_w4a16": "w4a16", "pallas_w4a8": "w4a8"}.get(names.pop()) if len(names) == 1 else None
+    if recipe is None:
         return None
     first = weights[0].weight
     for w in weights:
@@ -226,14 +228,18 @@ def select_group(x: jax.Array, weights: list, backend: str | None = None) -> Gro
                 or t.packed.dtype != first.packed.dtype or (t.zero is None) != (first.zero is None)):
             return None
     ns = tuple(w.weight.shape[0] for w in weights)
-    plan = group_plan("w4a16", x.shape[0], ns, x.shape[1], first.group_size, mosaic=_mgpu.is_hopper())
+    plan = group_plan(recipe, x.shape[0], ns, x.shape[1], first.group_size, mosaic=_mgpu.is_hopper())
     if plan is None:
         return None
 
+    def arrays(w):
+        t = w.weight
+        if recipe == "w4a8":
+            return _with_rows({"packed": t.packed, "weight_scale": t.scale, "input_scale": w.input_scale}, w)
+        return _with_rows({"packed": t.packed, "scale": t.scale, "zero": t.zero}, w)
+
     def run(x2, ws):
-        dicts = tuple(_with_rows({"packed": w.weight.packed, "scale": w.weight.scale, "zero": w.weight.zero}, w)
-                      for w in ws)
-        return quantized_matmul_group(x2, "w4a16", dicts, plan)
+        return quantized_matmul_group(x2, recipe, tuple(arrays(w) for w in ws), plan)
 
     return run
 

@@ -26,6 +26,13 @@ def _w4a16(rng, n, k, group=128, zero=False, pre_quant_scale=None):
     return QuantizedWeight(recipe, Int4Tensor(packed, scale, group, z), pre_quant_scale=pre_quant_scale)
 
 
+def _w4a8(rng, n, k, input_scale, group=128):
+    packed = jnp.asarray(rng.integers(0, 256, (n, k // 2)), jnp.uint8)
+    scale = jnp.asarray(rng.uniform(1e-3, 1e-2, (n, k // group)), jnp.float32)
+    return QuantizedWeight(get_recipe("w4a8_awq", group_size=group), Int4Tensor(packed, scale, group),
+                           jnp.float32(input_scale), weight_scale_2=jnp.float32(0.1))
+
+
 @pytest.fixture
 def hopper(monkeypatch):
     monkeypatch.setattr(_mgpu, "is_hopper", lambda: True)
@@ -55,6 +62,20 @@ def test_select_group_takes_alike_w4a16_weights(hopper):
     for why, (x, weights) in apart.items():
         backend = "cpu" if why == "a CPU backend" else "gpu"
         assert kernel_dispatch.select_group(x, weights, backend=backend) is None, why
+
+
+def test_select_group_takes_w4a8_weights_of_different_input_scales_from_two_tokens(hopper):
+    rng = np.random.default_rng(5)
+    qkv = [_w4a8(rng, 512, 1024, 0.02), _w4a8(rng, 128, 1024, 0.03), _w4a8(rng, 128, 1024, 0.05)]
+    x16 = jnp.ones((16, 1024), jnp.bfloat16)
+    assert kernel_dispatch.select_group(x16, qkv, backend="gpu") is not None
+    apart = {
+        "one token (the GEMV takes one x)": (x16[:1], qkv),
+        "W4A8 beside W4A16": (x16, qkv[:2] + [_w4a16(rng, 128, 1024)]),
+        "groups of 64 (the FP8 kernel takes 128)": (x16, [_w4a8(rng, n, 1024, 0.02, group=64) for n in (256, 128)]),
+    }
+    for why, (x, weights) in apart.items():
+        assert kernel_dispatch.select_group(x, weights, backend="gpu") is None, why
 
 
 class _Pair(nn.Module):
@@ -111,13 +132,17 @@ def test_dense_group_names_the_layer_whose_weight_does_not_fit(monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu" or not _mgpu.is_hopper(), reason="the grouped kernel needs Hopper")
-@pytest.mark.parametrize("zero", [False, True])
-@pytest.mark.parametrize("m", [1, 16, 40, 300])
-def test_the_grouped_kernel_equals_the_separate_calls_on_hopper(zero, m):
-    """q, k, v of unequal widths in one launch against each weight's own kernel call: equal up to the K split's
-    summation order (the grouped plan may split K differently), |diff| <= 1e-2 |y| + 1e-2 rms(y)."""
+@pytest.mark.parametrize("kind,m", [(kind, m) for kind in ("sym", "asym", "w4a8") for m in (1, 16, 40, 300)
+                                    if (kind, m) != ("w4a8", 1)])     # W4A8 groups from two tokens
+def test_the_grouped_kernel_equals_the_separate_calls_on_hopper(kind, m):
+    """q, k, v of unequal widths in one launch against each weight's own kernel call (W4A8: each with its own
+    input scale): equal up to the K split's summation order (the grouped plan may split K differently),
+    |diff| <= 1e-2 |y| + 1e-2 rms(y)."""
     rng = np.random.default_rng(4 + m)
-    weights = [_w4a16(rng, n, 1024, zero=zero) for n in (512, 128, 256)]
+    if kind == "w4a8":
+        weights = [_w4a8(rng, n, 1024, s) for n, s in ((512, 0.02), (128, 0.03), (256, 0.05))]
+    else:
+        weights = [_w4a16(rng, n, 1024, zero=kind == "asym") for n in (512, 128, 256)]
     x = jnp.asarray(rng.normal(size=(m, 1024)), jnp.bfloat16)
     group = kernel_dispatch.select_group(x, weights)
     assert group is not None

@@ -160,7 +160,9 @@ def test_group_plan_runs_one_token_on_the_gemv_of_the_summed_width():
     assert dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096, mosaic=False) == qkv   # Triton: any GPU
     assert dispatch.group_plan("w4a16", 1, (96, 64, 64), 1024) is None        # q off the GEMV's 128 channels
     assert dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096, group=16) is None   # GEMV needs G >= 32
-    assert dispatch.group_plan("w4a8", 1, (4096, 1024), 4096) is None
+    assert dispatch.group_plan("w4a8", 1, (4096, 1024), 4096) is None          # one x per input scale
+    assert dispatch.group_plan("w4a8", 16, (4096, 1024), 4096).path == "mgpu"    # W4A8 groups from M=2
+    assert dispatch.group_plan("w4a8", 16, (4096, 1024), 4096, group=64) is None  # its FP8 kernel: G = 128
     assert dispatch.group_plan("w4a16", 1, (4096,), 4096) is None
     assert dispatch.group_plan("w4a16", 16, (4096, 1024, 1024), 4096).path == "mgpu"
     assert dispatch.group_plan("w4a16", 16, (4096, 1024, 1024), 4096, mosaic=False) is None

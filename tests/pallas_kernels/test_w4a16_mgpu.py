@@ -194,6 +194,33 @@ def test_a_group_of_weights_lowers_to_one_kernel_with_a_pipeline_per_weight(monk
     assert len(calls) > 0 and grouped_calls == 3 * len(calls)
 
 
+def test_a_w4a8_group_lowers_to_one_kernel_with_each_weights_own_codes(monkeypatch):
+    """W4A8 q, k and v (N 512, 128, 256) with three input scales through dispatch.quantized_matmul_group: x is
+    quantized once per weight and one Mosaic GPU kernel runs a pipeline per weight, each on its own codes
+    (three times the e4m3 wgmma of one weight's kernel)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from pallas_kernels import dispatch
+    calls = []
+    wgmma = plgpu.wgmma
+    monkeypatch.setattr(plgpu, "wgmma", lambda acc, a, b: calls.append(a.dtype) or wgmma(acc, a, b))
+    ns, k = (512, 128, 256), 1024
+    plan = dispatch.group_plan("w4a8", 40, ns, k)
+    assert plan.path == "mgpu" and dispatch.group_plan("w4a8", 1, ns, k) is None
+    weights = tuple({"packed": jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+                     "weight_scale": jax.ShapeDtypeStruct((n, k // 128), jnp.float32),
+                     "input_scale": jax.ShapeDtypeStruct((), jnp.float32)} for n in ns)
+    x = jax.ShapeDtypeStruct((40, k), jnp.bfloat16)
+    fn = jax.jit(lambda x, ws: dispatch.quantized_matmul_group(x, "w4a8", ws, plan))
+    assert jax.eval_shape(fn, x, weights).shape == (40, sum(ns))
+    text = fn.trace(x, weights).lower(lowering_platforms=("cuda",)).as_text()
+    grouped_calls, calls[:] = list(calls), []
+    w4.w4a8_matmul_mgpu.trace(*_w4a8_operands(40, 512, k), config=plan.config).lower(lowering_platforms=("cuda",))
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    (call,) = [line for line in text.splitlines() if "stablehlo.custom_call @mosaic_gpu" in line]
+    assert call.rsplit(" : (", 1)[1].count("x1024xf8E4M3FN>") == 3               # one padded x per weight
+    assert calls and grouped_calls == 3 * calls and set(calls) == {jnp.dtype(jnp.float8_e4m3fn)}
+
+
 def test_a_group_refuses_weights_that_differ_in_group_or_shape():
     x, p, s, _ = _operands(40, 512, 1024)
     _, p2, s64, _ = _operands(40, 256, 1024, scale_cols=16)             # group 64 beside group 128
