@@ -12,7 +12,9 @@ is checked against a cache-free forward of the same tokens (cosine of the logits
 timed after 3 warm-up steps (compilation excluded), median of 3 trials. tokens/s = batch * steps / time.
 Weights: `bf16`, or `w4a16` = every linear layer quantized to INT4 by round to nearest (jaxq.quantize with
 algorithm "max"), group 128 where every layer's K divides by 128 (else 64 or 32); on a Hopper GPU its layers
-run pallas_kernels' W4A16 plans (word GEMV at batch 1, the Mosaic GPU kernel above).
+run pallas_kernels' W4A16 plans (word GEMV at batch 1, the Mosaic GPU kernel above). `w4a8` = the same INT4
+weights with static FP8 activations calibrated on random tokens (W4A8's FP8-tensor-core kernel from batch 2
+where the group is 128). `*_ungrouped`: q / k / v and gate / up as separate launches.
 
 Roofline: per step the weights stream once (params bytes, the embedding table only when it is also the output
 layer) plus the KV cache the attention reads (jaxq's reference attention reads all max_len slots, not only the
@@ -81,18 +83,30 @@ def int4_group(config) -> int:
 
 
 W4A16_VARIANTS = ("w4a16", "w4a16_percall", "w4a16_ungrouped")
+W4A8_VARIANTS = ("w4a8", "w4a8_ungrouped")
+
+
+def weight_kind(weights: str) -> str:
+    """The quantized model a --weights entry runs: "bf16", "w4a16" or "w4a8" (variants share one)."""
+    return next((kind for kind, variants in (("w4a16", W4A16_VARIANTS), ("w4a8", W4A8_VARIANTS))
+                 if weights in variants), weights)
 
 
 def with_weights(model, weights: str):
     """The model with `weights` ("bf16": as loaded; "w4a16": INT4 round-to-nearest, int4_group; run on
     model.run_params, "w4a16_percall" on model.params: the kernels then build their scale rows per call;
-    "w4a16_ungrouped": q, k, v and gate, up as separate launches, see `grouped_launches`)."""
+    "w4a8": the same INT4 weights with static FP8 activations, max-calibrated on 4 x 256 random tokens; "*_ungrouped": q, k, v and gate, up as separate launches, see `grouped_launches`)."""
     if weights == "bf16":
         return model
     if weights in W4A16_VARIANTS:
         recipe = jaxq.get_recipe("w4a16_awq", algorithm="max", group_size=int4_group(model.config))
         return jaxq.quantize(model, recipe)
-    raise SystemExit(f"--weights: unknown {weights!r}; expected bf16 or one of {', '.join(W4A16_VARIANTS)}")
+    if weights in W4A8_VARIANTS:
+        ids = np.random.default_rng(2).integers(0, model.config.vocab_size, 4 * 256)
+        recipe = jaxq.get_recipe("w4a8_awq", algorithm="max", group_size=int4_group(model.config))
+        return jaxq.quantize(model, recipe, calib_data=ids, calib_size=4, calib_seq=256)
+    raise SystemExit(f"--weights: unknown {weights!r}; expected bf16 or one of "
+                     f"{', '.join(W4A16_VARIANTS + W4A8_VARIANTS)}")
 
 
 @contextlib.contextmanager
@@ -223,7 +237,8 @@ def main() -> None:
     parser.add_argument("--kv", default="bf16,fp8")
     parser.add_argument("--weights", default="bf16",
                         help="bf16, w4a16 (INT4 round to nearest) and/or w4a16_percall (the same, scale rows per "
-                             "call), w4a16_ungrouped (the same, q / k / v and gate / up as separate launches)")
+                             "call), w4a16_ungrouped (the same, q / k / v and gate / up as separate launches), "
+                             "w4a8, w4a8_ungrouped (INT4 weights, static FP8 activations)")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=64)
@@ -243,14 +258,14 @@ def main() -> None:
         loaded, label = load_model(name)
         made = {}
         for weights in args.weights.split(","):
-            kind = "bf16" if weights == "bf16" else "w4a16"
-            made = made if kind in made else {kind: with_weights(loaded, weights)}  # the w4a16 variants share one
+            kind = weight_kind(weights)
+            made = made if kind in made else {kind: with_weights(loaded, weights)}  # a kind's variants share one
             base = made[kind]
             fp8_model = kv_scaled(base, min(args.context, 512)) if "fp8" in args.kv.split(",") else None
             for kv in args.kv.split(","):
                 model = fp8_model if kv == "fp8" else base
                 for batch in map(int, args.batches.split(",")):
-                    with grouped_launches(weights != "w4a16_ungrouped"):
+                    with grouped_launches(not weights.endswith("_ungrouped")):
                         timed = time_decode(model, kv, batch, args.context, args.steps, weights == "w4a16_percall",
                                             args.trace_steps)
                     row = {"model": name, "label": label, "weights": weights, **timed}
