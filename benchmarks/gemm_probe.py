@@ -50,17 +50,13 @@
 14. K splits of the W4A16 / W4A8 Mosaic GPU kernels (`w4split`): 1 to 16 on the plan's token tile, where few
     CTA tiles leave the last wave mostly idle, checked, against the plan and XLA bf16.
 
-15. The word GEMVs with x de-interleaved before the call (`gemvplanar`, GemvConfig.planar_x) against x split in
-    registers, W4A16 / NVFP4 / MXFP4 at M=1 on the planned tile (and W4A16's wide tile without a K split),
-    checked, by device time: the whole call and the GEMV kernel's own.
-
-16. Chained tiles (`chain`): the W4A16 / W4A8 / FP8 block Mosaic kernels on the plan's tiles with
+15. Chained tiles (`chain`): the W4A16 / W4A8 / FP8 block Mosaic kernels on the plan's tiles with
     chain_tiles off and on (one pipeline of pipelines per CTA), checked, against XLA bf16.
 
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
                                                               # w4groups, compile, trace, gemvgroup,
-                                                              # gemvgroupcfg, w4split, gemvplanar, chain
+                                                              # gemvgroupcfg, w4split, chain
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
@@ -467,45 +463,6 @@ def probe_fp4_gemv(copy_tbps, rows, shapes, flush):
             flush()
 
 
-def probe_gemv_planar(rows, shapes, flush):
-    """The word GEMVs at M=1 (W4A16 sym, NVFP4, MXFP4) with x de-interleaved before the call (GemvConfig.planar_x)
-    against x split in registers, on the planned tile and, for W4A16, on the wide tile without a K split (run
-    40: 8b.qkv 9.0 us there vs 10.1 planned). Device time from a profiler trace: the whole call, and the GEMV
-    kernel's own (without the split-K sum and, for planar x, the transpose that a model fuses into x's
-    producer)."""
-    import device_trace
-    wide = GemvConfig(*dispatch.GEMV_TILES["wide"][:2], 1, *dispatch.GEMV_TILES["wide"][2:4], 3)
-    for name in shapes:
-        model, layer = name.split(".")
-        n, k = SHAPES[model][layer]
-        x = G.rand_x(1, k, seed=n + 13)
-        for recipe in ("w4a16", "nvfp4", "mxfp4"):
-            ws = [G.make_weights(recipe, n, k, seed=20 + r) for r in range(4)]
-            base = dispatch.plan(recipe, 1, n, k).config
-            tiles = [("plan", base)] + ([("wide_k1", wide)] if recipe == "w4a16" else [])
-            for (label, tile), planar_x in itertools.product(tiles, (False, True)):
-                cfg = dataclasses.replace(tile, planar_x=planar_x)
-                op = G.jax_op(recipe, plan=dispatch.Plan("gemv", cfg))
-                try:
-                    ok, err = G.check_op(recipe, op, x, ws[0])
-                    summary = device_trace.op_summary(op, [(x, w) for w in ws])
-                except Exception as e:  # noqa: BLE001
-                    G.log(f"  gemvplanar {name} {recipe} {label} planar={planar_x} failed: {repr(e)[:300]}")
-                    continue
-                kernel_us = sum(v["per_call"] * v["mean_us"] for kname, v in summary["by_kernel"].items()
-                                if "gemv" in kname)
-                row = {"part": "gemvplanar", "shape": name, "recipe": recipe, "variant": label, "planar_x": planar_x,
-                       "config": str(cfg), "device_us": round(summary["kernel_us_per_call"], 2),
-                       "kernel_us": round(kernel_us, 2), "kernels_per_call": summary["kernels_per_call"],
-                       "check_ok": ok, "err": err}
-                rows.append(row)
-                G.log(f"gemvplanar {name} {recipe:6s} {label:8s} planar={planar_x!s:5s} device {row['device_us']:7.1f} "
-                      f"kernel {row['kernel_us']:7.1f} us ok={ok}")
-            del ws
-            gc.collect()
-            flush()
-
-
 def w4_mgpu_configs(m):
     """(label, config): token tiles and K splits suited to M, stages as shared memory allows."""
     from pallas_kernels import w4a16_mgpu as w4
@@ -886,8 +843,6 @@ def main():
             probe_w4a8_gemv(copy_tbps, rows, args.shapes.split(","), flush)
         if "gemvgroup" in parts:
             probe_gemv_group(copy_tbps, rows, args.shapes.split(","), flush)
-        if "gemvplanar" in parts:
-            probe_gemv_planar(rows, args.shapes.split(","), flush)
         if "gemvgroupcfg" in parts:
             probe_gemv_group_configs(rows, args.shapes.split(","), flush)
         if "fp4gemv" in parts:

@@ -103,8 +103,8 @@ def _block_scale_f32(fmt_kind: str, raw):
 
 
 def fp4_gemv_kernel(*refs, fmt_kind: str, cfg: GemvConfig, n: int, k: int):
-    """refs: x [1, K] (planar_x: [8, K/8]), words [N, K/8] int32, scale [N, K/group] (e4m3 or u8), global [1]
-    f32 (nvfp4 only), out [1, N] (split_k 1) or f32 [split_k, N]."""
+    """refs: x [1, K], words [N, K/8] int32, scale [N, K/group] (e4m3 or u8), global [1] f32 (nvfp4 only),
+    out [1, N] (split_k 1) or f32 [split_k, N]."""
     x_ref, w_ref, s_ref, *rest = refs
     g_ref = rest.pop(0) if fmt_kind == "nvfp4" else None
     (o_ref,) = rest

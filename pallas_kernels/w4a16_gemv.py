@@ -3,8 +3,7 @@ words, one accumulator element per word, reduced once at the end.
 
 The canonical uint8 [N, K/2] bytes (low nibble = even k) are, read as little-endian int32 [N, K/8], words
 whose nibble j (bits 4j..4j+3) is k = 8i + j; the wrapper only bitcasts them. Per K chunk of bk elements,
-a program holds words [bn, bk/8] and the x chunk [bk], de-interleaved in registers into x[8i + j] per j
-(or handed over de-interleaved, GemvConfig.planar_x):
+a program holds words [bn, bk/8] and the x chunk [bk], de-interleaved in registers into x[8i + j] per j:
   f32 bits 0x43000000 | (u << 16) are exactly 128 + u, so each nibble costs a shift and a mask-or, and
   t[n, i] = sum_j (128 + u[n, 8i+j]) * x[8i+j]            (8 FMAs per word, exact products)
   acc[n, i] += s[n, g] * (t[n, i] - c[n, g] * xs[i])      (xs[i] = sum_j x[8i+j]; c = 128 + zero, 136 sym)
@@ -38,9 +37,6 @@ class GemvConfig:
     split_k: programs along K.
     unroll: chunks whose loads are issued before their math, per loop iteration.
     num_warps, num_stages: Triton's warps per program and software-pipelining depth.
-    planar_x: x reaches the kernel de-interleaved ([8, K/8], row j = x[8i + j], one small XLA op before the
-      call, fused into x's producer inside a jitted model), so a chunk's 8 vectors x[8i + j] are 8
-      contiguous loads rather than an 8-way split of one vector in registers.
     """
 
     block_n: int = 32
@@ -49,7 +45,6 @@ class GemvConfig:
     unroll: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    planar_x: bool = False
 
 
 def config_is_valid(group: int, cfg: GemvConfig) -> bool:
@@ -102,9 +97,9 @@ def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig,
     ids: (program_id(0), program_id(1)) read by the caller, for a program run inside a branch (interpret
     mode cannot lower program_id there).
 
-    x_ref [1, K] (planar_x: [8, K/8]); w_ref int32 words [N, K/8]; group_refs: name -> ref [N, K/group] of
-    per-group values (scales, zeros); o_ref [1, N] (split_k 1) or f32 [split_k, N]. Per K chunk it loads the
-    words [bn, bk/8], the x chunk as the 8 vectors x[8i + j], and each group ref broadcast to
+    x_ref [1, K]; w_ref int32 words [N, K/8]; group_refs: name -> ref [N, K/group] of per-group values
+    (scales, zeros); o_ref [1, N] (split_k 1) or f32 [split_k, N]. Per K chunk it loads the words
+    [bn, bk/8], the x chunk de-interleaved into the 8 vectors x[8i + j], and each group ref broadcast to
     one value per word column ([bn, bk/8], or [bn, 1] when a group spans the chunk), and adds
     word_dot(words, xs, groups) -> f32 [bn, bk/8] to the accumulator. After the K loop the word columns are
     summed, multiplied by `post` (a traced scalar, optional) and stored."""
@@ -134,17 +129,11 @@ def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig,
         g_mask = cm.and_masks(n_mask, cm.range_mask(g0, per_chunk, k // group, k_ragged))
         t = {name: cm.masked_load(ref, (n_rows, pl.ds(g0, per_chunk)), g_mask) for name, ref in group_refs.items()}
         t["_w"] = cm.masked_load(w_ref, (n_rows, pl.ds(i0, words)), cm.and_masks(n_mask, w_mask))
-        if cfg.planar_x:
-            t["_x"] = [cm.masked_load(x_ref, (jnp.int32(j), pl.ds(i0, words)), w_mask) for j in range(WORD)]
-        else:
-            t["_x"] = cm.masked_load(x_ref, (jnp.int32(0), pl.ds(k0, bk)), cm.range_mask(k0, bk, k, k_ragged))
+        t["_x"] = cm.masked_load(x_ref, (jnp.int32(0), pl.ds(k0, bk)), cm.range_mask(k0, bk, k, k_ragged))
         return t
 
     def accumulate(acc, t):
-        if cfg.planar_x:
-            xs = [v.astype(jnp.float32) for v in t["_x"]]
-        else:
-            xs = deinterleave(t["_x"].astype(jnp.float32), WORD)
+        xs = deinterleave(t["_x"].astype(jnp.float32), WORD)
         groups = {name: per_word(t[name]) for name in group_refs}
         return acc + word_dot(t["_w"], xs, groups)
 
@@ -167,10 +156,10 @@ def _int4_word_dot(asym: bool):
 
 
 def w4a16_gemv_kernel(*refs, cfg: GemvConfig, ns: tuple, k: int, group: int, asym: bool, has_post: bool):
-    """refs: x [1, K] (planar_x: [8, K/8]) bf16 or e4m3; per weight s of widths ns, words [N_s, K/8] int32,
-    scale [N_s, K/G] and zero [N_s, K/G] (asym only); post f32 [1] (has_post only); out [1, sum N] (split_k 1)
-    or f32 [split_k, sum N]. Several weights (a group sharing x) split the grid's channel blocks in order,
-    each N_s but the last a multiple of block_n; a program runs the weight its block falls in."""
+    """refs: x [1, K] bf16 or e4m3; per weight s of widths ns, words [N_s, K/8] int32, scale [N_s, K/G] and
+    zero [N_s, K/G] (asym only); post f32 [1] (has_post only); out [1, sum N] (split_k 1) or f32 [split_k,
+    sum N]. Several weights (a group sharing x) split the grid's channel blocks in order, each N_s but the
+    last a multiple of block_n; a program runs the weight its block falls in."""
     x_ref, *rest = refs
     per_weight = 3 if asym else 2
     weights = [rest[i * per_weight:(i + 1) * per_weight] for i in range(len(ns))]
@@ -239,17 +228,10 @@ def w4a16_gemv_group(x, packed: tuple, scale: tuple, zero: tuple | None = None, 
     return call_word_gemv(kernel, args, out_dtype or x.dtype, sum(ns), cfg, interpret, "w4a16_gemv")
 
 
-def planar(x: jax.Array) -> jax.Array:
-    """x [1, K] -> [8, K/8] with row j = x[0, 8i + j]: the order of nibble j in word i (GemvConfig.planar_x)."""
-    return x.reshape(x.shape[1] // WORD, WORD).T
-
-
 def call_word_gemv(kernel, args, out_dtype, n: int, cfg: GemvConfig, interpret: bool, name: str) -> jax.Array:
-    """Launches a word GEMV kernel (grid: output channel blocks x split_k; x = args[0], de-interleaved first
-    where cfg.planar_x) and, with split-K, sums its f32 partials in one XLA fusion; y [1, N] in out_dtype."""
+    """Launches a word GEMV kernel (grid: output channel blocks x split_k) and, with split-K, sums its f32
+    partials in one XLA fusion; y [1, N] in out_dtype."""
     split = cfg.split_k
-    if cfg.planar_x:
-        args = [planar(args[0]), *args[1:]]
     out_shape = jax.ShapeDtypeStruct((1, n) if split == 1 else (split, n), out_dtype if split == 1 else jnp.float32)
     y = pl.pallas_call(
         kernel,

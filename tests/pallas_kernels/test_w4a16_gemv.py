@@ -20,8 +20,6 @@ CASES = [
     (24, 512, 128, "float", GemvConfig(block_n=8, block_k=32, unroll=4)),         # group spans 4 chunks
     (33, 1024, 32, None, GemvConfig(block_n=16, block_k=512, split_k=4, unroll=2, num_warps=2)),
     (48, 256, 64, "int", None),                                                   # default heuristic
-    (40, 640, 64, "int", GemvConfig(block_n=32, block_k=256, split_k=2, planar_x=True)),  # x de-interleaved
-    (33, 1024, 32, "float", GemvConfig(block_n=16, block_k=512, split_k=4, unroll=2, planar_x=True)),
 ]
 
 
@@ -57,10 +55,8 @@ def test_post_scale_multiplies_the_f32_sum_before_the_one_rounding(split):
     npo.check_close(out, npo.f64(x) @ npo.int4_weight(packed, scale, zero).T * 3e-3, 1e-5)
 
 
-@pytest.mark.parametrize("planar_x", [False, True])
-def test_gemv_words_are_the_canonical_bytes(planar_x):
-    """Nibble j of word i is k = 8i + j: a single set nibble lands on exactly its k (x split in registers or
-    handed over de-interleaved)."""
+def test_gemv_words_are_the_canonical_bytes():
+    """Nibble j of word i is k = 8i + j: a single set nibble lands on exactly its k."""
     n, k = 2, 64
     codes = np.full((n, k), 8, np.uint8)               # u - 8 == 0 everywhere ...
     codes[1, 43] = 15                                   # ... except one weight of +7
@@ -68,8 +64,7 @@ def test_gemv_words_are_the_canonical_bytes(planar_x):
     x = np.zeros((1, k), ml_dtypes.bfloat16)
     x[0, 43] = 2.0
     scale = np.ones((n, k // 32), np.float32)
-    cfg = GemvConfig(2, 32, planar_x=planar_x)
-    out = np.asarray(w4a16_gemv.w4a16_gemv(x, packed, scale, config=cfg, interpret=True), np.float32)
+    out = np.asarray(w4a16_gemv.w4a16_gemv(x, packed, scale, config=GemvConfig(2, 32), interpret=True), np.float32)
     np.testing.assert_array_equal(out, [[0.0, 14.0]])
 
 
@@ -104,14 +99,12 @@ def test_a_group_refuses_a_weight_off_the_channel_block():
                                     config=GemvConfig(block_n=16), interpret=True)
 
 
-@pytest.mark.parametrize("planar_x", [False, True])
-def test_a_group_lowers_to_one_triton_kernel_for_cuda(planar_x):
+def test_a_group_lowers_to_one_triton_kernel_for_cuda():
     import jax
     sds = jax.ShapeDtypeStruct
     x = sds((1, 1024), jnp.bfloat16)
     packed = tuple(sds((n, 512), jnp.uint8) for n in (512, 128, 128))
     scale = tuple(sds((n, 8), jnp.bfloat16) for n in (512, 128, 128))
-    cfg = GemvConfig(block_n=64, split_k=2, planar_x=planar_x)
-    fn = jax.jit(lambda x, p, s: w4a16_gemv.w4a16_gemv_group(x, p, s, config=cfg))
+    fn = jax.jit(lambda x, p, s: w4a16_gemv.w4a16_gemv_group(x, p, s, config=GemvConfig(block_n=64, split_k=2)))
     text = fn.trace(x, packed, scale).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
