@@ -8,10 +8,29 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _common as cm
+from pallas_kernels import _mgpu
 from pallas_kernels import w4a16_mgpu as w4
 from pallas_kernels.w4a16_mgpu import MgpuW4Config
 
 from . import np_oracle as npo
+
+
+@pytest.fixture
+def wgmma_operands(monkeypatch):
+    """The A operand (a ShapeDtypeStruct) of each plgpu.wgmma that later traces emit. Jit caches are cleared
+    first: a kernel already traced in this process (on a GPU, by the tests that run the kernels) would
+    otherwise be served from the cache without tracing again, and record nothing."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    jax.clear_caches()
+    operands = []
+    wgmma = plgpu.wgmma
+
+    def recording_wgmma(acc, a, b):
+        operands.append(jax.ShapeDtypeStruct(a.shape, a.dtype))
+        return wgmma(acc, a, b)
+
+    monkeypatch.setattr(plgpu, "wgmma", recording_wgmma)
+    return operands
 
 
 def test_as_int4_holds_the_signed_codes_in_order():
@@ -64,29 +83,23 @@ def test_lowers_to_a_mosaic_gpu_kernel_with_register_a_bf16_wgmma(tokens, split,
 
 
 @pytest.mark.parametrize("group,zero", [(64, True), (32, False), (32, True)])
-def test_small_groups_issue_one_scaled_wgmma_per_group(monkeypatch, group, zero):
+def test_small_groups_issue_one_scaled_wgmma_per_group(monkeypatch, wgmma_operands, group, zero):
     """Groups of 64 / 32: per 128-K step, 128 / group wgmmas, each on its slice of the tile with its own
     scale (and zero) row; it lowers for CUDA like group 128."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    calls, rows = [], []
-    wgmma, row = plgpu.wgmma, w4.per_channel_row
-
-    def recording_wgmma(acc, a, b):
-        calls.append(a.shape)
-        return wgmma(acc, a, b)
+    rows = []
+    row = w4.per_channel_row
 
     def recording_row(ref, j, channels, shape):
         rows.append(j)
         return row(ref, j, channels, shape)
 
-    monkeypatch.setattr(plgpu, "wgmma", recording_wgmma)
     monkeypatch.setattr(w4, "per_channel_row", recording_row)
     cfg = MgpuW4Config(tile_tokens=64, stages=w4.fit_stages(64, scale_rows=128 // group))
     fn = jax.jit(lambda x, p, s, z: w4.w4a16_matmul_mgpu(x, p, s, z, config=cfg))
     text = fn.trace(*_operands(200, 512, 1024, scale_cols=1024 // group, zero=zero, zero_cols=1024 // group)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "m64n64k16.f32.bf16.bf16" in text
-    assert calls == [(64, group)] * (128 // group)
+    assert [a.shape for a in wgmma_operands] == [(64, group)] * (128 // group)
     assert rows == [j for j in range(128 // group) for _ in range(2 if zero else 1)]
 
 
@@ -167,18 +180,9 @@ def test_rows_that_do_not_match_the_weights_are_refused():
 
 
 @pytest.mark.parametrize("zero", [False, True])
-def test_a_group_of_weights_lowers_to_one_kernel_with_a_pipeline_per_weight(monkeypatch, zero):
+def test_a_group_of_weights_lowers_to_one_kernel_with_a_pipeline_per_weight(wgmma_operands, zero):
     """q, k and v (N 512, 128, 128) in one launch: one Mosaic GPU kernel whose body traces each weight's
     pipeline (three times the wgmma of one weight's kernel), writing [M, 768]."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    calls = []
-    wgmma = plgpu.wgmma
-
-    def recording_wgmma(acc, a, b):
-        calls.append(a.shape)
-        return wgmma(acc, a, b)
-
-    monkeypatch.setattr(plgpu, "wgmma", recording_wgmma)
     cfg = MgpuW4Config(tile_tokens=16, stages=w4.fit_stages(16, split_k=2), split_k=2)
     parts = [_operands(40, n, 1024, zero=zero) for n in (512, 128, 128)]
     x = parts[0][0]
@@ -187,22 +191,18 @@ def test_a_group_of_weights_lowers_to_one_kernel_with_a_pipeline_per_weight(monk
     group = jax.jit(lambda x, p, s, z: w4.w4a16_matmul_mgpu_group(x, p, s, z, config=cfg))
     assert jax.eval_shape(group, x, packed, scale, zeros).shape == (40, 768)
     text = group.trace(x, packed, scale, zeros).lower(lowering_platforms=("cuda",)).as_text()
-    grouped_calls, calls[:] = len(calls), []
+    grouped_calls, wgmma_operands[:] = len(wgmma_operands), []
     jax.jit(lambda x, p, s, z: w4.w4a16_matmul_mgpu(x, p, s, z, config=cfg)).trace(
         *parts[0]).lower(lowering_platforms=("cuda",))
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
-    assert len(calls) > 0 and grouped_calls == 3 * len(calls)
+    assert len(wgmma_operands) > 0 and grouped_calls == 3 * len(wgmma_operands)
 
 
-def test_a_w4a8_group_lowers_to_one_kernel_with_each_weights_own_codes(monkeypatch):
+def test_a_w4a8_group_lowers_to_one_kernel_with_each_weights_own_codes(wgmma_operands):
     """W4A8 q, k and v (N 512, 128, 256) with three input scales through dispatch.quantized_matmul_group: x is
     quantized once per weight and one Mosaic GPU kernel runs a pipeline per weight, each on its own codes
     (three times the e4m3 wgmma of one weight's kernel)."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
     from pallas_kernels import dispatch
-    calls = []
-    wgmma = plgpu.wgmma
-    monkeypatch.setattr(plgpu, "wgmma", lambda acc, a, b: calls.append(a.dtype) or wgmma(acc, a, b))
     ns, k = (512, 128, 256), 1024
     plan = dispatch.group_plan("w4a8", 40, ns, k)
     assert plan.path == "mgpu" and dispatch.group_plan("w4a8", 1, ns, k) is None
@@ -213,8 +213,10 @@ def test_a_w4a8_group_lowers_to_one_kernel_with_each_weights_own_codes(monkeypat
     fn = jax.jit(lambda x, ws: dispatch.quantized_matmul_group(x, "w4a8", ws, plan))
     assert jax.eval_shape(fn, x, weights).shape == (40, sum(ns))
     text = fn.trace(x, weights).lower(lowering_platforms=("cuda",)).as_text()
-    grouped_calls, calls[:] = list(calls), []
+    grouped_calls = [a.dtype for a in wgmma_operands]
+    wgmma_operands[:] = []
     w4.w4a8_matmul_mgpu.trace(*_w4a8_operands(40, 512, k), config=plan.config).lower(lowering_platforms=("cuda",))
+    calls = [a.dtype for a in wgmma_operands]
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
     (call,) = [line for line in text.splitlines() if "stablehlo.custom_call @mosaic_gpu" in line]
     assert call.rsplit(" : (", 1)[1].count("x1024xf8E4M3FN>") == 3               # one padded x per weight
@@ -233,8 +235,10 @@ def test_a_group_refuses_weights_that_differ_in_group_or_shape():
 
 @pytest.fixture
 def pipeline_states(monkeypatch):
-    """The pipeline_state each emitted warp-specialized pipeline got (None: a standalone pipeline)."""
+    """The pipeline_state each emitted warp-specialized pipeline got (None: a standalone pipeline); jit
+    caches cleared first, as for wgmma_operands."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
+    jax.clear_caches()
     states = []
     emit = plgpu.emit_pipeline_warp_specialized
 
@@ -265,5 +269,5 @@ def test_chained_tiles_lower_with_a_pipeline_state_per_tile(pipeline_states, cha
 
 
 def test_chain_stages_divide_the_k_steps():
-    from pallas_kernels import _mgpu
     assert [_mgpu.chain_stages(k, s) for k, s in ((32, 6), (7, 4), (8, 8), (12, 5), (2, 4))] == [4, 1, 8, 4, 2]
+
