@@ -145,6 +145,19 @@ MGPU_W4_TILE = {16: 16, 64: 64, 256: 128, "larger": 256}
 # the elementwise 1e-2 check at gate_up M=256 and M=4096). M=16 (run 18, a noisy run: its XLA bf16 qkv M=256
 # read 58.8 us against 31.9 in run 17): 31.9 / 44.4 / 36.9 vs the packed-4 kernel's 29.8 / 179.0 / 43.2.
 
+# Chained tiles (a CTA's tiles as one pipeline of pipelines, MgpuW4Config / MgpuFp8Config.chain_tiles) where the
+# grid gives every SM at least this many CTA tiles. Run 42 (H200, device us, plan / chained): 4096 tokens,
+# 8b.gate_up W4A16 1332 / 1324, W4A8 1224 / 1184, FP8 block 1056 / 1040; 8b.qkv 287 / 284, 291 / 280, 271 / 263;
+# 8b.down 659 / 656, 668 / 649, 652 / 646. 256 tokens: gate_up (3.4 tiles per SM) W4A8 98.4 / 94.7, FP8 block
+# 92.1 / 89.2; qkv (1.5) 30.8 / 31.6, 27.9 / 28.8, 29.6 / 31.8; down (under 1) FP8 block 76.7 / 85.6. 16 tokens,
+# gate_up (1.7): W4A16 38.9 / 40.9.
+CHAIN_MIN_TILES_PER_SM = 3
+
+
+def chained(tiles: int) -> bool:
+    """Whether a Mosaic GPU grid of `tiles` CTA tiles runs them chained (CHAIN_MIN_TILES_PER_SM)."""
+    return tiles >= CHAIN_MIN_TILES_PER_SM * cm.NUM_SMS
+
 
 def _wave_fill(tiles: int) -> float:
     """Fraction of the SM slots busy over the waves a grid of `tiles` CTA tiles takes."""
@@ -159,7 +172,7 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) 
     (<= 4) that gives a tile to half of the SMs. Measured, 8b.down M=16: 70 / 40 / 37 us at split 1 / 2 / 4;
     M=256 with t128 (run 17): down (64 tiles) 98 / 60 us at split 1 / 2, qkv (96 tiles) 42.5 / 45.4. Token
     tiles >= 128 also split in two where the grid takes more than one wave and fills under 65 % of its SM
-    slots (70b.qkv M=256, 160 tiles: 120 / 103 us)."""
+    slots (70b.qkv M=256, 160 tiles: 120 / 103 us). Tiles chain where there are enough (chained)."""
     bucket = m_bucket(m)
     t = MGPU_W4_TILE.get(bucket, MGPU_W4_TILE["larger"])
     channel_tiles = n // w4a16_mgpu.CTA_CHANNELS
@@ -176,7 +189,7 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) 
             split = 2
     stages = w4a16_mgpu.fit_stages(t, split_k=split, asym=not fp8, x_bytes=1 if fp8 else 2,
                                    scale_rows=w4a16_mgpu.GROUP // group)
-    return MgpuW4Config(tile_tokens=t, stages=stages, split_k=split)
+    return MgpuW4Config(tile_tokens=t, stages=stages, split_k=split, chain_tiles=chained(tiles * split))
 
 
 def _balanced_split(tiles: int, k: int) -> int:
@@ -254,7 +267,8 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128, mosaic: bool = T
         bucket = m_bucket(m)
         mgpu = MGPU_FP8_TILES.get(bucket, MGPU_FP8_TILES["larger"])
         if bucket >= MGPU_FP8_FROM and fp8_block_mgpu.can_use(m, n, k, mgpu):
-            return Plan("mgpu", mgpu)
+            tiles = cm.cdiv(m, mgpu.cta_m) * (n // mgpu.cta_n)
+            return Plan("mgpu", dataclasses.replace(mgpu, chain_tiles=chained(tiles)))
         return Plan("pallas", FP8_LARGE_M if m > 64 else fp8.fp8_default_config(m, n, k))
     if recipe in ("w4a16", "w4a8") and w4a16_gemv.shape_is_supported(m, n, k, group):
         return Plan("gemv", gemv_config(n, k, group))

@@ -96,6 +96,19 @@ PATH_CASES = [(r, 1, None) for r in dispatch.RECIPES] + [
     ("w4a8", 3, "mgpu")]
 
 
+def test_mosaic_tiles_chain_where_every_sm_gets_three():
+    """chain_tiles from 3 CTA tiles per SM (396 on 132 SMs): W4A16 8b.gate_up at 256 tokens (t128: 448 tiles)
+    and every 8B layer at 4096; not 8b.qkv at 256 (96 tiles) or gate_up at 16 (224); FP8 block likewise
+    (8b.gate_up at 256: 448 CTA tiles of 64 x 256; 8b.qkv: 96)."""
+    chain = lambda recipe, m, n, k=4096: dispatch.plan(recipe, m, n, k).config.chain_tiles  # noqa: E731
+    assert chain("w4a16", 256, 28672) and chain("w4a8", 256, 28672) and chain("fp8_block", 256, 28672)
+    assert all(chain(r, 4096, n, k) for r in ("w4a16", "w4a8", "fp8_block")
+               for n, k in ((6144, 4096), (4096, 14336), (28672, 4096)))
+    assert not any(chain(r, 256, 6144) for r in ("w4a16", "w4a8", "fp8_block"))
+    assert not chain("w4a16", 16, 28672) and not chain("fp8_block", 256, 4096, 14336)
+    assert dispatch.chained(396) and not dispatch.chained(395)
+
+
 @pytest.mark.parametrize("recipe,m,path", PATH_CASES)
 def test_quantized_matmul_paths(recipe, m, path):
     rng = npo.rng_for("dispatch", recipe, m)
