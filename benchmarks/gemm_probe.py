@@ -471,7 +471,7 @@ def w4_mgpu_configs(m):
     elif m <= 64:
         points = [(64, 1), (64, 2), (64, 4), (32, 1)]
     elif m <= 256:
-        points = [(128, 1), (128, 2), (128, 4), (64, 1), (64, 2), (64, 4)]
+        points = [(128, 1), (128, 2), (128, 4), (64, 1), (64, 2), (256, 1), (256, 2), (256, 4)]
     else:
         points = [(128, 1), (256, 1)]
     return [(f"t{t}_k{split}", w4.MgpuW4Config(tile_tokens=t, stages=w4.fit_stages(t, split_k=split), split_k=split))

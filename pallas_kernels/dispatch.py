@@ -135,7 +135,10 @@ MGPU_FP8_TILES = {256: MgpuFp8Config(64, 128, "n", 4), "larger": MgpuFp8Config(6
 # 42.4 / 62.6, M=256 39.8 / 58.1 / 124.7 vs 97.3 / 204.6 / 367.7; g32 M=16 21.3 / 30.4 / 50.2 vs 44.6 / 82.5 /
 # 131.6, M=256 38.0 / 63.8 / 129.9 vs 163.8 / 448.1 / 607.4; at M=4096 against XLA dequant, within the run's
 # noise (g32 345 / 746 / 1572 vs 323 / 749 / 1723; the g128 plan timed twice read 454 and 306 on qkv).
-MGPU_W4_TILE = {16: 16, 64: 64, 256: 128, "larger": 256}
+# From 129 tokens, 256-token tiles where their last wave is at least 80 % full (run 44, H200, device us, t128 /
+# t256 at the best split, M=256): 8b.gate_up (224 t256 tiles, 85 %) 117.4 / 101.4 (XLA bf16 102.0); 8b.qkv
+# (48, 36 %) 30.8 / 33.1; 8b.down (32) 56.5 / 54.9; 70b.qkv (80, 61 %) 92.6 / 94.8.
+MGPU_W4_TILE = {16: 16, 64: 64, 256: 256, "larger": 256}
 # W4A8 from M=2: the FP8-tensor-core variant (w4a8_matmul_mgpu, INT4 -> e4m3 in registers, e4m3 wgmma
 # promoted per K-step), token tiles <= 128. Run 17 (us, qkv / gate_up / down, against the W4A16 kernel on the
 # E4M3 codes widened to bf16 and XLA bf16): M=64 26.9 / 50.5 / 37.9 vs 29.5 / 56.0 / 33.4 vs 46.1 / 86.8 /
@@ -167,7 +170,7 @@ def _wave_fill(tiles: int) -> float:
 def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) -> MgpuW4Config:
     """W4A16 Mosaic GPU tiles for this shape (fp8: for the W4A8 FP8-tensor-core variant, token tiles <= 128;
     group: the quantization group, whose 128 / group scale rows per K-step size the pipeline's stages):
-    the bucket's token tile (larger M: 256 unless its last wave is under 80 % full, then 128), then the K
+    the bucket's token tile (from 129 tokens: 256 unless its last wave is under 80 % full, then 128), then the K
     split: token tiles < 128 balance the waves (_balanced_split), tiles >= 128 take the smallest split
     (<= 4) that gives a tile to half of the SMs. Measured, 8b.down M=16: 70 / 40 / 37 us at split 1 / 2 / 4;
     M=256 with t128 (run 17): down (64 tiles) 98 / 60 us at split 1 / 2, qkv (96 tiles) 42.5 / 45.4. Token
@@ -176,7 +179,7 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) 
     bucket = m_bucket(m)
     t = MGPU_W4_TILE.get(bucket, MGPU_W4_TILE["larger"])
     channel_tiles = n // w4a16_mgpu.CTA_CHANNELS
-    if t == 256 and (fp8 or _wave_fill(channel_tiles * cm.cdiv(m, 256)) < 0.8):
+    if t == 256 and (fp8 or m <= 128 or _wave_fill(channel_tiles * cm.cdiv(m, 256)) < 0.8):
         t = 128
     tiles = channel_tiles * cm.cdiv(m, t)
     if t < 128:

@@ -23,7 +23,8 @@ def test_plan_buckets():
     small_m = dispatch.plan("w4a16", 2, 4096, 4096)                              # Mosaic GPU from M=2
     assert small_m.path == "mgpu" and small_m.config.tile_tokens == 16 and small_m.config.split_k == 4
     assert dispatch.plan("w4a16", 64, 28672, 4096).config.split_k == 1           # 224 channel tiles: no split
-    assert dispatch.plan("w4a16", 256, 28672, 4096).config.tile_tokens == 128
+    assert dispatch.plan("w4a16", 256, 28672, 4096).config.tile_tokens == 256    # 224 tiles: 85 % of 2 waves
+    assert dispatch.plan("w4a16", 128, 28672, 4096).config.tile_tokens == 128    # 256 only from 129 tokens
     narrow = [dispatch.plan("w4a16", 256, n, 4096).config for n in (6144, 4096)]   # t128; split below 66 tiles
     assert [(c.tile_tokens, c.split_k) for c in narrow] == [(128, 1), (128, 2)]
     assert dispatch.plan("w4a16", 1024, 6144, 4096).config.tile_tokens == 128    # t256: last wave 45 % full
@@ -97,11 +98,11 @@ PATH_CASES = [(r, 1, None) for r in dispatch.RECIPES] + [
 
 
 def test_mosaic_tiles_chain_where_every_sm_gets_three():
-    """chain_tiles from 3 CTA tiles per SM (396 on 132 SMs): W4A16 8b.gate_up at 256 tokens (t128: 448 tiles)
-    and every 8B layer at 4096; not 8b.qkv at 256 (96 tiles) or gate_up at 16 (224); FP8 block likewise
-    (8b.gate_up at 256: 448 CTA tiles of 64 x 256; 8b.qkv: 96)."""
+    """chain_tiles from 3 CTA tiles per SM (396 on 132 SMs): W4A8 8b.gate_up at 256 tokens (t128: 448 tiles)
+    and every 8B layer at 4096; not W4A16 there (t256: 224 tiles), 8b.qkv at 256 (96 tiles) or gate_up at
+    16 (224); FP8 block likewise (8b.gate_up at 256: 448 CTA tiles of 64 x 256; 8b.qkv: 96)."""
     chain = lambda recipe, m, n, k=4096: dispatch.plan(recipe, m, n, k).config.chain_tiles  # noqa: E731
-    assert chain("w4a16", 256, 28672) and chain("w4a8", 256, 28672) and chain("fp8_block", 256, 28672)
+    assert chain("w4a8", 256, 28672) and chain("fp8_block", 256, 28672) and not chain("w4a16", 256, 28672)
     assert all(chain(r, 4096, n, k) for r in ("w4a16", "w4a8", "fp8_block")
                for n, k in ((6144, 4096), (4096, 14336), (28672, 4096)))
     assert not any(chain(r, 256, 6144) for r in ("w4a16", "w4a8", "fp8_block"))
