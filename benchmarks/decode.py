@@ -61,6 +61,12 @@ WARMUP, TRIALS = 3, 3
 # test_fp8_kv_reference.py). Random weights of std 0.02 amplify rounding with width and depth: each
 # projection scales by about 0.02 * sqrt(hidden), 1.28 on the 8B shape against 0.48 on SmolLM2's.
 CHECK_MIN_COSINE = 0.995
+# W4A8 rows (static FP8 activations) only record the cosine, as FP8-cache rows do: an activation that lands
+# near a rounding boundary of e4m3 takes a different code (one e4m3 step, 6-12 %) when the two paths sum in
+# different orders, and random weights amplify those flips layer by layer. With no kernel involved (CPU,
+# reference paths), a 4-layer Llama-3.1-8B-shaped random model gives 0.99597 for W4A8 against 0.99988 for
+# W4A16; the 32-layer model on an H200 gave 0.939 (run 43). The W4A8 kernels are checked elementwise by
+# gemm.py --steps check and tests/nn/test_dense_group.py (grouped against separate calls, on Hopper).
 
 
 def load_model(name: str):
@@ -271,7 +277,8 @@ def main() -> None:
                     row = {"model": name, "label": label, "weights": weights, **timed}
                     if peak is not None:
                         row["pct_roofline"] = 100 * row["bytes_needed"] / peak / (row["ms_per_step"] / 1e3)
-                    if kv == "bf16" and row["check_cosine"] < CHECK_MIN_COSINE:
+                    gated = kv == "bf16" and weights not in W4A8_VARIANTS
+                    if gated and row["check_cosine"] < CHECK_MIN_COSINE:
                         raise SystemExit(f"decode check failed before timing: {row}")
                     rows.append(row)
                     stem = write_results(args.out, env, rows, args.steps, args.context)
