@@ -53,10 +53,13 @@
 15. Chained tiles (`chain`): the W4A16 / W4A8 / FP8 block Mosaic kernels on the plan's tiles with
     chain_tiles off and on (one pipeline of pipelines per CTA), checked, against XLA bf16.
 
+16. K splits of the FP8 block Mosaic kernel (`fp8split`): 1, 2 and 4 on the plan's tile, checked, against
+    XLA bf16.
+
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
                                                               # w4groups, compile, trace, gemvgroup,
-                                                              # gemvgroupcfg, w4split, chain
+                                                              # gemvgroupcfg, w4split, chain, fp8split
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
@@ -562,6 +565,27 @@ def probe_chain(rows, shapes, ms, flush):
         _record_xla_bf16(rows, flush, "chain", name, m, n, k, x)
 
 
+def probe_fp8_split(rows, shapes, ms, flush):
+    """The FP8 block Mosaic kernel with its K split across CTA tiles (f32 partials summed by one fusion) at 1, 2
+    and 4 on the plan's tile (3 stages when split: the f32 epilogue buffers take the fourth's shared memory),
+    each checked against the reference, against XLA bf16: where M and N give few CTA tiles (8b.down at M=256:
+    64 tiles on 132 SMs, 0.60x bf16 in run 46)."""
+    for name, m, n, k, x in _large_m_points(shapes, ms):
+        p = dispatch.plan("fp8_block", m, n, k)
+        if p.path != "mgpu":
+            continue
+        ws = [G.make_weights("fp8_block", n, k, seed=40 + r) for r in range(2)]
+        for split in (1, 2, 4):
+            cfg = dataclasses.replace(p.config, split_k=split, stages=p.config.stages if split == 1 else 3)
+            if k % (128 * split):
+                continue
+            op = G.jax_op("fp8_block", plan=dispatch.Plan("mgpu", cfg))
+            _record_large_m(rows, flush, "fp8split", name, m, n, k, f"fp8_block.k{split}", op,
+                            [(x, w) for w in ws], lambda op=op: G.check_op("fp8_block", op, x, ws[0]))
+        del ws
+        _record_xla_bf16(rows, flush, "fp8split", name, m, n, k, x)
+
+
 def probe_w4_groups(rows, shapes, ms, flush):
     """W4A16 with groups of 64 and 32 (symmetric and asymmetric): the dispatcher's plan against its plan
     without the Mosaic kernel (packed-4 Triton, or XLA dequant at large M: the plan before groups other than
@@ -833,6 +857,8 @@ def main():
             probe_w4_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "chain" in parts:
             probe_chain(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
+        if "fp8split" in parts:
+            probe_fp8_split(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4split" in parts:
             probe_w4_split(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4groups" in parts:

@@ -39,7 +39,10 @@ class MgpuFp8Config:
     side by side along `wg_dim` ("m" or "n") make the CTA tile. stages: K-steps in flight (shared memory:
     stages * (cta_m + cta_n) * 128 bytes). grid_tile_width: tiles per band of the snake order (L2 reuse).
     chain_tiles: a CTA's tiles as one pipeline of pipelines (_mgpu.persistent_kernel), stages cut to the
-    largest divisor of K/128."""
+    largest divisor of the K-steps per tile. split_k: K ranges computed by separate CTA tiles into f32
+    partial products [split_k, M, N] that one XLA fusion sums and rounds (fills the SMs where M and N give
+    few CTA tiles; K a multiple of 128 * split_k; the f32 epilogue buffers double to 64 KiB of shared memory,
+    so a 64 x 256 CTA tile fits 3 stages)."""
 
     tile_m: int = 64
     tile_n: int = 128
@@ -48,6 +51,7 @@ class MgpuFp8Config:
     grid_tile_width: int = 8
     epi_tile_n: int = 64
     chain_tiles: bool = False
+    split_k: int = 1
 
     @property
     def cta_m(self) -> int:
@@ -63,8 +67,8 @@ DEFAULT = MgpuFp8Config()
 
 def can_use(m: int, n: int, k: int, cfg: MgpuFp8Config = DEFAULT) -> bool:
     """Shapes this kernel takes (callers check it, with a GPU backend, before calling)."""
-    return (k % BLOCK == 0 and n % cfg.cta_n == 0 and cfg.tile_m % 64 == 0 and cfg.tile_n % cfg.epi_tile_n == 0
-            and cfg.wg_dim in ("m", "n") and m >= 1)
+    return (k % (BLOCK * cfg.split_k) == 0 and n % cfg.cta_n == 0 and cfg.tile_m % 64 == 0
+            and cfg.tile_n % cfg.epi_tile_n == 0 and cfg.wg_dim in ("m", "n") and m >= 1 and cfg.split_k >= 1)
 
 
 def _views(wg, cfg: MgpuFp8Config):
@@ -100,7 +104,9 @@ def _step(wg, _scratch, x_smem, w_smem, sx_smem, sw_smem, acc, *, cfg: MgpuFp8Co
 @functools.partial(jax.jit, static_argnames=("config", "out_dtype"))
 def fp8_block_matmul_mgpu(xq, x_scale, wq, w_scale, *, config: MgpuFp8Config = DEFAULT, out_dtype=jnp.bfloat16):
     """y [M, N] out_dtype from e4m3 xq [M, K], f32 x_scale [M, K/128], e4m3 wq [N, K], f32 w_scale
-    [N/128, K/128] (shapes as `can_use` requires; the caller checks)."""
+    [N/128, K/128] (shapes as `can_use` requires; the caller checks). With config.split_k > 1 the CTA tile
+    (s * M_tiles + mi, ni) sums K range s into f32 rows s * Mp + mi * cta_m of a [split_k * Mp, N] buffer,
+    reduced here in one fusion."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -108,8 +114,8 @@ def fp8_block_matmul_mgpu(xq, x_scale, wq, w_scale, *, config: MgpuFp8Config = D
     m, k = xq.shape
     n = wq.shape[0]
     if not can_use(m, n, k, cfg):
-        raise ValueError(f"fp8_block_matmul_mgpu: shape M={m} N={n} K={k} does not fit {cfg} (needs K % 128 == 0 "
-                         f"and N % {cfg.cta_n} == 0)")
+        raise ValueError(f"fp8_block_matmul_mgpu: shape M={m} N={n} K={k} does not fit {cfg} (needs K % "
+                         f"{BLOCK * cfg.split_k} == 0 and N % {cfg.cta_n} == 0)")
     kb = k // BLOCK
     if x_scale.shape != (m, kb) or w_scale.shape != (n // BLOCK, kb):
         raise ValueError(f"fp8_block_matmul_mgpu: x_scale {x_scale.shape} / w_scale {w_scale.shape}, expected "
@@ -118,23 +124,32 @@ def fp8_block_matmul_mgpu(xq, x_scale, wq, w_scale, *, config: MgpuFp8Config = D
     xq = jnp.pad(xq, ((0, mp - m), (0, 0)))
     sx_t = jnp.pad(x_scale.astype(jnp.float32), ((0, mp - m), (0, 0))).T            # [K/128, Mp]
     sw_t = jnp.repeat(w_scale.astype(jnp.float32), BLOCK, axis=0).T                 # [K/128, N]
-    grid = (mp // cfg.cta_m, n // cfg.cta_n)
+    cta_m, cta_n, split = cfg.cta_m, cfg.cta_n, cfg.split_k
+    m_tiles, kb_split = mp // cta_m, kb // split
+    grid = (m_tiles * split, n // cta_n)
     op_transforms = _mgpu.tiled_swizzle(BLOCK, 8)      # 128 e4m3 bytes per operand row: the full swizzle
-    cta_m, cta_n = cfg.cta_m, cfg.cta_n
+
+    def views(mi, ni, ops):
+        s, rows = mi // m_tiles, pl.ds((mi % m_tiles) * cta_m, cta_m)
+        cols, k_range, steps = pl.ds(ni * cta_n, cta_n), pl.ds(s * kb_split * BLOCK, kb_split * BLOCK), \
+            pl.ds(s * kb_split, kb_split)
+        return ops[0].at[rows, k_range], ops[1].at[cols, k_range], ops[2].at[steps, rows], ops[3].at[steps, cols]
+
     kernel = functools.partial(
         _mgpu.persistent_kernel,
         in_specs=[plgpu.BlockSpec((cta_m, BLOCK), lambda kb: (0, kb), transforms=op_transforms),
                   plgpu.BlockSpec((cta_n, BLOCK), lambda kb: (0, kb), transforms=op_transforms),
                   plgpu.BlockSpec((1, cta_m), lambda kb: (kb, 0)),
                   plgpu.BlockSpec((1, cta_n), lambda kb: (kb, 0))],
-        views=lambda mi, ni, ops: (ops[0].at[pl.ds(mi * cta_m, cta_m), :], ops[1].at[pl.ds(ni * cta_n, cta_n), :],
-                                   ops[2].at[:, pl.ds(mi * cta_m, cta_m)], ops[3].at[:, pl.ds(ni * cta_n, cta_n)]),
-        cta=(cta_m, cta_n),
+        views=views, cta=(cta_m, cta_n),
         wg_offset=lambda wg: (wg * cfg.tile_m if cfg.wg_dim == "m" else 0,
                               wg * cfg.tile_n if cfg.wg_dim == "n" else 0),
-        tile=(cfg.tile_m, cfg.tile_n), epi_n=cfg.epi_tile_n, grid=grid, k_iters=kb,
-        stages=_mgpu.chain_stages(kb, cfg.stages) if cfg.chain_tiles else cfg.stages,
+        tile=(cfg.tile_m, cfg.tile_n), epi_n=cfg.epi_tile_n, grid=grid, k_iters=kb_split,
+        stages=_mgpu.chain_stages(kb_split, cfg.stages) if cfg.chain_tiles else cfg.stages,
         grid_tile_width=cfg.grid_tile_width, step=functools.partial(_step, cfg=cfg), scratch={},
         chain_tiles=cfg.chain_tiles)
-    y = _mgpu.launch(kernel, (xq, wq, sx_t, sw_t), (mp, n), out_dtype, grid[0] * grid[1])
+    y = _mgpu.launch(kernel, (xq, wq, sx_t, sw_t), (split * mp, n), jnp.float32 if split > 1 else out_dtype,
+                     grid[0] * grid[1])
+    if split > 1:                                       # partials [split, Mp, N], summed in f32, rounded once
+        y = jnp.sum(y.reshape(split, mp, n), axis=0).astype(out_dtype)
     return y[:m]

@@ -5,8 +5,12 @@ import pytest
 @pytest.fixture
 def promotions(monkeypatch):
     """The partial-product promotions (_mgpu.scaled_sum) traced during the test, as (partial shape, row-scale
-    dtype or None); clear it between traces."""
+    dtype or None); clear it between traces. Jit caches are cleared first, so that a kernel an earlier test
+    ran is traced again."""
+    import jax
+
     from pallas_kernels import _mgpu
+    jax.clear_caches()
     calls = []
     scaled_sum = _mgpu.scaled_sum
 

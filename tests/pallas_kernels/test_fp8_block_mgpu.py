@@ -18,6 +18,8 @@ def test_shape_rules():
     assert not mg.can_use(1024, 4096, 4096 + 64, wide_m)         # K off the 128 scale block
     assert not mg.can_use(1024, 4096, 4096, MgpuFp8Config(32, 128))
     assert not mg.can_use(1024, 4096, 4096, MgpuFp8Config(wg_dim="k"))
+    assert mg.can_use(256, 4096, 14336, MgpuFp8Config(split_k=2))      # 112 K-steps: 56 per split
+    assert not mg.can_use(256, 4096, 128 * 7, MgpuFp8Config(split_k=2))  # 7 K-steps do not split in two
 
 
 def _operands(m, n, k, sw_shape=None):
@@ -33,6 +35,21 @@ def test_lowers_to_a_mosaic_gpu_kernel_with_fp8_wgmma(cfg):
         lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in text
+
+
+@pytest.mark.parametrize("split", [2, 4])
+def test_a_k_split_writes_f32_partials_that_one_fusion_sums(split):
+    """split_k: the kernel's output is f32 [split * Mp, N] (Mp = 200 padded to the 64-row CTA tile), each CTA
+    tile streams K / split, and the wrapper reduces the partials to bf16 [M, N]. The f32 epilogue buffers
+    take 64 KiB of shared memory, so the 64 x 256 CTA tile fits 3 stages (4 do not)."""
+    cfg = MgpuFp8Config(64, 128, "n", 3, split_k=split)
+    lowered = mg.fp8_block_matmul_mgpu.trace(*_operands(200, 512, 1024), config=cfg).lower(
+        lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    (call,) = [line for line in text.splitlines() if "stablehlo.custom_call @mosaic_gpu" in line]
+    assert call.rsplit("->", 1)[1].strip().startswith(f"tensor<{split * 256}x512xf32>")
+    assert "stablehlo.reduce" in text and lowered.out_info.shape == (200, 512)
+    assert lowered.out_info.dtype == jnp.bfloat16
 
 
 def test_each_step_promotes_its_own_partial_with_both_scales(promotions):
