@@ -291,14 +291,14 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128, mosaic: bool = T
 def group_plan(recipe: str, m: int, ns: tuple, k: int, group: int = 128, mosaic: bool = True) -> Plan | None:
     """The plan for one launch over weights of widths ns that share x [M, K] (a grouped GEMM), or None where
     they should run as separate calls. W4A16 and W4A8 groups, planned as the [M, sum N] product (the fused
-    shape gemm.py times): W4A16 at M=1 on the word GEMV (the wide tile from GROUP_GEMV_WIDE_N; every N but the
-    last a multiple of its block_n); both from M=2 on the Mosaic GPU kernels (Hopper, every N a multiple of
-    their 128-channel tile; W4A8 with groups of 128)."""
+    shape gemm.py times): at M=1 on the word GEMV (the wide tile from GROUP_GEMV_WIDE_N; every N but the last
+    a multiple of its block_n; W4A8 with one row of E4M3 codes per weight); from M=2 on the Mosaic GPU
+    kernels (Hopper, every N a multiple of their 128-channel tile; W4A8 with groups of 128)."""
     if recipe not in ("w4a16", "w4a8") or len(ns) < 2:
         return None
     n = sum(ns)
-    if m == 1:                                          # the GEMV takes one x; W4A8 has one per input scale
-        if recipe == "w4a8" or not w4a16_gemv.shape_is_supported(m, n, k, group):
+    if m == 1:
+        if not w4a16_gemv.shape_is_supported(m, n, k, group):
             return None
         cfg = gemv_config(n, k, group, wide_n=GROUP_GEMV_WIDE_N)
         return Plan("gemv", cfg) if all(w % cfg.block_n == 0 for w in ns[:-1]) else None
@@ -315,14 +315,19 @@ def quantized_matmul_group(x, recipe: str, weights: tuple, launch_plan: Plan, in
     scale, zero, optional mgpu_rows, no perm; w4a8: packed, weight_scale, input_scale, optional mgpu_rows),
     all with the same group, packing and symmetry; W4A8 weights may differ in input_scale (x is quantized
     once per weight). interpret: the GEMV plan in Pallas interpret mode (the Mosaic GPU kernels have none)."""
-    paths = {"w4a16": ("gemv", "mgpu"), "w4a8": ("mgpu",)}
-    if launch_plan.path not in paths.get(recipe, ()) or any(w.get("perm") is not None for w in weights):
+    if launch_plan.path not in ("gemv", "mgpu") or recipe not in ("w4a16", "w4a8") or any(
+            w.get("perm") is not None for w in weights):
         raise ValueError(f"quantized_matmul_group: recipe {recipe!r} on path {launch_plan.path!r}: groups are "
-                         "w4a16 weights without act-order (perm) on the word GEMV or the Mosaic GPU kernel, or "
-                         "w4a8 weights on the Mosaic GPU kernel")
+                         "w4a16 or w4a8 weights without act-order (perm) on the word GEMV or the Mosaic GPU "
+                         "kernel")
     packed = tuple(w["packed"] for w in weights)
     rows = [w.get("mgpu_rows") for w in weights]
     rows = None if any(r is None for r in rows) else tuple(rows)
+    if recipe == "w4a8" and launch_plan.path == "gemv":  # E4M3 codes, one row per weight; input_scale after the sum
+        scales_in = jnp.stack([jnp.reshape(w["input_scale"], ()).astype(jnp.float32) for w in weights])
+        return w4a16_gemv.w4a16_gemv_group(
+            cm.quantize_fp8_static(x, scales_in[:, None]), packed, tuple(w["weight_scale"] for w in weights),
+            post_scale=scales_in, config=launch_plan.config, out_dtype=x.dtype, interpret=interpret)
     if recipe == "w4a8":
         scales_in = tuple(w["input_scale"] for w in weights)
         return w4a16_mgpu.w4a8_matmul_mgpu_group(

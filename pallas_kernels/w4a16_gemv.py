@@ -89,7 +89,7 @@ def deinterleave(v, ways: int):
 
 
 def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig, n: int, k: int, group: int,
-                      word_dot, post=None, block0: int = 0, ids=None):
+                      word_dot, post=None, block0: int = 0, ids=None, x_row: int = 0):
     """The program shared by the word GEMVs (this module, fp4_gemv.py), for the output channels of
     program_id(0) and the K range of split program_id(1). block0: in a grouped GEMV, the grid's first
     channel block of this weight: it computes the weight's channels (program_id(0) - block0) * block_n and
@@ -97,7 +97,8 @@ def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig,
     ids: (program_id(0), program_id(1)) read by the caller, for a program run inside a branch (interpret
     mode cannot lower program_id there).
 
-    x_ref [1, K]; w_ref int32 words [N, K/8]; group_refs: name -> ref [N, K/group] of per-group values
+    x_ref [R, K], its row x_row the activations (R > 1: a group whose weights each have their own x, e.g.
+    W4A8's E4M3 codes per input scale); w_ref int32 words [N, K/8]; group_refs: name -> ref [N, K/group] of per-group values
     (scales, zeros); o_ref [1, N] (split_k 1) or f32 [split_k, N]. Per K chunk it loads the words
     [bn, bk/8], the x chunk de-interleaved into the 8 vectors x[8i + j], and each group ref broadcast to
     one value per word column ([bn, bk/8], or [bn, 1] when a group spans the chunk), and adds
@@ -129,7 +130,7 @@ def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig,
         g_mask = cm.and_masks(n_mask, cm.range_mask(g0, per_chunk, k // group, k_ragged))
         t = {name: cm.masked_load(ref, (n_rows, pl.ds(g0, per_chunk)), g_mask) for name, ref in group_refs.items()}
         t["_w"] = cm.masked_load(w_ref, (n_rows, pl.ds(i0, words)), cm.and_masks(n_mask, w_mask))
-        t["_x"] = cm.masked_load(x_ref, (jnp.int32(0), pl.ds(k0, bk)), cm.range_mask(k0, bk, k, k_ragged))
+        t["_x"] = cm.masked_load(x_ref, (jnp.int32(x_row), pl.ds(k0, bk)), cm.range_mask(k0, bk, k, k_ragged))
         return t
 
     def accumulate(acc, t):
@@ -156,24 +157,28 @@ def _int4_word_dot(asym: bool):
 
 
 def w4a16_gemv_kernel(*refs, cfg: GemvConfig, ns: tuple, k: int, group: int, asym: bool, has_post: bool):
-    """refs: x [1, K] bf16 or e4m3; per weight s of widths ns, words [N_s, K/8] int32, scale [N_s, K/G] and
-    zero [N_s, K/G] (asym only); post f32 [1] (has_post only); out [1, sum N] (split_k 1) or f32 [split_k,
-    sum N]. Several weights (a group sharing x) split the grid's channel blocks in order, each N_s but the
-    last a multiple of block_n; a program runs the weight its block falls in."""
+    """refs: x [1, K] bf16 or e4m3, or [len(ns), K] (row s weight s's own x); per weight s of widths ns, words
+    [N_s, K/8] int32, scale [N_s, K/G] and zero [N_s, K/G] (asym only); post f32 [1] or [len(ns)] (has_post
+    only); out [1, sum N] (split_k 1) or f32 [split_k, sum N]. Several weights (a group) split the grid's
+    channel blocks in order, each N_s but the last a multiple of block_n; a program runs the weight its block
+    falls in, on its row of x and post."""
     x_ref, *rest = refs
     per_weight = 3 if asym else 2
     weights = [rest[i * per_weight:(i + 1) * per_weight] for i in range(len(ns))]
     rest = rest[len(ns) * per_weight:]
-    post = rest.pop(0)[0] if has_post else None
+    post_ref = rest.pop(0) if has_post else None
     (o_ref,) = rest
+    own_x = x_ref.shape[0] > 1
     word_dot = _int4_word_dot(asym)
     ids = (pl.program_id(0), pl.program_id(1))
     pn = ids[0]
     block0 = 0
     for i, (n, (w_ref, s_ref, *z_ref)) in enumerate(zip(ns, weights)):
         group_refs = {"s": s_ref, **({"z": z_ref[0]} if asym else {})}
+        post = None if post_ref is None else post_ref[i if post_ref.shape[0] > 1 else 0]
         program = functools.partial(word_gemv_program, x_ref, w_ref, group_refs, o_ref, cfg=cfg, n=n, k=k,
-                                    group=group, word_dot=word_dot, post=post, block0=block0, ids=ids)
+                                    group=group, word_dot=word_dot, post=post, block0=block0, ids=ids,
+                                    x_row=i if own_x else 0)
         blocks = cm.cdiv(n, cfg.block_n)
         if len(ns) == 1:
             program()
@@ -206,9 +211,16 @@ def w4a16_gemv_group(x, packed: tuple, scale: tuple, zero: tuple | None = None, 
     """Several weights that share x (q, k, v; gate, up) in one launch: y [1, N_0 + N_1 + ...], x @ W_s^T for
     each weight side by side, each as w4a16_gemv computes it alone with this config (default: the heuristic
     for the summed N). One entry per weight in packed, scale and zero, all with the same K, group and
-    symmetry; every N but the last a multiple of config.block_n (ValueError otherwise)."""
-    m, k = x.shape
+    symmetry; every N but the last a multiple of config.block_n (ValueError otherwise). x [1, K], or one row
+    per weight [len(packed), K] and post_scale a scalar or one per weight [len(packed)] (W4A8: each weight's
+    E4M3 codes of x and its input_scale)."""
+    rows, k = x.shape
     ns = tuple(p.shape[0] for p in packed)
+    post_rows = 1 if post_scale is None else jnp.size(post_scale)
+    if rows not in (1, len(ns)) or post_rows not in (1, len(ns)):
+        raise ValueError(f"w4a16_gemv_group: x {x.shape} and post_scale of {post_rows} values for {len(ns)} "
+                         f"weights: expected one row of x (or one per weight) and one post scale (or one per "
+                         f"weight)")
     group = k // scale[0].shape[1]
     cfg = config or default_config(sum(ns), k, group)
     zeros = (None,) * len(packed) if zero is None else zero
@@ -224,7 +236,7 @@ def w4a16_gemv_group(x, packed: tuple, scale: tuple, zero: tuple | None = None, 
     kernel = functools.partial(w4a16_gemv_kernel, cfg=cfg, ns=ns, k=k, group=group, asym=asym, has_post=has_post)
     args = [x] + [a for p, s, z in zip(packed, scale, zeros) for a in (as_words(p), s, *([z] if asym else []))]
     if has_post:
-        args.append(jnp.reshape(post_scale, (1,)).astype(jnp.float32))
+        args.append(jnp.reshape(post_scale, (post_rows,)).astype(jnp.float32))
     return call_word_gemv(kernel, args, out_dtype or x.dtype, sum(ns), cfg, interpret, "w4a16_gemv")
 
 

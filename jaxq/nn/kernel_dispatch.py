@@ -209,8 +209,8 @@ def select_group(x: jax.Array, weights: list, backend: str | None = None) -> Gro
     should run as separate qmatmul calls. A group needs every weight claimed by the W4A16 kernel, or every one
     by the W4A8 kernel (each with its own input_scale), with the same group size, packing and symmetry, no
     smoothing (pre_quant_scale) or act-order (g_idx), and a grouped plan from
-    pallas_kernels.dispatch.group_plan (W4A16: the word GEMV at M=1; both: the Mosaic GPU kernels on Hopper
-    from M=2)."""
+    pallas_kernels.dispatch.group_plan (the word GEMV at M=1, W4A8 on a row of E4M3 codes per weight; the
+    Mosaic GPU kernels on Hopper from M=2)."""
     from pallas_kernels import _mgpu
     from pallas_kernels.dispatch import group_plan, quantized_matmul_group
 

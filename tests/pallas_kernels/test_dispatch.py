@@ -6,8 +6,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pallas_kernels import dispatch, w4a8_fp4, w4a16
-from pallas_kernels import packed4
+from pallas_kernels import dispatch, w4a8, w4a8_fp4, w4a16
+from pallas_kernels import _common as cm
+from pallas_kernels import packed4, w4a16_gemv
 from pallas_kernels.w4a16_gemv import GemvConfig
 
 from . import np_oracle as npo
@@ -174,7 +175,7 @@ def test_group_plan_runs_one_token_on_the_gemv_of_the_summed_width():
     assert dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096, mosaic=False) == qkv   # Triton: any GPU
     assert dispatch.group_plan("w4a16", 1, (96, 64, 64), 1024) is None        # q off the GEMV's 128 channels
     assert dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096, group=16) is None   # GEMV needs G >= 32
-    assert dispatch.group_plan("w4a8", 1, (4096, 1024), 4096) is None          # one x per input scale
+    assert dispatch.group_plan("w4a8", 1, (4096, 1024), 4096) == dispatch.group_plan("w4a16", 1, (4096, 1024), 4096)
     assert dispatch.group_plan("w4a8", 16, (4096, 1024), 4096).path == "mgpu"    # W4A8 groups from M=2
     assert dispatch.group_plan("w4a8", 16, (4096, 1024), 4096, group=64) is None  # its FP8 kernel: G = 128
     assert dispatch.group_plan("w4a16", 1, (4096,), 4096) is None
@@ -201,3 +202,30 @@ def test_quantized_matmul_group_on_the_gemv_equals_each_weights_reference(asym):
     ref = np.concatenate([np.asarray(w4a16.w4a16_matmul_reference(x, w["packed"], w["scale"], w["zero"]),
                                      np.float32) for w in weights], axis=-1)
     npo.check_close(out, ref, 1e-2)
+
+
+def test_a_w4a8_group_on_the_gemv_gives_each_weight_its_own_codes():
+    """One token over three W4A8 weights with different input scales in one interpret-mode GEMV launch (x
+    quantized to one row of E4M3 codes per weight, each weight's input_scale after its sum): each output slice
+    equals that weight's own W4A8 GEMV, up to the f32 summation order of the two tilings, and the W4A8
+    reference. (Each weight's codes are made outside the GEMV's jit: inside one jit on the CPU, XLA may drop
+    the e4m3 rounding between the quantize and an interpret-mode kernel, since it allows excess precision.)"""
+    with jax.default_device(jax.devices("cpu")[0]):                   # f32 sums in interpret mode (see above)
+        rng = npo.rng_for("dispatch_group_gemv_w4a8")
+        k, ns = 512, (256, 128, 72)
+        x = jnp.asarray(npo.rand_x(rng, 1, k))
+        weights = tuple({"packed": jnp.asarray(npo.rand_packed(rng, n, k)),
+                         "weight_scale": jnp.asarray(rng.uniform(0.01, 0.03, (n, k // 128)).astype(np.float32)),
+                         "input_scale": jnp.float32(s)} for n, s in zip(ns, (0.004, 0.01, 0.03)))
+        p = dispatch.group_plan("w4a8", 1, ns, k)
+        assert p is not None and p.path == "gemv"
+        out = np.asarray(dispatch.quantized_matmul_group(x, "w4a8", weights, p, interpret=True), np.float32)
+        alone = np.concatenate([np.asarray(w4a16_gemv.w4a16_gemv(
+            cm.quantize_fp8_static(x, w["input_scale"]), w["packed"], w["weight_scale"], post_scale=w["input_scale"],
+            out_dtype=x.dtype, interpret=True), np.float32) for w in weights], axis=-1)
+        ref = np.concatenate([np.asarray(w4a8.w4a8_matmul_reference(x, w["packed"], w["weight_scale"],
+                                                                    w["input_scale"]), np.float32)
+                              for w in weights], axis=-1)
+        assert out.shape == (1, sum(ns))
+        npo.check_close(out, alone, 1e-2)          # bf16 outputs: one rounding of f32 sums in either order
+        npo.check_close(out, ref, 1e-2)

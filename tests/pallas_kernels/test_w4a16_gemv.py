@@ -99,6 +99,29 @@ def test_a_group_refuses_a_weight_off_the_channel_block():
                                     config=GemvConfig(block_n=16), interpret=True)
 
 
+def test_a_group_takes_one_x_row_and_post_scale_or_one_per_weight():
+    parts = [_operands(n, 256, 128, None) for n in (32, 16)]
+    packed, scale = tuple(p[1] for p in parts), tuple(p[2] for p in parts)
+    x3 = jnp.concatenate([parts[0][0]] * 3)
+    with pytest.raises(ValueError, match=r"x \(3, 256\) and post_scale of 1 values for 2 weights"):
+        w4a16_gemv.w4a16_gemv_group(x3, packed, scale, config=GemvConfig(block_n=16), interpret=True)
+    with pytest.raises(ValueError, match=r"post_scale of 3 values for 2 weights"):
+        w4a16_gemv.w4a16_gemv_group(parts[0][0], packed, scale, post_scale=jnp.ones(3), interpret=True,
+                                    config=GemvConfig(block_n=16))
+
+
+def test_a_w4a8_group_lowers_to_one_triton_kernel_on_a_row_of_codes_per_weight():
+    import jax
+    sds = jax.ShapeDtypeStruct
+    x = sds((3, 1024), jnp.float8_e4m3fn)
+    packed = tuple(sds((n, 512), jnp.uint8) for n in (512, 128, 128))
+    scale = tuple(sds((n, 8), jnp.float32) for n in (512, 128, 128))
+    fn = jax.jit(lambda x, p, s, post: w4a16_gemv.w4a16_gemv_group(
+        x, p, s, post_scale=post, config=GemvConfig(block_n=64), out_dtype=jnp.bfloat16))
+    text = fn.trace(x, packed, scale, sds((3,), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
 def test_a_group_lowers_to_one_triton_kernel_for_cuda():
     import jax
     sds = jax.ShapeDtypeStruct
