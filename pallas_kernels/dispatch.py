@@ -29,8 +29,8 @@ w4a16 and w4a8 may also carry mgpu_rows (with_step_rows: the Mosaic kernels' sca
 no call transposes the scales).
 
 Groups: weights that share x (q, k, v; gate, up) run as one launch where `group_plan` allows it
-(`quantized_matmul_group`: W4A16 on the word GEMV at M=1, W4A16 and W4A8 on the Mosaic GPU kernels from
-M=2), planned as their [M, sum N] product.
+(`quantized_matmul_group`: on the word GEMV at M=1, W4A8 with a row of E4M3 codes per weight; on the Mosaic
+GPU kernels from M=2), planned as their [M, sum N] product.
 
 Activations: x in its model dtype, quantized here where the recipe has FP8 activations (static ones as
 e4m3(x / input_scale)). The FP4 x FP8 recipes (W4A8_FP4) also take x already as float8_e4m3fn codes:
