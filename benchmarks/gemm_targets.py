@@ -4,9 +4,10 @@ and the Llama-3.1 shapes it has no rows for.
 
   python benchmarks/gemm_targets.py [--summary PATH] [--out DIR]     # writes DIR/gemm_targets.{md,json}
 
-A ratio against a baseline divides the baseline's time by the recipe's time at the same (shape, M, card);
-points without both rows are skipped (and reported as missing). Values aggregate by geometric mean where
-the issue says so, by minimum where the target holds at every point ("not slower than").
+Each card is judged on its own rows (the issue's targets hold on an H100 or an H200, never on a mix of
+the two). A ratio against a baseline divides the baseline's time by the recipe's time at the same (shape,
+M); points without both rows are skipped (and reported as missing). Values aggregate by geometric mean
+where the issue says so, by minimum where the target holds at every point ("not slower than").
 
 The verdict is on wall-clock rows. Below it the same targets are evaluated on the device's own time of the
 rows that carry one (gemm.py --device-time): at small M a host slow to launch can swamp a 10 us kernel's
@@ -101,25 +102,28 @@ def evaluate(rows: list[dict], target: Target) -> dict:
             "met": agg >= target.threshold, "missing": sorted(missing)}
 
 
-def table(rows: list[dict]) -> tuple[list[dict], str]:
-    """Every target on the wall-clock rows (the verdict), then on the rows' device time where they have it
-    (results carry it as "device": {value, worst, points, met, missing})."""
-    device_rows = on_device_time(rows)
-    results = [{"target": t.name, "threshold": t.threshold, **evaluate(rows, t), "device": evaluate(device_rows, t)}
-               for t in TARGETS]
-    cards = sorted({r["card"] for r in rows})
-    lines = [f"# GEMM targets (issue 7), from gemm_summary.json: {', '.join(cards)}", ""]
-    for title, pick in (("Wall clock (the verdict)", lambda r: r), ("Device time: the same targets on the rows "
-                        "gemm.py --device-time measured (host launch gaps left out; torch peers have none)",
-                        lambda r: r["device"])):
-        lines += [f"## {title}", "", "| target | value | worst point | points | status | shapes without rows |",
-                  "|---|---|---|---|---|---|"]
-        for r in results:
-            v = pick(r)
-            status = "no data" if v["met"] is None else "met" if v["met"] else "not met"
-            lines.append(f"| {r['target']} | {v['value']} | {v['worst']} | {v['points']} | {status} | "
-                         f"{', '.join(v['missing']) or '-'} |")
-        lines.append("")
+def table(rows: list[dict]) -> tuple[dict, str]:
+    """Per card: every target on the card's wall-clock rows (the verdict), then on their device time where
+    they have it (each result carries it as "device": {value, worst, points, met, missing}). Returns
+    ({card: [result per target]}, markdown)."""
+    results = {}
+    lines = ["# GEMM targets (issue 7), from gemm_summary.json, per card", ""]
+    for card in sorted({r["card"] for r in rows}):
+        card_rows = [r for r in rows if r["card"] == card]
+        device_rows = on_device_time(card_rows)
+        results[card] = [{"target": t.name, "threshold": t.threshold, **evaluate(card_rows, t),
+                          "device": evaluate(device_rows, t)} for t in TARGETS]
+        for title, pick in (("wall clock (the verdict)", lambda r: r), ("device time: the same targets on the rows "
+                            "gemm.py --device-time measured (host launch gaps left out; torch peers have none)",
+                            lambda r: r["device"])):
+            lines += [f"## {card}: {title}", "",
+                      "| target | value | worst point | points | status | shapes without rows |", "|---|---|---|---|---|---|"]
+            for r in results[card]:
+                v = pick(r)
+                status = "no data" if v["met"] is None else "met" if v["met"] else "not met"
+                lines.append(f"| {r['target']} | {v['value']} | {v['worst']} | {v['points']} | {status} | "
+                             f"{', '.join(v['missing']) or '-'} |")
+            lines.append("")
     return results, "\n".join(lines)
 
 

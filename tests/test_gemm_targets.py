@@ -56,7 +56,19 @@ def test_main_writes_the_table(tmp_path):
     gt.main(["--summary", str(summary), "--out", str(tmp_path)])
     md = (tmp_path / "gemm_targets.md").read_text()
     assert "| fp8_block M=4096: >= 1.4x XLA bf16 | 1.5 | 1.5 | 1 | met |" in md
-    assert len(json.loads((tmp_path / "gemm_targets.json").read_text())) == len(gt.TARGETS)
+    assert len(json.loads((tmp_path / "gemm_targets.json").read_text())[CARD]) == len(gt.TARGETS)
+
+
+def test_each_card_is_judged_on_its_own_rows():
+    """2.0x on one card and 1.0x on the other: two verdicts, not one geomean of 1.41x."""
+    rows = [_row("xla_bf16", "8b.qkv", 4096, 300.0), _row("fp8_block", "8b.qkv", 4096, 150.0),
+            {**_row("xla_bf16", "8b.qkv", 4096, 200.0), "card": "H200"},
+            {**_row("fp8_block", "8b.qkv", 4096, 200.0), "card": "H200"}]
+    results, md = gt.table(rows)
+    index = [t.name for t in gt.TARGETS].index(_target("fp8_block M=4096: >= 1.4x").name)
+    assert results[CARD][index]["value"] == pytest.approx(2.0) and results[CARD][index]["met"]
+    assert results["H200"][index]["value"] == pytest.approx(1.0) and results["H200"][index]["met"] is False
+    assert f"## {CARD}: wall clock" in md and "## H200: device time" in md
 
 
 def test_device_time_view_uses_the_rows_device_time_only():
@@ -73,4 +85,4 @@ def test_device_time_view_uses_the_rows_device_time_only():
     assert copy["points"] == 2 and copy["value"] == pytest.approx((0.6 * 0.4) ** 0.5, abs=1e-3)
     assert gt.evaluate(device, _target("w4a16 M=1: >= 1.4x tinygemm"))["points"] == 0   # torch: no device time
     results, md = gt.table(rows)
-    assert results[0]["device"]["points"] == 2 and "## Device time" in md
+    assert results[CARD][0]["device"]["points"] == 2 and f"## {CARD}: device time" in md
