@@ -116,8 +116,8 @@ def table(rows: list[dict]) -> tuple[dict, str]:
         for title, pick in (("wall clock (the verdict)", lambda r: r), ("device time: the same targets on the rows "
                             "gemm.py --device-time measured (host launch gaps left out; torch peers have none)",
                             lambda r: r["device"])):
-            lines += [f"## {card}: {title}", "",
-                      "| target | value | worst point | points | status | shapes without rows |", "|---|---|---|---|---|---|"]
+            lines += [f"## {card}: {title}", "", "| target | value | worst point | points | status | "
+                      "shapes without rows |", "|---|---|---|---|---|---|"]
             for r in results[card]:
                 v = pick(r)
                 status = "no data" if v["met"] is None else "met" if v["met"] else "not met"

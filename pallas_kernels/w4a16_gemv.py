@@ -98,8 +98,8 @@ def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig,
     mode cannot lower program_id there).
 
     x_ref [R, K], its row x_row the activations (R > 1: a group whose weights each have their own x, e.g.
-    W4A8's E4M3 codes per input scale); w_ref int32 words [N, K/8]; group_refs: name -> ref [N, K/group] of per-group values
-    (scales, zeros); o_ref [1, N] (split_k 1) or f32 [split_k, N]. Per K chunk it loads the words
+    W4A8's E4M3 codes per input scale); w_ref int32 words [N, K/8]; group_refs: name -> ref [N, K/group] of
+    per-group values (scales, zeros); o_ref [1, N] (split_k 1) or f32 [split_k, N]. Per K chunk it loads the words
     [bn, bk/8], the x chunk de-interleaved into the 8 vectors x[8i + j], and each group ref broadcast to
     one value per word column ([bn, bk/8], or [bn, 1] when a group spans the chunk), and adds
     word_dot(words, xs, groups) -> f32 [bn, bk/8] to the accumulator. After the K loop the word columns are
