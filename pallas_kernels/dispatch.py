@@ -122,6 +122,11 @@ FP8_LARGE_M = Fp8Config(128, 128, 128, split_k=1, swap_ab=False, num_warps=8, nu
 # 851-868 (Triton 328), M=1024 760-767, M=256 435 with the warpgroups side by side along N (Triton 226).
 MGPU_FP8_FROM = 256
 MGPU_FP8_TILES = {256: MgpuFp8Config(64, 128, "n", 4), "larger": MgpuFp8Config(64, 128, "m", 4)}
+# Where its CTA tiles fill under half of the SMs the FP8 block kernel splits K like the W4A16 kernel's 128-token
+# tiles (_half_wave_split), with 3 stages (its f32 epilogue buffers take the fourth's shared memory). Device time
+# (run 47, H200, us at split 1 / 2 / 4, M=256, XLA bf16 last): 8b.down (64 tiles) 76.9 / 57.0 / 62.2, 46.6;
+# 8b.qkv (96 tiles) 29.2 / 38.1 / 38.9, 24.6; 70b.qkv (160 tiles, a wave or more: no split) 88.3 / 87.1 / 86.8.
+FP8_SPLIT_STAGES = 3
 # W4A16 (group 128, sym and asym) from M=2 on: the Mosaic GPU kernel, H100 (gemm_probe *_2026-11-28*.json, us,
 # kernel / previous plan / XLA bf16): 8b.gate_up M=16 43 / 56 / 86, M=64 51 / 89 / 89, M=256 124 / 248 / 128,
 # M=1024 364 / 528 / 390, M=4096 1475 / 1648 / 1601; 8b.down M=64 35 / 48 / 56, M=1024 173 / 239 / 166; 8b.qkv
@@ -185,9 +190,7 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) 
     if t < 128:
         split = _balanced_split(tiles, k)
     else:
-        split = 1
-        while tiles * split < 0.5 * cm.NUM_SMS and split < 4 and k % (256 * split) == 0:
-            split *= 2
+        split = _half_wave_split(tiles, k)
         if tiles > cm.NUM_SMS and _wave_fill(tiles) < 0.65 and k % 256 == 0:
             split = 2
     stages = w4a16_mgpu.fit_stages(t, split_k=split, asym=not fp8, x_bytes=1 if fp8 else 2,
@@ -195,9 +198,19 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) 
     return MgpuW4Config(tile_tokens=t, stages=stages, split_k=split, chain_tiles=chained(tiles * split))
 
 
+def _half_wave_split(tiles: int, k: int) -> int:
+    """The K split of W4A16 / W4A8 token tiles >= 128 and of the FP8 block kernel: the smallest (<= 4, K a
+    multiple of 128 x split) that gives a CTA tile to half of the SMs."""
+    split = 1
+    while tiles * split < 0.5 * cm.NUM_SMS and split < 4 and k % (256 * split) == 0:
+        split *= 2
+    return split
+
+
 def _balanced_split(tiles: int, k: int) -> int:
-    """Token tiles < 128: no split for a grid of a wave or more (the f32 partials would cost more than the
-    last wave's idle SMs: 8b.gate_up M=64 would write 29 MB of them); below, the K split (1, 2 or 4) whose
+    """The K split of W4A16 / W4A8 token tiles < 128: none for a grid of a wave or more (the f32 partials
+    would cost more than the last wave's idle SMs: 8b.gate_up M=64 would write 29 MB of them); below, the K
+    split (1, 2 or 4) whose
     waves of CTA tiles give each SM the least K to stream, ceil(tiles * split / SMs) / split, the smaller
     split on a tie (fewer partials to sum). Device time (run 40, H100, us at split 1 / 2 / 4 / 8, W4A16):
     8b.qkv (48 tiles) M=64 23.7 / 16.5 / 18.9 / 20.4; 70b.qkv (80 tiles) M=64 45.3 / 50.8 / 44.8 / 48.3, M=16
@@ -271,7 +284,9 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128, mosaic: bool = T
         mgpu = MGPU_FP8_TILES.get(bucket, MGPU_FP8_TILES["larger"])
         if bucket >= MGPU_FP8_FROM and fp8_block_mgpu.can_use(m, n, k, mgpu):
             tiles = cm.cdiv(m, mgpu.cta_m) * (n // mgpu.cta_n)
-            return Plan("mgpu", dataclasses.replace(mgpu, chain_tiles=chained(tiles)))
+            split = _half_wave_split(tiles, k)
+            return Plan("mgpu", dataclasses.replace(mgpu, split_k=split, stages=mgpu.stages if split == 1 else
+                                                    FP8_SPLIT_STAGES, chain_tiles=chained(tiles * split)))
         return Plan("pallas", FP8_LARGE_M if m > 64 else fp8.fp8_default_config(m, n, k))
     if recipe in ("w4a16", "w4a8") and w4a16_gemv.shape_is_supported(m, n, k, group):
         return Plan("gemv", gemv_config(n, k, group))

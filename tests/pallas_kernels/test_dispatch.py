@@ -51,6 +51,9 @@ def test_plan_buckets():
     assert dispatch.plan("mxfp4", 1, 4096, 4096).config.split_k == 8
     assert dispatch.plan("fp8_block", 1024, 4096, 4096).path == "mgpu"           # Mosaic GPU at large M
     assert dispatch.plan("fp8_block", 256, 4096, 4096).config.wg_dim == "n"
+    down, qkv = dispatch.plan("fp8_block", 256, 4096, 14336).config, dispatch.plan("fp8_block", 256, 6144, 4096).config
+    assert (down.split_k, down.stages) == (2, dispatch.FP8_SPLIT_STAGES)  # 64 CTA tiles: K split in two
+    assert (qkv.split_k, qkv.stages) == (1, 4)                               # 96 tiles: a split adds a wave
     assert dispatch.plan("fp8_block", 1024, 4096 + 64, 4096).path == "pallas"    # N off the CTA tile
     assert dispatch.plan("fp8_block", 64, 4096, 4096).path == "pallas"
     assert dispatch.plan("w4a16", 4096, 4096, 4096, mosaic=False).path == "xla_dequant"
