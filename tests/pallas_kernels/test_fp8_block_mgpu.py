@@ -1,12 +1,16 @@
-"""The Mosaic GPU FP8 block-scaled kernel (pallas_kernels/fp8_block_mgpu.py) on the CPU: it has no interpret
-mode, so CI checks its shape rules, its input errors and that it lowers for CUDA to one Mosaic GPU kernel
-issuing e4m3 wgmma; benchmarks/gemm_probe.py --parts mgpu checks its numbers against the reference on a GPU."""
+"""The Mosaic GPU FP8 block-scaled kernel (pallas_kernels/fp8_block_mgpu.py). On the CPU (it has no interpret
+mode) CI checks its shape rules, its input errors and that it lowers for CUDA to one Mosaic GPU kernel
+issuing e4m3 wgmma; on a Hopper GPU a test checks its numbers, K split or not, against the reference (as
+benchmarks/gemm_probe.py --parts mgpu / fp8split do on the benchmark shapes)."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from pallas_kernels import _mgpu, fp8
 from pallas_kernels import fp8_block_mgpu as mg
 from pallas_kernels.fp8_block_mgpu import MgpuFp8Config
+from . import np_oracle as npo
 
 
 def test_shape_rules():
@@ -65,3 +69,20 @@ def test_bad_shapes_name_what_is_wrong():
         mg.fp8_block_matmul_mgpu.trace(*_operands(64, 384, 1024))
     with pytest.raises(ValueError, match="w_scale"):
         mg.fp8_block_matmul_mgpu.trace(*_operands(64, 512, 1024, sw_shape=(4, 7)))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu" or not _mgpu.is_hopper(), reason="Mosaic GPU kernels need Hopper")
+@pytest.mark.parametrize("cfg", [MgpuFp8Config(64, 128, "n", 4), MgpuFp8Config(64, 128, "n", 3, split_k=2),
+                                 MgpuFp8Config(64, 128, "m", 3, split_k=4)])
+def test_the_kernel_equals_the_reference_on_hopper(cfg):
+    """M = 200 (padded to the CTA tile), N = 512, K = 2048 (16 K-steps, 4 per split at split 4), fresh random
+    codes and scales: |y - ref| <= 1e-2 |ref| + 1e-2 rms(ref) (f32 summation order, one bf16 rounding)."""
+    rng = npo.rng_for("fp8_block_mgpu_hopper", cfg.split_k, cfg.wg_dim)
+    m, n, k = 200, 512, 2048
+    x = jnp.asarray(npo.rand_x(rng, m, k))
+    wq = jnp.asarray(npo.e4m3(rng.standard_normal((n, k)) * 64))
+    w_scale = jnp.asarray(rng.uniform(1e-4, 4e-4, (n // 128, k // 128)).astype(np.float32))
+    xq, sx = fp8.quantize_fp8_1x128(x)
+    out = mg.fp8_block_matmul_mgpu(xq, sx, wq, w_scale, config=cfg)
+    npo.check_close(np.asarray(out, np.float32), np.asarray(fp8.fp8_block_matmul_reference(x, wq, w_scale),
+                                                            np.float32), 1e-2)
