@@ -16,8 +16,9 @@ the weights of one executable exceed L2 and its GPU time dwarfs host dispatch), 
 back, median of 5 trials. Correctness is checked on fresh random data before timing. TB/s counts the
 bytes the op must move (weights + scales + x + y), % copy compares with a device-to-device copy measured
 in the same run. Results: <out>/gemm_<card>_<date>.json/.md, and <out>/gemm_summary.json, where a run
-replaces the rows of the points it measured and keeps the others; then gemm_targets.py rechecks the
-issue's targets from it (<out>/gemm_targets.md/.json).
+replaces the rows of the points it measured and keeps the others, each row with its run's start time ("run")
+and its ratios to the baselines timed in the same run (gemm_targets.py compares only within one run); then
+gemm_targets.py rechecks the issue's targets from it (<out>/gemm_targets.md/.json).
 """
 import argparse
 import dataclasses
@@ -646,7 +647,8 @@ def write_outputs(out_dir, env, rows, checks, sweeps):
         json.dump({"env": env, "rows": rows, "checks": checks, "sweeps": sweeps}, f, indent=1)
     keys = ("recipe", "shape", "M", "us", "tbps", "pct_copy_bw", "tflops", "speedup_vs_xla_bf16", "card", "jax",
             "device_us")
-    fresh = [{kk: r.get(kk) for kk in keys} for r in rows]
+    fresh = [{**{kk: r.get(kk) for kk in keys}, **{kk: v for kk, v in r.items() if kk.startswith("speedup_vs_")},
+              "run": env["date"]} for r in rows]
     summary_path = os.path.join(out_dir, "gemm_summary.json")
     kept = []
     if os.path.exists(summary_path):                  # a partial run replaces only the points it measured

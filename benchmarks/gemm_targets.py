@@ -5,8 +5,12 @@ and the Llama-3.1 shapes it has no rows for.
   python benchmarks/gemm_targets.py [--summary PATH] [--out DIR]     # writes DIR/gemm_targets.{md,json}
 
 Each card is judged on its own rows (the issue's targets hold on an H100 or an H200, never on a mix of
-the two). A ratio against a baseline divides the baseline's time by the recipe's time at the same (shape,
-M); points without both rows are skipped (and reported as missing). Values aggregate by geometric mean
+the two). A ratio against a baseline is measured within one run: the row's own speedup_vs_<baseline>
+(gemm.py's ratio to the baseline it timed in the same run, at the same shape and M), else the baseline row's
+time over the row's where both rows come from one run (a row's "run" is its gemm.py run's start time). The
+summary keeps each point's latest row, so after a partial rerun a baseline row can be newer than the recipe
+row it would divide, and runs differ by up to 10 % at the same point. Points without a same-run ratio are
+skipped (and reported as missing). Values aggregate by geometric mean
 where the issue says so, by minimum where the target holds at every point ("not slower than").
 
 The verdict is on wall-clock rows. Below it the same targets are evaluated on the device's own time of the
@@ -64,13 +68,15 @@ TARGETS = _targets()
 
 def on_device_time(rows: list[dict]) -> list[dict]:
     """The rows that carry the device's own time (gemm.py --device-time: summed kernel time, the host's
-    launch gaps left out), with us set to it and pct_copy_bw rescaled to it. Peers timed outside JAX (torch)
-    have none, so targets against them get no points here."""
+    launch gaps left out), with us set to it, pct_copy_bw rescaled to it and the wall-clock speedups dropped
+    (ratios then come from same-run rows' device times). Peers timed outside JAX (torch) have none, so targets
+    against them get no points here."""
     out = []
     for r in rows:
         if r.get("device_us") and r.get("us"):
             pct = r.get("pct_copy_bw")
-            out.append({**r, "us": r["device_us"], "pct_copy_bw": pct and pct * r["us"] / r["device_us"]})
+            kept = {key: v for key, v in r.items() if not key.startswith("speedup_vs_")}
+            out.append({**kept, "us": r["device_us"], "pct_copy_bw": pct and pct * r["us"] / r["device_us"]})
     return out
 
 
@@ -89,7 +95,8 @@ def evaluate(rows: list[dict], target: Target) -> dict:
                     v = v / 100 if v else None
                 else:
                     base = us.get((target.baseline, shape, m, card))
-                    v = base["us"] / r["us"] if base else None
+                    v = r.get(f"speedup_vs_{target.baseline}") or (
+                        base["us"] / r["us"] if base and base.get("run") == r.get("run") else None)
                 if v:
                     values.append(v)
                     found = True

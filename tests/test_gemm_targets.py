@@ -71,6 +71,27 @@ def test_each_card_is_judged_on_its_own_rows():
     assert f"## {CARD}: wall clock" in md and "## H200: device time" in md
 
 
+def test_a_ratio_pairs_rows_of_one_run_only():
+    """A baseline row re-measured in a later run does not divide an older recipe row: the point is missing."""
+    rows = [{**_row("xla_bf16", "8b.qkv", 4096, 300.0), "run": "2026-11-28T09:40"},
+            {**_row("fp8_block", "8b.qkv", 4096, 200.0), "run": "2026-11-28T08:29"},
+            {**_row("xla_bf16", "8b.o", 4096, 300.0), "run": "2026-11-28T08:29"},
+            {**_row("fp8_block", "8b.o", 4096, 200.0), "run": "2026-11-28T08:29"}]
+    r = gt.evaluate(rows, _target("fp8_block M=4096: >= 1.4x"))
+    assert r["points"] == 1 and r["value"] == pytest.approx(1.5) and "8b.qkv" in r["missing"]
+
+
+def test_a_rows_own_same_run_speedup_is_its_wall_clock_ratio():
+    """gemm.py's speedup_vs_<baseline> (timed in the row's own run) is the wall-clock ratio even where the
+    summary's baseline row is from a later run; on device time, rows of different runs give no point."""
+    rows = [{**_row("xla_bf16", "8b.qkv", 4096, 300.0, device_us=280.0), "run": "2026-11-28T09:40"},
+            {**_row("fp8_block", "8b.qkv", 4096, 250.0, device_us=200.0), "run": "2026-11-28T08:29",
+             "speedup_vs_xla_bf16": 1.12}]
+    target = _target("fp8_block M=4096: >= 1.4x")
+    assert gt.evaluate(rows, target)["value"] == pytest.approx(1.12)
+    assert gt.evaluate(gt.on_device_time(rows), target)["points"] == 0
+
+
 def test_device_time_view_uses_the_rows_device_time_only():
     rows = [_row("xla_bf16", "8b.qkv", 64, 30.0, device_us=25.0), _row("w4a16", "8b.qkv", 64, 30.0, device_us=12.5),
             _row("w4a16", "8b.qkv", 1, 20.0, pct=30.0, device_us=10.0),
