@@ -10,8 +10,8 @@ the two). A ratio against a baseline is measured within one run: the row's own s
 time over the row's where both rows come from one run (a row's "run" is its gemm.py run's start time). The
 summary keeps each point's latest row, so after a partial rerun a baseline row can be newer than the recipe
 row it would divide, and runs differ by up to 10 % at the same point. Points without a same-run ratio are
-skipped (and reported as missing). Values aggregate by geometric mean
-where the issue says so, by minimum where the target holds at every point ("not slower than").
+skipped (and reported as missing). Values aggregate by geometric mean where the issue says so, by minimum
+where the target holds at every point ("not slower than").
 
 The verdict is on wall-clock rows. Below it the same targets are evaluated on the device's own time of the
 rows that carry one (gemm.py --device-time): at small M a host slow to launch can swamp a 10 us kernel's
