@@ -168,8 +168,9 @@ def chained(tiles: int) -> bool:
 
 
 def _wave_fill(tiles: int) -> float:
-    """Fraction of the SM slots busy over the waves a grid of `tiles` CTA tiles takes."""
-    return tiles / (cm.cdiv(tiles, cm.NUM_SMS) * cm.NUM_SMS)
+    """Fraction of the SM slots busy over the waves a grid of `tiles` CTA tiles takes (0 for no tiles: N under
+    one 128-channel tile, which the kernel's can_use then refuses)."""
+    return tiles / (cm.cdiv(tiles, cm.NUM_SMS) * cm.NUM_SMS) if tiles else 0.0
 
 
 def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) -> MgpuW4Config:
@@ -216,7 +217,7 @@ def _balanced_split(tiles: int, k: int) -> int:
     40.6 / 39.2 / 35.8 / 36.5; 8b.o (32 tiles) M=64 23.0 / 15.4 / 11.3 / 13.8. W4A8 the same within 2 us."""
     if tiles >= cm.NUM_SMS:
         return 1
-    candidates = [s for s in (1, 2, 4) if k % (w4a16_mgpu.GROUP * s) == 0]
+    candidates = [1] + [s for s in (2, 4) if k % (w4a16_mgpu.GROUP * s) == 0]      # split 1 fits any K
     return min(candidates, key=lambda s: (cm.cdiv(tiles * s, cm.NUM_SMS) / s, s))
 
 

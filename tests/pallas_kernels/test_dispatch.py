@@ -1,5 +1,7 @@
 """dispatch: the planned path per (recipe, M bucket) and every path of quantized_matmul against the
 recipe's reference (interpret mode for the Pallas kernels, XLA for the others)."""
+import itertools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -205,6 +207,27 @@ def test_quantized_matmul_group_on_the_gemv_equals_each_weights_reference(asym):
     ref = np.concatenate([np.asarray(w4a16.w4a16_matmul_reference(x, w["packed"], w["scale"], w["zero"]),
                                      np.float32) for w in weights], axis=-1)
     npo.check_close(out, ref, 1e-2)
+
+
+@pytest.mark.parametrize("mosaic", [True, False])
+def test_every_shape_gets_a_plan_on_hopper_and_off_it(mosaic):
+    """plan and group_plan return a plan for every recipe, M bucket and shape, and never a Mosaic GPU plan
+    for shapes its kernels refuse: K off the 128 grid (SmolLM2's 576: the K split's choice raised on an
+    empty list of splits, so W4A16 / W4A8 at 2-127 tokens failed on Hopper) or N under one 128-channel tile
+    (a 256-token tile's wave fill divided by zero tiles)."""
+    for recipe in dispatch.RECIPES:
+        groups = (128, 64, 32) if recipe in ("w4a16", "w4a8") else (128,)
+        for m, n, k, group in itertools.product((1, 2, 16, 40, 129, 300, 1024), (72, 576, 4096), (192, 576, 4096),
+                                                groups):
+            if k % group:
+                continue
+            p = dispatch.plan(recipe, m, n, k, group=group, mosaic=mosaic)
+            assert p.path in ("gemv", "mgpu", "pallas", "xla", "xla_dequant"), (recipe, m, n, k, group, p)
+            mosaic_ok = mosaic or recipe == "fp8_block"    # mosaic=False: W4A16 / W4A8 without their kernel
+            assert p.path != "mgpu" or (mosaic_ok and k % 128 == 0 and n % 128 == 0), (recipe, m, n, k, group, p)
+            if recipe in ("w4a16", "w4a8"):
+                g = dispatch.group_plan(recipe, m, (n, n), k, group=group, mosaic=mosaic)
+                assert g is None or g.path in ("gemv", "mgpu"), (recipe, m, n, k, group, g)
 
 
 def test_a_w4a8_group_on_the_gemv_gives_each_weight_its_own_codes():
