@@ -101,7 +101,8 @@ def weight_kind(weights: str) -> str:
 def with_weights(model, weights: str):
     """The model with `weights` ("bf16": as loaded; "w4a16": INT4 round-to-nearest, int4_group; run on
     model.run_params, "w4a16_percall" on model.params: the kernels then build their scale rows per call;
-    "w4a8": the same INT4 weights with static FP8 activations, max-calibrated on 4 x 256 random tokens; "*_ungrouped": q, k, v and gate, up as separate launches, see `grouped_launches`)."""
+    "w4a8": the same INT4 weights with static FP8 activations, max-calibrated on 4 x 256 random tokens;
+    "*_ungrouped": q, k, v and gate, up as separate launches, see `grouped_launches`)."""
     if weights == "bf16":
         return model
     if weights in W4A16_VARIANTS:

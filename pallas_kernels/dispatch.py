@@ -212,9 +212,10 @@ def _balanced_split(tiles: int, k: int) -> int:
     """The K split of W4A16 / W4A8 token tiles < 128: none for a grid of a wave or more (the f32 partials
     would cost more than the last wave's idle SMs: 8b.gate_up M=64 would write 29 MB of them); below, the K
     split (1, 2 or 4) whose waves of CTA tiles give each SM the least K to stream, ceil(tiles * split / SMs)
-    / split, the smaller split on a tie (fewer partials to sum). Device time (run 40, H100, us at split 1 / 2 / 4 / 8, W4A16):
-    8b.qkv (48 tiles) M=64 23.7 / 16.5 / 18.9 / 20.4; 70b.qkv (80 tiles) M=64 45.3 / 50.8 / 44.8 / 48.3, M=16
-    40.6 / 39.2 / 35.8 / 36.5; 8b.o (32 tiles) M=64 23.0 / 15.4 / 11.3 / 13.8. W4A8 the same within 2 us."""
+    / split, the smaller split on a tie (fewer partials to sum). Device time (run 40, H100, us at split 1 / 2 /
+    4 / 8, W4A16): 8b.qkv (48 tiles) M=64 23.7 / 16.5 / 18.9 / 20.4; 70b.qkv (80 tiles) M=64 45.3 / 50.8 /
+    44.8 / 48.3, M=16 40.6 / 39.2 / 35.8 / 36.5; 8b.o (32 tiles) M=64 23.0 / 15.4 / 11.3 / 13.8. W4A8 the same
+    within 2 us."""
     if tiles >= cm.NUM_SMS:
         return 1
     candidates = [1] + [s for s in (2, 4) if k % (w4a16_mgpu.GROUP * s) == 0]      # split 1 fits any K
