@@ -84,6 +84,24 @@ def kernel_summary(profile: ProfileData, calls: int) -> dict:
     }
 
 
+def host_summary(profile: ProfileData, calls: int, top: int = 15) -> list:
+    """Where the host's time goes, per call of the traced op: the `top` event names on the "/host:CPU" plane
+    (Python functions, prefixed "$", and XLA / PjRt TraceMe scopes) by summed duration, as (name, events per
+    call, us per call). Nested scopes each count their whole span, so a parent and its children both appear:
+    read it as a ranking, not a partition. Raises when the profile has no host plane."""
+    totals = collections.defaultdict(lambda: [0, 0])
+    planes = [p for p in profile.planes if p.name == "/host:CPU"]
+    if not planes:
+        raise ValueError(f"host_summary: no /host:CPU plane; planes {[p.name for p in profile.planes]}")
+    for plane in planes:
+        for line in plane.lines:
+            for e in line.events:
+                totals[e.name][0] += 1
+                totals[e.name][1] += e.duration_ns
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+    return [(name, n / calls, ns / calls / 1e3) for name, (n, ns) in ranked]
+
+
 def op_summary(op, arg_sets: list, runs: int = 10) -> dict:
     """kernel_summary per call of op over arg_sets (a list of argument tuples, as gemm.py's time_jax takes):
     one jitted executable calls op on every set, traced `runs` times."""

@@ -1,6 +1,6 @@
 """benchmarks/device_trace.py: kernel time per call from a profiler trace's GPU stream lines (derived lines
 not counted twice, host planes ignored), the busy fraction over the traced span, and a clear error when a
-trace holds no GPU kernels (a real CPU trace)."""
+trace holds no GPU kernels (a real CPU trace); the host's costliest events per call (host_summary)."""
 import importlib.util
 import pathlib
 
@@ -71,3 +71,18 @@ def test_trace_profiles_a_loop_that_carries_its_own_state():
     profile = dt.trace(three_steps)
     assert state["calls"] == 1 and float(state["s"][0]) == 15.0
     assert any(p.name.startswith("/host:") for p in profile.planes)
+
+
+def test_host_summary_ranks_the_host_planes_events_per_call():
+    """host_summary reads only /host:CPU (the GPU plane's kernels are not host time) and divides by calls."""
+    assert dt.host_summary(_profile(), calls=2) == [("dispatch", 0.5, pytest.approx(250.0))]
+
+
+def test_host_summary_of_a_real_cpu_trace_finds_the_jitted_call_and_needs_a_host_plane():
+    f = jax.jit(lambda a: (a @ a).sum())
+    ranked = dt.host_summary(dt.trace_kernels(f, (jnp.ones((64, 64)),), runs=3), calls=3)
+    assert any("PjitFunction" in name for name, _, _ in ranked)
+    assert [us for _, _, us in ranked] == sorted((us for _, _, us in ranked), reverse=True)
+    gpu_only = ProfileData.from_text_proto('planes { id: 1 name: "/device:GPU:0" }')
+    with pytest.raises(ValueError, match="no /host:CPU plane"):
+        dt.host_summary(gpu_only, calls=1)
