@@ -1,0 +1,63 @@
+"""benchmarks/ncu_kernels.py's table mode: an ncu --csv --page details output (program output and ncu's own
+lines before the header) becomes one row per launch, in ID order, paired with the run mode's labels, with
+instructions per weight byte from the labelled shape; a label count that does not match leaves rows
+unlabelled rather than mislabelled."""
+import importlib.util
+import json
+import pathlib
+
+_SPEC = importlib.util.spec_from_file_location(
+    "ncu_kernels", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ncu_kernels.py")
+nk = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(nk)
+
+HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",'
+          '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+
+
+def _metric(launch_id, kernel, grid, name, unit, value):
+    return (f'"{launch_id}","1","python3","h","{kernel}","1","14","(128, 1, 1)","{grid}","0","9.0","S",'
+            f'"{name}","{unit}","{value}"')
+
+
+def _csv(labels):
+    lines = [f"ncu-label {label}" for label in labels] + ["==PROF== Disconnected from process 1", HEADER]
+    # launch 1 listed first in the file, launch 0 second: rows must come out in ID order
+    for launch_id, kernel, grid, duration, instructions in ((1, "nvfp4_gemv", "(896, 1, 1)", "67,010", "3,000,000"),
+                                                            (0, "w4a16_gemv", "(1792, 1, 1)", "36,480", "1,000,000")):
+        lines += [_metric(launch_id, kernel, grid, "Duration", "ns", duration),
+                  _metric(launch_id, kernel, grid, "Executed Instructions", "inst", instructions),
+                  _metric(launch_id, kernel, grid, "Theoretical Occupancy", "%", "31.25")]
+    return "\n".join(lines) + "\n"
+
+
+def test_launches_come_out_in_id_order_with_their_labels_and_instructions_per_byte(tmp_path):
+    src = tmp_path / "ncu.csv"
+    src.write_text(_csv(["w4a16 8b.o M=1 call warmup", "nvfp4 8b.o M=1 call 0"]))
+    nk.table(str(src), str(tmp_path / "t"))
+    rows = json.loads((tmp_path / "t.json").read_text())
+    assert [r["kernel"] for r in rows] == ["w4a16_gemv", "nvfp4_gemv"]
+    assert [r["label"] for r in rows] == ["w4a16 8b.o M=1 call warmup", "nvfp4 8b.o M=1 call 0"]
+    md = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("|")]
+    assert "| 36.48 |" in md[2] and "| 67.01 |" in md[3]
+    bytes_o = 4096 * 4096 / 2                               # 8b.o: N = K = 4096, 4-bit codes
+    assert f"| {1e6 * 32 / bytes_o:.2f} |" in md[2] and f"| {3e6 * 32 / bytes_o:.2f} |" in md[3]
+
+
+def test_a_label_count_that_does_not_match_leaves_rows_unlabelled(tmp_path, capsys):
+    src = tmp_path / "ncu.csv"
+    src.write_text(_csv(["w4a16 8b.o M=1 call 0"]))
+    nk.table(str(src), str(tmp_path / "t"))
+    rows = json.loads((tmp_path / "t.json").read_text())
+    assert [r["label"] for r in rows] == ["", ""]
+    assert "1 labelled calls, 2 profiled launches" in capsys.readouterr().out
+    table_lines = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("|")]
+    assert table_lines[2].endswith("| n/a |")
+
+
+def test_labels_of_calls_that_launch_no_profiled_kernel_can_be_dropped(tmp_path):
+    src = tmp_path / "ncu.csv"
+    src.write_text(_csv(["w4a16 8b.o M=1 call 0", "fp8_block 8b.o M=1 call 0", "nvfp4 8b.o M=1 call 0"]))
+    nk.table(str(src), str(tmp_path / "t"), unlaunched=r"^fp8_block .* M=1 ")
+    rows = json.loads((tmp_path / "t.json").read_text())
+    assert [r["label"] for r in rows] == ["w4a16 8b.o M=1 call 0", "nvfp4 8b.o M=1 call 0"]
