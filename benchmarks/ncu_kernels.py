@@ -50,6 +50,11 @@ def run(recipes: list, shapes: list, ms: list, calls: int) -> None:
                     jax.block_until_ready(op(x, w))
 
 
+def _label_text(label: tuple) -> str:
+    """A LABEL match (recipe, shape, M, call) as the run mode printed it, less the prefix."""
+    return "{} {} M={} call {}".format(*label)
+
+
 def launches(csv_text: str) -> list:
     """ncu --csv --page details output -> one dict per profiled launch: kernel, grid, block and
     {metric name: (value, unit)}, in ID order. Lines before the CSV header (the program's own output) are
@@ -84,7 +89,7 @@ def table(csv_path: str, out_stem: str, unlaunched: str | None = None, card: str
     text = pathlib.Path(csv_path).read_text()
     rows = launches(text)
     labels = [label for label in LABEL.findall(text)
-              if not (unlaunched and re.search(unlaunched, "{} {} M={} call {}".format(*label)))]
+              if not (unlaunched and re.search(unlaunched, _label_text(label)))]
     if labels and len(labels) != len(rows):
         print(f"ncu_kernels: {len(labels)} labelled calls, {len(rows)} profiled launches: rows left unlabelled "
               f"(a call launched more than one kernel, or ncu skipped some)")
@@ -101,7 +106,7 @@ def table(csv_path: str, out_stem: str, unlaunched: str | None = None, card: str
                  for _, metric in COLUMNS]
         if "Duration" in m:
             cells[0] = f"{_number(m['Duration'][0]) * TO_US[m['Duration'][1]]:.2f}"
-        label = "{} {} M={} call {}".format(*labels[i]) if labels else ""
+        label = _label_text(labels[i]) if labels else ""
         per_byte = "n/a"
         if labels and "Executed Instructions" in m:
             per_byte = f"{_number(m['Executed Instructions'][0]) * 32 / weight_bytes(*labels[i][:2]):.2f}"
