@@ -105,7 +105,11 @@ def table(csv_path: str, out_stem: str, unlaunched: str | None = None, card: str
         cells = [get(metric) if metric else f"{get('Theoretical Occupancy')} / {get('Achieved Occupancy')}"
                  for _, metric in COLUMNS]
         if "Duration" in m:
-            cells[0] = f"{_number(m['Duration'][0]) * TO_US[m['Duration'][1]]:.2f}"
+            value, unit = m["Duration"]
+            if unit not in TO_US:
+                raise ValueError(f"ncu_kernels --table: launch {i} ({r['kernel']}): Duration in unit {unit!r}, "
+                                 f"expected one of {sorted(TO_US)}")
+            cells[0] = f"{_number(value) * TO_US[unit]:.2f}"
         label = _label_text(labels[i]) if labels else ""
         per_byte = "n/a"
         if labels and "Executed Instructions" in m:

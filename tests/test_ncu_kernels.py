@@ -6,6 +6,8 @@ import importlib.util
 import json
 import pathlib
 
+import pytest
+
 _SPEC = importlib.util.spec_from_file_location(
     "ncu_kernels", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ncu_kernels.py")
 nk = importlib.util.module_from_spec(_SPEC)
@@ -61,3 +63,11 @@ def test_labels_of_calls_that_launch_no_profiled_kernel_can_be_dropped(tmp_path)
     nk.table(str(src), str(tmp_path / "t"), unlaunched=r"^fp8_block .* M=1 ")
     rows = json.loads((tmp_path / "t.json").read_text())
     assert [r["label"] for r in rows] == ["w4a16 8b.o M=1 call 0", "nvfp4 8b.o M=1 call 0"]
+
+
+def test_a_duration_in_an_unknown_unit_is_an_error_naming_it(tmp_path):
+    src = tmp_path / "ncu.csv"
+    src.write_text(_csv(["w4a16 8b.o M=1 call 0", "nvfp4 8b.o M=1 call 0"]).replace('"Duration","ns"',
+                                                                                 '"Duration","cycle"'))
+    with pytest.raises(ValueError, match="Duration in unit 'cycle'"):
+        nk.table(str(src), str(tmp_path / "t"))
