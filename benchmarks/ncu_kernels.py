@@ -15,7 +15,18 @@ every profiled launch) and stem.md (one row per launch, in launch order, with th
 duration, DRAM throughput, issue slots busy, executed IPC, registers per thread, theoretical / achieved
 occupancy, and executed instructions per weight byte (thread-level) where the label names a shape. Labels
 pair with launches in order, so filter ncu (-k) to the one kernel each call launches.
+
+SASS mode: the instruction mix of one launch, from ncu's source page (one kernel, -c 1):
+
+  ncu --clock-control none -k regex:gemv -c 1 --section SourceCounters --page source --print-source sass --csv \
+      python3 benchmarks/ncu_kernels.py --recipes w4a16 --shapes 8b.gate_up > sass.csv
+  python3 benchmarks/ncu_kernels.py --sass "sass.csv=w4a16 8b.gate_up" [--sass ...] --out stem --card ...
+
+writes stem.json / stem.md: per opcode (LOP3, FFMA, ...) the executed warp instructions and thread
+instructions per int32 word of weight codes (8 nibbles), one column per CSV, the label naming recipe and
+shape first.
 """
+import collections
 import argparse
 import csv
 import json
@@ -122,6 +133,52 @@ def table(csv_path: str, out_stem: str, unlaunched: str | None = None, card: str
     print("\n".join(md))
 
 
+def sass_mix(csv_text: str) -> tuple:
+    """ncu --page source --print-source sass --csv output of one launch -> (kernel name, Counter {opcode:
+    executed warp instructions}); the opcode is the SASS mnemonic less its modifiers and predicate."""
+    lines = csv_text.splitlines()
+    kernel = next((line.split(",")[1].strip('"') for line in lines if line.startswith('"Kernel Name"')), "")
+    start = next((i for i, line in enumerate(lines) if line.startswith('"Address"')), None)
+    if start is None:
+        raise ValueError("ncu_kernels --sass: no source table (a line starting with \"Address\") in the ncu output")
+    mix: collections.Counter = collections.Counter()
+    for row in csv.DictReader(lines[start:]):
+        tokens = (row.get("Source") or "").split()
+        executed = (row.get("Instructions Executed") or "").replace(",", "")
+        if row.get("Address") == "Address":          # a second launch's table: only the first is read
+            break
+        if not tokens or not executed.isdigit():
+            continue
+        opcode = tokens[1] if tokens[0].startswith("@") and len(tokens) > 1 else tokens[0]
+        mix[opcode.split(".")[0]] += int(executed)
+    return kernel, mix
+
+
+def sass_table(sources: list, out_stem: str, card: str = "GPU not named", top: int = 16) -> None:
+    """sources: (csv path, label "recipe shape [variant]") pairs -> out_stem.json / .md, the opcodes that are
+    among the `top` most executed in any source, as thread instructions per int32 word of weight codes."""
+    mixes = []
+    for path, label in sources:
+        kernel, mix = sass_mix(pathlib.Path(path).read_text())
+        words = weight_bytes(*label.split()[:2]) / 4
+        mixes.append({"label": label, "kernel": kernel, "source": pathlib.Path(path).name,
+                      "total_per_word": round(sum(mix.values()) * 32 / words, 2),
+                      "per_word": {op: round(c * 32 / words, 2) for op, c in mix.most_common()},
+                      "warp_instructions": dict(mix.most_common())})
+    ops = []
+    for m in mixes:
+        ops += [op for op in list(m["per_word"])[:top] if op not in ops]
+    md = [f"# SASS instruction mix on {card}", "",
+          "Executed thread instructions per int32 word of weight codes (8 four-bit weights), from Nsight Compute's "
+          "source page (`benchmarks/ncu_kernels.py --sass`).", "",
+          "| opcode | " + " | ".join(m["label"] for m in mixes) + " |", "|---" * (len(mixes) + 1) + "|",
+          "| all | " + " | ".join(str(m["total_per_word"]) for m in mixes) + " |"]
+    md += [f"| {op} | " + " | ".join(str(m["per_word"].get(op, 0)) for m in mixes) + " |" for op in ops]
+    pathlib.Path(out_stem + ".json").write_text(json.dumps(mixes, indent=1))
+    pathlib.Path(out_stem + ".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def weight_bytes(recipe: str, shape: str) -> float:
     """Bytes of a layer's weight codes (4-bit: N * K / 2; FP8: N * K; bf16: 2 N K), scales left out."""
     model, layer = shape.split(".")
@@ -139,8 +196,12 @@ def main() -> None:
     parser.add_argument("--out", default="ncu_kernels", help="table mode: the output stem")
     parser.add_argument("--card", default="GPU not named", help="table mode: the GPU, for the heading")
     parser.add_argument("--unlaunched", help="table mode: regex of labels whose calls launch no profiled kernel")
+    parser.add_argument("--sass", action="append", default=[],
+                        help="SASS mode: 'CSV=recipe shape [variant]' (repeat for columns)")
     args = parser.parse_args()
-    if args.table:
+    if args.sass:
+        sass_table([tuple(v.split("=", 1)) for v in args.sass], args.out, args.card)
+    elif args.table:
         table(args.table, args.out, args.unlaunched, args.card)
     else:
         run(args.recipes.split(","), args.shapes.split(","), [int(m) for m in args.ms.split(",")], args.calls)

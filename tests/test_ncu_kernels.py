@@ -71,3 +71,32 @@ def test_a_duration_in_an_unknown_unit_is_an_error_naming_it(tmp_path):
                                                                                  '"Duration","cycle"'))
     with pytest.raises(ValueError, match="Duration in unit 'cycle'"):
         nk.table(str(src), str(tmp_path / "t"))
+
+
+SASS_HEADER = '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"'
+
+
+def test_sass_mode_counts_executed_instructions_per_opcode_per_weight_word(tmp_path):
+    """Modifiers and predicates are dropped from the opcode; rows without a count are skipped; per word is
+    32 threads x warp instructions over the layer's int32 words of codes."""
+    src = tmp_path / "sass.csv"
+    src.write_text("\n".join(["ncu-label w4a16 8b.o M=1 call 0", '"Kernel Name","w4a16_gemv",', SASS_HEADER,
+                              '"0x10","LOP3.LUT R1, R2, 0xf000, R3, 0xf8, !PT","5","4096"',
+                              '"0x20","@P0 LOP3.LUT R1, R2, 0xf, RZ, 0xc0, !PT","1","1024"',
+                              '"0x30","FFMA R4, R5, R6, R4","7","2,048"',
+                              '"0x40","","0",""']) + "\n")
+    kernel, mix = nk.sass_mix(src.read_text())
+    assert kernel == "w4a16_gemv" and mix == {"LOP3": 5120, "FFMA": 2048}
+    nk.sass_table([(str(src), "w4a16 8b.o test")], str(tmp_path / "s"), card="card")
+    words = 4096 * 4096 / 2 / 4
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert rows[0]["per_word"] == {"LOP3": round(5120 * 32 / words, 2), "FFMA": round(2048 * 32 / words, 2)}
+    md = (tmp_path / "s.md").read_text()
+    assert "| w4a16 8b.o test |" in md and f"| LOP3 | {round(5120 * 32 / words, 2)} |" in md
+
+
+def test_sass_mode_refuses_output_without_a_source_table(tmp_path):
+    src = tmp_path / "sass.csv"
+    src.write_text('"Kernel Name","w4a16_gemv",\n')
+    with pytest.raises(ValueError, match="no source table"):
+        nk.sass_mix(src.read_text())
