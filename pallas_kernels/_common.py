@@ -65,6 +65,20 @@ def quantize_fp8_static(x: jax.Array, input_scale: jax.Array) -> jax.Array:
     return cast_e4m3_saturating(x.astype(jnp.float32) / jnp.asarray(input_scale, jnp.float32))
 
 
+def fma(a: jax.Array, b: jax.Array, c: jax.Array, *, native: bool) -> jax.Array:
+    """f32 a * b + c, broadcast. native (a Triton-lowered kernel): one fma.rn.f32 per element, rounded once.
+    Pallas' Triton lowering emits a separate multiply and add for `a * b + c` and nothing contracts them
+    (Nsight Compute found FMUL + FADD and no FFMA in the word GEMV, session 14), so the kernels that are
+    issue-bound ask for the FMA explicitly. Not native (interpret mode, which cannot run PTX): a * b + c."""
+    shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
+    a, b, c = (jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape) for v in (a, b, c))
+    if not native:
+        return a * b + c
+    [out] = pltriton.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f",
+                                            pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
+    return out
+
+
 def split_even_odd(x: jax.Array) -> jax.Array:
     """x [M, K] -> [2, M, K/2]: x[:, 0::2] then x[:, 1::2], the operands of the low and high nibbles."""
     m, k = x.shape

@@ -23,11 +23,12 @@ m = (E, M) (E: bits 1-2, M: bit 0) and sign bit S (bit 3):
   r = min(q, 2q - 1/4)                              fixes m = 0, 1 (2q - 1/4 = 0, 1/8) and leaves E >= 1
                                                     alone (there q >= 1/4, so 2q - 1/4 >= q)
   w = f32 bits of r | (word shifted so that S sits at bit 31) & 0x80000000
-so w = e2m1(code) / 4 exactly, for 2 shifts and 2 and/or (LOP3) integer ops, an FMA and a min per
-weight, then the FMA with x. The factor 4 is restored once per output, after the reduction (NVFP4:
-together with the global scale, as 4 * global_scale).
-Per word column t[n, i] = sum_j w[n, 8i + j] * x[8i + j] (8 FMAs), and acc[n, i] += s[n, i] * t[n, i] with
-the word's block scale (NVFP4: f32(e4m3), one per 2 words; MXFP4: f32 bits u << 23 = 2^(u - 127), one
+so w = e2m1(code) / 4 exactly, for 2 shifts and 2 LOP3 integer ops (the exponent pattern is a kernel
+input, held in a register, so the AND and OR fuse), an FMA and a min per weight, then the FMA with x
+(explicit FMAs, cm.fma: Pallas would emit separate multiplies and adds). The factor 4 is restored once per
+output, after the reduction (NVFP4: together with the global scale, as 4 * global_scale).
+Per word column t[n, i] = sum_j w[n, 8i + j] * x[8i + j] (8 FMAs), and acc[n, i] += s[n, i] * t[n, i] (an
+FMA) with the word's block scale (NVFP4: f32(e4m3), one per 2 words; MXFP4: f32 bits u << 23 = 2^(u - 127), one
 per 4 words).
 
 Numerics: the decoded values and their products with x are exact in f32 (E2M1 has 2 significant bits,
@@ -79,19 +80,13 @@ def default_config(n: int, k: int) -> GemvConfig:
     return w4a16_gemv.default_config(n, k, GROUPS["mxfp4"])
 
 
-def _shift_left(words, s: int):
-    """words << s, a logical right shift for negative s."""
-    if s >= 0:
-        return words << s if s else words
-    return lax.shift_right_logical(words, jnp.int32(-s))
-
-
-def _e2m1_quarter(words, j: int):
-    """f32 e2m1(code) / 4 for nibble j of every int32 word (the decode in the module docstring)."""
-    mag = _shift_left(words, 22 - 4 * j) & _MAG_BITS
-    q = lax.bitcast_convert_type(mag | _EXP_124, jnp.float32)
-    r = jnp.minimum(q, q * 2.0 - 0.25)
-    sign = _shift_left(words, 28 - 4 * j) & _SIGN_BIT
+def _e2m1_quarter(words, j: int, exp_124, native_fma: bool):
+    """f32 e2m1(code) / 4 for nibble j of every int32 word (the decode in the module docstring); exp_124: the
+    traced _EXP_124 pattern."""
+    mag = w4a16_gemv.shift_left(words, 22 - 4 * j) & _MAG_BITS
+    q = lax.bitcast_convert_type(mag | exp_124, jnp.float32)
+    r = jnp.minimum(q, cm.fma(q, 2.0, -0.25, native=native_fma))
+    sign = w4a16_gemv.shift_left(words, 28 - 4 * j) & _SIGN_BIT
     return lax.bitcast_convert_type(lax.bitcast_convert_type(r, jnp.int32) | sign, jnp.float32)
 
 
@@ -102,16 +97,19 @@ def _block_scale_f32(fmt_kind: str, raw):
     return lax.bitcast_convert_type(raw.astype(jnp.int32) << 23, jnp.float32)
 
 
-def fp4_gemv_kernel(*refs, fmt_kind: str, cfg: GemvConfig, n: int, k: int):
-    """refs: x [1, K], words [N, K/8] int32, scale [N, K/group] (e4m3 or u8), global [1] f32 (nvfp4 only),
-    out [1, N] (split_k 1) or f32 [split_k, N]."""
-    x_ref, w_ref, s_ref, *rest = refs
+def fp4_gemv_kernel(*refs, fmt_kind: str, cfg: GemvConfig, n: int, k: int, native_fma: bool):
+    """refs: x [1, K], exp int32 [1] (_EXP_124), words [N, K/8] int32, scale [N, K/group] (e4m3 or u8), global
+    [1] f32 (nvfp4 only), out [1, N] (split_k 1) or f32 [split_k, N]."""
+    x_ref, exp_ref, w_ref, s_ref, *rest = refs
     g_ref = rest.pop(0) if fmt_kind == "nvfp4" else None
     (o_ref,) = rest
+    exp_124 = exp_ref[0]
 
-    def word_dot(w, xs, g):
-        dot = sum(_e2m1_quarter(w, j) * xs[j][None, :] for j in range(WORD))            # [bn, words]
-        return _block_scale_f32(fmt_kind, g["s"]) * dot
+    def word_dot(w, xs, g, acc):
+        dot = _e2m1_quarter(w, 0, exp_124, native_fma) * xs[0][None, :]
+        for j in range(1, WORD):
+            dot = cm.fma(_e2m1_quarter(w, j, exp_124, native_fma), xs[j][None, :], dot, native=native_fma)
+        return cm.fma(_block_scale_f32(fmt_kind, g["s"]), dot, acc, native=native_fma)
 
     post = g_ref[0] * _QUARTER_UNDO if g_ref is not None else _QUARTER_UNDO
     w4a16_gemv.word_gemv_program(x_ref, w_ref, {"s": s_ref}, o_ref, cfg=cfg, n=n, k=k, group=GROUPS[fmt_kind],
@@ -144,10 +142,10 @@ def _fp4_gemv(fmt_kind: str, x, packed, scale, global_scale, cfg: GemvConfig | N
     k = x.shape[1]
     n = packed.shape[0]
     cfg = cfg or default_config(n, k)
-    args = [x, w4a16_gemv.as_words(packed), scale]
+    args = [x, jnp.array([_EXP_124], jnp.int32), w4a16_gemv.as_words(packed), scale]
     if fmt_kind == "nvfp4":
         args.append(jnp.reshape(global_scale, (1,)).astype(jnp.float32))
-    kernel = functools.partial(fp4_gemv_kernel, fmt_kind=fmt_kind, cfg=cfg, n=n, k=k)
+    kernel = functools.partial(fp4_gemv_kernel, fmt_kind=fmt_kind, cfg=cfg, n=n, k=k, native_fma=not interpret)
     return w4a16_gemv.call_word_gemv(kernel, args, x.dtype, n, cfg, interpret, f"{fmt_kind}_gemv")
 
 

@@ -14,6 +14,10 @@ from pallas_kernels.w4a16_gemv import GemvConfig
 from . import np_oracle as npo
 
 TOL = 1e-2  # the tolerance fp4_gemv states
+# The compiled kernel (Triton, with its inline-PTX FMAs) beside interpret mode, where a GPU is present.
+MODES = [pytest.param(True, id="interpret"),
+         pytest.param(False, id="gpu", marks=pytest.mark.skipif(jax.default_backend() != "gpu",
+                                                               reason="the compiled kernel needs a GPU"))]
 
 CASES = [
     # n, k, config
@@ -37,18 +41,19 @@ def _operands(kind, n, k):
     return x, packed, scales
 
 
-def _run(kind, x, packed, scales, cfg):
+def _run(kind, x, packed, scales, cfg, interpret=True):
     fn = fp4_gemv.nvfp4_gemv if kind == "nvfp4" else fp4_gemv.mxfp4_gemv
-    return fn(x, packed, *scales, config=cfg, interpret=True)
+    return fn(x, packed, *scales, config=cfg, interpret=interpret)
 
 
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("kind", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("n,k,cfg", CASES)
-def test_gemv_matches_reference(kind, n, k, cfg):
+def test_gemv_matches_reference(kind, n, k, cfg, interpret):
     x, packed, scales = _operands(kind, n, k)
     assert fp4_gemv.shape_is_supported(kind, 1, n, k)
     assert cfg is None or fp4_gemv.config_is_valid(kind, cfg)
-    out = _run(kind, x, packed, scales, cfg)
+    out = _run(kind, x, packed, scales, cfg, interpret)
     if kind == "nvfp4":
         ref = fp4.nvfp4_matmul_reference(x, packed, *scales)
         oracle = npo.f64(x) @ npo.nvfp4_weight(packed, *scales).T

@@ -2,6 +2,7 @@
 NumPy float64 oracle: fresh random operands, ragged N and K against the tiles, groups below, equal to and
 above block_k, split-K with a ragged last split, symmetric and asymmetric (fractional zeros too).
 Outputs start as NaN in interpret mode (test_gemm_kernels checks that), so an unwritten element fails."""
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -12,6 +13,10 @@ from pallas_kernels.w4a16_gemv import GemvConfig
 from . import np_oracle as npo
 
 TOL = 1e-2  # the tolerance w4a16_gemv states
+# The compiled kernel (Triton, with its inline-PTX FMAs) beside interpret mode, where a GPU is present.
+MODES = [pytest.param(True, id="interpret"),
+         pytest.param(False, id="gpu", marks=pytest.mark.skipif(jax.default_backend() != "gpu",
+                                                               reason="the compiled kernel needs a GPU"))]
 
 CASES = [
     # n, k, group, zero kind, config
@@ -34,11 +39,12 @@ def _operands(n, k, group, zero_kind):
     return x, packed, scale, zero() if zero else None
 
 
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("n,k,group,zero_kind,cfg", CASES)
-def test_gemv_matches_reference(n, k, group, zero_kind, cfg):
+def test_gemv_matches_reference(n, k, group, zero_kind, cfg, interpret):
     x, packed, scale, zero = _operands(n, k, group, zero_kind)
     assert cfg is None or w4a16_gemv.config_is_valid(group, cfg)
-    out = w4a16_gemv.w4a16_gemv(x, packed, scale, zero, config=cfg, interpret=True)
+    out = w4a16_gemv.w4a16_gemv(x, packed, scale, zero, config=cfg, interpret=interpret)
     ref = w4a16.w4a16_matmul_reference(x, packed, scale, zero)
     assert out.shape == (1, n) and out.dtype == ref.dtype
     npo.check_close(out, ref, TOL)
