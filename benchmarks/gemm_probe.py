@@ -56,10 +56,16 @@
 16. K splits of the FP8 block Mosaic kernel (`fp8split`): 1, 2 and 4 on the plan's tile, checked, against
     XLA bf16.
 
+17. The word GEMVs' tiles by device time (`gemvtiles`): W4A16 (sym, asym), NVFP4 and MXFP4 at M=1, the
+    dispatcher's planned tile against GEMV_TILE_SWEEP's tiles with splits aiming at 0, 2 and 4 programs per
+    SM (asym and FP4: the plan and every third candidate), each checked against the reference (run 62-63:
+    the tiles after the FMA-chain decode).
+
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
                                                               # w4groups, compile, trace, gemvgroup,
-                                                              # gemvgroupcfg, w4split, chain, fp8split
+                                                              # gemvgroupcfg, w4split, chain, fp8split,
+                                                              # gemvtiles
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
@@ -82,7 +88,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from pallas_kernels import _common as cm  # noqa: E402
-from pallas_kernels import dispatch, fp8, w4a16_gemv  # noqa: E402
+from pallas_kernels import dispatch, fp4_gemv, fp8, w4a16_gemv  # noqa: E402
 from pallas_kernels.w4a16_gemv import GemvConfig  # noqa: E402
 
 # Llama-3.1 layer (N, K): gemm.py's fused shapes plus the separate projections the models call one by one.
@@ -646,6 +652,71 @@ def projection_widths(name: str) -> tuple:
     raise SystemExit(f"gemvgroup: {name} is not a fused qkv / gate_up shape")
 
 
+# (block_n, block_k, unroll, num_warps) of the `gemvtiles` sweep.
+GEMV_TILE_SWEEP = ((16, 512, 2, 4), (16, 512, 1, 4), (32, 512, 1, 4), (32, 256, 1, 4), (64, 256, 1, 4),
+                   (64, 512, 1, 4), (128, 256, 1, 8), (64, 256, 1, 8), (32, 1024, 1, 4))
+
+
+def gemv_tile_candidates(n, k):
+    """GEMV_TILE_SWEEP's tiles, each with the split dispatch._gemv_tile would give for 0, 2 and 4 programs
+    per SM (deduplicated)."""
+    out = []
+    for bn, bk, unroll, warps in GEMV_TILE_SWEEP:
+        for target in (0, 2 * cm.NUM_SMS, 4 * cm.NUM_SMS):
+            iterations, split = k // bk // unroll, 1
+            while cm.cdiv(n, bn) * split < target and iterations >= 4 * split:
+                split *= 2
+            cfg = GemvConfig(bn, bk, split, unroll, warps, 3)
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+def _gemv_op(recipe, cfg):
+    if recipe in ("w4a16", "w4a16_asym"):
+        return lambda xx, w: w4a16_gemv.w4a16_gemv(xx, w["packed"], w["scale"], w.get("zero"), config=cfg)
+    if recipe == "nvfp4":
+        return lambda xx, w: fp4_gemv.nvfp4_gemv(xx, w["packed"], w["block_scale"], w["global_scale"], config=cfg)
+    return lambda xx, w: fp4_gemv.mxfp4_gemv(xx, w["packed"], w["scale"], config=cfg)
+
+
+def probe_gemv_tiles(copy_tbps, rows, shapes, flush, recipes=("w4a16", "w4a16_asym", "nvfp4", "mxfp4")):
+    for recipe in recipes:
+        for name in shapes:
+            model, layer = name.split(".")
+            n, k = SHAPES[model][layer]
+            x = G.rand_x(1, k, seed=n)
+            w0 = G.make_weights(recipe, n, k, seed=11)
+            wb = G.weight_bytes(w0)
+            reps = G.reps_for(wb, wb / (copy_tbps * 1e12))
+            ws = [w0] + [G.make_weights(recipe, n, k, seed=12 + r) for r in range(reps - 1)]
+            floor_us = wb / (copy_tbps * 1e12) * 1e6
+            fp4 = recipe in ("nvfp4", "mxfp4")
+            plan = dispatch.fp4_gemv_config(recipe, n, k) if fp4 else dispatch.gemv_config(n, k, G.GROUP)
+            cands = [plan] + [c for c in gemv_tile_candidates(n, k) if c != plan]
+            for cfg in cands if recipe == "w4a16" else cands[:1] + cands[1::3]:
+                op = jax.jit(_gemv_op(recipe, cfg))
+                try:
+                    ok, err = G.check_op(recipe, op, x, w0)
+                    us = G.device_time(op, [(x, w) for w in ws]).get("device_us")
+                except Exception as e:  # noqa: BLE001
+                    G.log(f"  gemvtiles {recipe} {name} {cfg} failed: {repr(e)[:300]}")
+                    continue
+                rows.append({"part": "gemvtiles", "recipe": recipe, "shape": name, "plan": cfg == plan,
+                             "config": str(cfg), "device_us": us, "pct_copy_bw": us and round(100 * floor_us / us, 1),
+                             "check_ok": ok, "err": err})
+            done = [r for r in rows if r["part"] == "gemvtiles" and r["recipe"] == recipe and r["shape"] == name
+                    and r["check_ok"] and r["device_us"]]
+            if done:
+                best = min(done, key=lambda r: r["device_us"])
+                planned = next((r for r in done if r["plan"]), None)
+                G.log(f"gemvtiles {recipe} {name}: plan {planned and planned['device_us']} us, best "
+                      f"{best['device_us']} us ({best['pct_copy_bw']} % copy) {best['config']}")
+            del ws, w0
+            gc.collect()
+            flush()
+
+
 def probe_gemv_group(copy_tbps, rows, shapes, flush):
     """The grouped GEMV (one launch over the separate weights) against the separate planned GEMVs, the
     fused weight's planned GEMV and XLA bf16, at M=1, symmetric and asymmetric."""
@@ -869,6 +940,8 @@ def main():
             probe_w4a8_gemv(copy_tbps, rows, args.shapes.split(","), flush)
         if "gemvgroup" in parts:
             probe_gemv_group(copy_tbps, rows, args.shapes.split(","), flush)
+        if "gemvtiles" in parts:
+            probe_gemv_tiles(copy_tbps, rows, args.shapes.split(","), flush)
         if "gemvgroupcfg" in parts:
             probe_gemv_group_configs(rows, args.shapes.split(","), flush)
         if "fp4gemv" in parts:

@@ -92,27 +92,29 @@ PACKED4_TILES: dict[int, tuple[int, int, int, int, bool]] = {
 GEMV_MIN_N = 6144
 GEMV_TILE = Packed4Config(block_m=1, block_n=16, block_k=128, split_k=1, num_warps=2, num_stages=3, unroll=4)
 # W4A16 at M=1: the word GEMV beat the packed-4 plan on every Llama-3.1-8B layer (H100,
-# benchmarks/results/gemm_probe_NVIDIA_H100_80GB_HBM3_2026-11-27.json): gate_up 37.6 vs 45.9 us, down 22.4 vs
-# 33.7, qkv 15.1 vs 19.2, o 12.8 vs 17.5. Tiles by shape class, (block_n, block_k, unroll, num_warps,
-# programs that split-K aims for); the 70B classes are the same rules, not yet measured there. "wide" from
-# N = 14336, the separate gate_proj / up_proj the models run at M=1 (H200, gemm_probe --parts gemv, session 9:
-# 8b.gate 19.6 us on the wide tile vs 23.7 on the small one; run 33 in gemm_notes.md).
+# benchmarks/results/gemm_probe_NVIDIA_H100_80GB_HBM3_2026-11-27.json). Tiles by shape class, (block_n, block_k,
+# unroll, num_warps, programs that split-K aims for). Re-swept after the FMA-chain decode (H200, device us, run 62,
+# benchmarks/results/gemv_tile_sweep_NVIDIA_H200_2026-11-28_run62.json; the old tiles' time in brackets):
+# wide 8b.gate_up 24.3 (27.1), 70b.gate_up 83.7 (97.4); deep 8b.down 16.8 (16.6), 70b.down 43.8 (55.8),
+# 70b.qkv 20.5 (23.4), 70b.o 15.5 (16.9); small 8b.qkv 8.1 (9.3), 8b.o 6.7 (6.5).
 GEMV_WIDE_N, GEMV_DEEP_K = 14336, 8192
 # A grouped GEMV (q / k / v in one launch) takes the wide tile from a summed N of 6144: device time (run 40,
 # H100) 9.0 us vs 10.1 on the small tile with split-K for 8b.qkv, 26.7 vs 27.6 (the fused weight on the deep
 # tile) for 70b.qkv.
 GROUP_GEMV_WIDE_N = 6144
 GEMV_TILES: dict[str, tuple[int, int, int, int, int]] = {
-    "wide": (16, 512, 2, 4, 0),      # N >= GEMV_WIDE_N (gate_up): enough programs without split-K
-    "deep": (32, 512, 1, 4, 512),    # K >= GEMV_DEEP_K (down)
-    "small": (128, 256, 1, 8, 256),  # the rest (qkv, o): split-K fills the SMs
+    "wide": (32, 1024, 1, 4, 0),     # N >= GEMV_WIDE_N (gate_up): enough programs without split-K
+    "deep": (32, 1024, 1, 4, 512),   # K >= GEMV_DEEP_K (down, and every 70B layer)
+    "small": (16, 512, 2, 4, 0),     # the rest (8B qkv, o)
 }
 # NVFP4 / MXFP4 at M=1: the FP4 word GEMV beat the packed-4 plan on every 8B layer (H100,
 # benchmarks/results/gemm_probe_NVIDIA_H100_80GB_HBM3_2026-11-27_fp4gemv.json, NVFP4 / MXFP4 us):
 # gate_up 61.7 / 60.1 vs 69.2 / 68.7, down 34.3 / 33.5 vs 57.1 / 54.6, qkv 16.5 / 15.7 vs 26.0 / 25.4,
 # o 12.4 / 13.4 vs 20.7 / 20.4. Same shape classes and fields as GEMV_TILES.
+# After the FMA chain (run 63, H200 device us, NVFP4 / MXFP4): the wide tile below 42.6 / 40.7 on 8b.gate_up
+# (the old (32, 256) tile 44.7 / 41.6; NVFP4 took 66.3 before the FMAs, ncu run 56).
 FP4_GEMV_TILES: dict[str, tuple[int, int, int, int, int]] = {
-    "wide": (32, 256, 1, 4, 0),
+    "wide": (16, 512, 2, 4, 0),
     "deep": (32, 256, 2, 4, 512),
     "small": (64, 256, 1, 4, 512),
 }

@@ -49,7 +49,7 @@ def test_select_group_takes_alike_w4a16_weights(hopper):
     fp8 = QuantizedWeight(get_recipe("fp8"), FP8Tensor(jnp.zeros((128, 1024), jnp.float8_e4m3fn),
                                                        jnp.float32(1.0), "tensor"), jnp.float32(1.0))
     apart = {
-        "one token, q off the GEMV's channel block": (x16[:1], [_w4a16(rng, 96, 1024)] + qkv[1:]),
+        "one token, q off the GEMV's channel block": (x16[:1], [_w4a16(rng, 104, 1024)] + qkv[1:]),
         "a CPU backend": (x16, qkv),
         "one weight": (x16, qkv[:1]),
         "an FP8 weight": (x16, qkv[:2] + [fp8]),

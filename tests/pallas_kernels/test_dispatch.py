@@ -19,8 +19,10 @@ from . import np_oracle as npo
 def test_plan_buckets():
     assert dispatch.m_bucket(1) == 1 and dispatch.m_bucket(17) == 64 and dispatch.m_bucket(10**6) == 4096
     wide, small = dispatch.plan("w4a16", 1, 28672, 4096), dispatch.plan("w4a16", 1, 4096, 4096)
-    assert wide.path == small.path == "gemv"                                     # W4A16 M=1: word GEMV
-    assert wide.config.split_k == 1 and small.config.split_k == 8                # split-K fills the SMs
+    deep = dispatch.plan("w4a16", 1, 8192, 8192)
+    assert wide.path == small.path == deep.path == "gemv"                        # W4A16 M=1: word GEMV
+    assert wide.config.split_k == small.config.split_k == 1                      # enough programs already
+    assert deep.config.split_k == 2                                              # 256 programs, aiming at 512
     assert dispatch.plan("w4a16", 1, 4096, 4096, group=16).path == "pallas"       # GEMV needs G >= 32
     assert dispatch.plan("w4a16", 2, 4096, 4096, mosaic=False).config.block_m == 16  # MMA + split-K
     small_m = dispatch.plan("w4a16", 2, 4096, 4096)                              # Mosaic GPU from M=2
@@ -174,11 +176,11 @@ def test_gemv_path_gathers_act_order_activations():
 
 def test_group_plan_runs_one_token_on_the_gemv_of_the_summed_width():
     qkv = dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096)
-    wide = GemvConfig(block_n=16, block_k=512, split_k=1, unroll=2, num_warps=4)   # no split-K sum to launch
-    assert qkv == dispatch.Plan("gemv", wide) and dispatch.plan("w4a16", 1, 6144, 4096).config.split_k == 8
+    wide = GemvConfig(block_n=32, block_k=1024, split_k=1, unroll=1, num_warps=4)  # no split-K sum to launch
+    assert qkv == dispatch.Plan("gemv", wide) and dispatch.plan("w4a16", 1, 6144, 4096).config.block_n == 16
     assert dispatch.group_plan("w4a16", 1, (8192, 1024, 1024), 8192) == qkv         # 70B: wide, not deep
     assert dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096, mosaic=False) == qkv   # Triton: any GPU
-    assert dispatch.group_plan("w4a16", 1, (96, 64, 64), 1024) is None        # q off the GEMV's 128 channels
+    assert dispatch.group_plan("w4a16", 1, (100, 64, 64), 1024) is None       # q off the small tile's 16 channels
     assert dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096, group=16) is None   # GEMV needs G >= 32
     assert dispatch.group_plan("w4a8", 1, (4096, 1024), 4096) == dispatch.group_plan("w4a16", 1, (4096, 1024), 4096)
     assert dispatch.group_plan("w4a8", 16, (4096, 1024), 4096).path == "mgpu"    # W4A8 groups from M=2
