@@ -186,9 +186,9 @@ def w4a16_gemv_kernel(*refs, cfg: GemvConfig, ns: tuple, k: int, group: int, asy
                       native_fma: bool):
     """refs: x [1, K] bf16 or e4m3, or [len(ns), K] (row s weight s's own x); exps int32 [2] (EXP_2048,
     EXP_128); per weight s of widths ns, words [N_s, K/8] int32, scale [N_s, K/G] and zero [N_s, K/G] (asym
-    only); post f32 [1] or [len(ns)] (has_post only); out [1, sum N] (split_k 1) or f32 [split_k, sum N]. Several weights (a group) split the grid's
-    channel blocks in order, each N_s but the last a multiple of block_n; a program runs the weight its block
-    falls in, on its row of x and post."""
+    only); post f32 [1] or [len(ns)] (has_post only); out [1, sum N] (split_k 1) or f32 [split_k, sum N].
+    Several weights (a group) split the grid's channel blocks in order, each N_s but the last a multiple of
+    block_n; a program runs the weight its block falls in, on its row of x and post."""
     x_ref, exps_ref, *rest = refs
     per_weight = 3 if asym else 2
     weights = [rest[i * per_weight:(i + 1) * per_weight] for i in range(len(ns))]
