@@ -61,11 +61,16 @@
     SM (asym and FP4: the plan and every third candidate), each checked against the reference (run 62-63:
     the tiles after the FMA-chain decode).
 
+18. K splits of the planned GEMV tiles (`gemvsplits`): W4A16 and NVFP4 at M=1, the plan's tile at every
+    split from 1 to 8, by device time, checked: whether a split that fills whole waves (run 67: 8b.down's
+    512 programs at 3 per SM are 1.29 waves) beats the plan's power of two. `gemvstages`: the same with
+    1 to 5 pipelining stages and with 8 warps (run 67: 168 registers a thread, 18.75 % occupancy).
+
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
                                                               # w4groups, compile, trace, gemvgroup,
                                                               # gemvgroupcfg, w4split, chain, fp8split,
-                                                              # gemvtiles
+                                                              # gemvtiles, gemvsplits, gemvstages
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
@@ -680,7 +685,27 @@ def _gemv_op(recipe, cfg):
     return lambda xx, w: fp4_gemv.mxfp4_gemv(xx, w["packed"], w["scale"], config=cfg)
 
 
-def probe_gemv_tiles(copy_tbps, rows, shapes, flush, recipes=("w4a16", "w4a16_asym", "nvfp4", "mxfp4")):
+def tile_sweep(plan, n, k, recipe):
+    """`gemvtiles`: the plan, then GEMV_TILE_SWEEP's candidates (all for W4A16, every third otherwise)."""
+    cands = [c for c in gemv_tile_candidates(n, k) if c != plan]
+    return [plan] + (cands if recipe == "w4a16" else cands[::3])
+
+
+def split_sweep(plan, n, k, recipe):
+    """`gemvsplits`: the plan's tile at every K split from 1 to 8 (powers of two or not), the plan first."""
+    return [plan] + [dataclasses.replace(plan, split_k=s) for s in range(1, 9) if s != plan.split_k]
+
+
+def stage_sweep(plan, n, k, recipe):
+    """`gemvstages`: the plan's tile at 1 to 5 software-pipelining stages and at 8 warps, the plan first."""
+    stages = [dataclasses.replace(plan, num_stages=s) for s in range(1, 6) if s != plan.num_stages]
+    return [plan] + stages + [dataclasses.replace(plan, num_warps=8)]
+
+
+def probe_gemv_tiles(copy_tbps, rows, shapes, flush, part="gemvtiles", configs=tile_sweep,
+                     recipes=("w4a16", "w4a16_asym", "nvfp4", "mxfp4")):
+    """Per recipe and shape at M=1: configs(plan, n, k, recipe) -> the GEMV configs to time by device time,
+    each checked against the reference; logs the plan's time and the best."""
     for recipe in recipes:
         for name in shapes:
             model, layer = name.split(".")
@@ -693,24 +718,23 @@ def probe_gemv_tiles(copy_tbps, rows, shapes, flush, recipes=("w4a16", "w4a16_as
             floor_us = wb / (copy_tbps * 1e12) * 1e6
             fp4 = recipe in ("nvfp4", "mxfp4")
             plan = dispatch.fp4_gemv_config(recipe, n, k) if fp4 else dispatch.gemv_config(n, k, G.GROUP)
-            cands = [plan] + [c for c in gemv_tile_candidates(n, k) if c != plan]
-            for cfg in cands if recipe == "w4a16" else cands[:1] + cands[1::3]:
+            for cfg in configs(plan, n, k, recipe):
                 op = jax.jit(_gemv_op(recipe, cfg))
                 try:
                     ok, err = G.check_op(recipe, op, x, w0)
                     us = G.device_time(op, [(x, w) for w in ws]).get("device_us")
                 except Exception as e:  # noqa: BLE001
-                    G.log(f"  gemvtiles {recipe} {name} {cfg} failed: {repr(e)[:300]}")
+                    G.log(f"  {part} {recipe} {name} {cfg} failed: {repr(e)[:300]}")
                     continue
-                rows.append({"part": "gemvtiles", "recipe": recipe, "shape": name, "plan": cfg == plan,
+                rows.append({"part": part, "recipe": recipe, "shape": name, "plan": cfg == plan,
                              "config": str(cfg), "device_us": us, "pct_copy_bw": us and round(100 * floor_us / us, 1),
                              "check_ok": ok, "err": err})
-            done = [r for r in rows if r["part"] == "gemvtiles" and r["recipe"] == recipe and r["shape"] == name
+            done = [r for r in rows if r["part"] == part and r["recipe"] == recipe and r["shape"] == name
                     and r["check_ok"] and r["device_us"]]
             if done:
                 best = min(done, key=lambda r: r["device_us"])
                 planned = next((r for r in done if r["plan"]), None)
-                G.log(f"gemvtiles {recipe} {name}: plan {planned and planned['device_us']} us, best "
+                G.log(f"{part} {recipe} {name}: plan {planned and planned['device_us']} us, best "
                       f"{best['device_us']} us ({best['pct_copy_bw']} % copy) {best['config']}")
             del ws, w0
             gc.collect()
@@ -942,6 +966,12 @@ def main():
             probe_gemv_group(copy_tbps, rows, args.shapes.split(","), flush)
         if "gemvtiles" in parts:
             probe_gemv_tiles(copy_tbps, rows, args.shapes.split(","), flush)
+        if "gemvsplits" in parts:
+            probe_gemv_tiles(copy_tbps, rows, args.shapes.split(","), flush, "gemvsplits", split_sweep,
+                             ("w4a16", "nvfp4"))
+        if "gemvstages" in parts:
+            probe_gemv_tiles(copy_tbps, rows, args.shapes.split(","), flush, "gemvstages", stage_sweep,
+                             ("w4a16", "nvfp4"))
         if "gemvgroupcfg" in parts:
             probe_gemv_group_configs(rows, args.shapes.split(","), flush)
         if "fp4gemv" in parts:

@@ -62,10 +62,11 @@ def _group(fmt_kind: str) -> int:
 
 
 def config_is_valid(fmt_kind: str, cfg: GemvConfig) -> bool:
-    """Block sizes powers of two and block_k >= 32, so every chunk spans whole 16/32 blocks."""
+    """Block sizes and unroll powers of two, block_k >= 32 (every chunk spans whole 16/32 blocks), split_k
+    any count >= 1 (as w4a16_gemv's)."""
     _group(fmt_kind)
-    sizes = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.unroll)
-    return all(cm.is_pow2(v) for v in sizes) and cfg.block_k >= 32
+    sizes = (cfg.block_n, cfg.block_k, cfg.unroll)
+    return all(cm.is_pow2(v) for v in sizes) and cfg.block_k >= 32 and cfg.split_k >= 1
 
 
 def shape_is_supported(fmt_kind: str, m: int, n: int, k: int) -> bool:

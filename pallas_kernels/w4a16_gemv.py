@@ -37,12 +37,13 @@ WORD = 8                                                # nibbles per int32 word
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
-    """Static tuning knobs of `w4a16_gemv` (block sizes powers of two).
+    """Static tuning knobs of `w4a16_gemv` (block sizes and unroll powers of two).
 
     block_n: output channels per program.
     block_k: K elements per chunk (a multiple of 8 words' worth, >= 32); chunks span whole groups or
       divide one: block_k % group == 0 or group % block_k == 0.
-    split_k: programs along K.
+    split_k: programs along K, any count >= 1 (each takes ceil(chunks / split_k) chunks, rounded up to
+      unroll; the chunks past K are masked), so a plan can size the grid to whole waves.
     unroll: chunks whose loads are issued before their math, per loop iteration.
     num_warps, num_stages: Triton's warps per program and software-pipelining depth.
     """
@@ -56,8 +57,8 @@ class GemvConfig:
 
 
 def config_is_valid(group: int, cfg: GemvConfig) -> bool:
-    sizes = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.unroll)
-    if not all(cm.is_pow2(v) for v in sizes) or cfg.block_k < 32:
+    sizes = (cfg.block_n, cfg.block_k, cfg.unroll)
+    if not all(cm.is_pow2(v) for v in sizes) or cfg.block_k < 32 or cfg.split_k < 1:
         return False
     return cfg.block_k % group == 0 or group % cfg.block_k == 0
 

@@ -25,6 +25,7 @@ CASES = [
     (64, 640, GemvConfig(block_n=32, block_k=256, split_k=2, unroll=2)),       # ragged K chunk, unrolled
     (200, 256, GemvConfig(block_n=64, block_k=32, unroll=2, num_warps=2)),     # one block scale a chunk (MX)
     (40, 640, GemvConfig(block_n=8, block_k=64, split_k=4)),                   # 10 chunks over 4 splits
+    (24, 896, GemvConfig(block_n=8, block_k=64, split_k=3)),                   # 14 chunks over 3 splits
     (64, 384, None),                                                           # default heuristic
 ]
 
@@ -113,7 +114,7 @@ def test_invalid_configs_and_shapes_are_refused():
     for kind in ("nvfp4", "mxfp4"):
         assert not fp4_gemv.config_is_valid(kind, GemvConfig(block_k=16))
         assert not fp4_gemv.config_is_valid(kind, GemvConfig(block_n=24))
-        assert not fp4_gemv.config_is_valid(kind, GemvConfig(split_k=3))
+        assert not fp4_gemv.config_is_valid(kind, GemvConfig(split_k=0))
         assert not fp4_gemv.config_is_valid(kind, GemvConfig(unroll=3))
         assert not fp4_gemv.shape_is_supported(kind, 2, 64, 256)           # M > 1
         assert not fp4_gemv.shape_is_supported(kind, 1, 0, 256)

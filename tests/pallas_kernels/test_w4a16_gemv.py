@@ -25,6 +25,8 @@ CASES = [
     (24, 512, 128, "float", GemvConfig(block_n=8, block_k=32, unroll=4)),         # group spans 4 chunks
     (33, 1024, 32, None, GemvConfig(block_n=16, block_k=512, split_k=4, unroll=2, num_warps=2)),
     (48, 256, 64, "int", None),                                                   # default heuristic
+    (24, 1792, 128, None, GemvConfig(block_n=8, block_k=128, split_k=3)),         # 14 chunks over 3 splits
+    (24, 640, 32, "int", GemvConfig(block_n=8, block_k=64, split_k=6, unroll=2)),  # 10 chunks, 6 splits of 2
 ]
 
 
@@ -78,6 +80,9 @@ def test_invalid_configs_are_refused():
     assert not w4a16_gemv.config_is_valid(128, GemvConfig(block_k=16))
     assert not w4a16_gemv.config_is_valid(128, GemvConfig(block_n=24))
     assert not w4a16_gemv.config_is_valid(96, GemvConfig(block_k=128))
+    assert not w4a16_gemv.config_is_valid(128, GemvConfig(split_k=0))
+    assert not w4a16_gemv.config_is_valid(128, GemvConfig(unroll=3))
+    assert w4a16_gemv.config_is_valid(128, GemvConfig(split_k=3))                 # any split: whole waves
     assert not w4a16_gemv.shape_is_supported(2, 64, 256, 64)
     assert not w4a16_gemv.shape_is_supported(1, 64, 256, 16)
 
