@@ -98,12 +98,14 @@ def test_device_time_view_uses_the_rows_device_time_only():
             _row("w4a16", "8b.o", 1, 20.0, pct=30.0),                                   # wall time only
             _row("tinygemm", "8b.qkv", 1, 15.0), _row("w4a16", "8b.qkv", 16, 10.0, pct=40.0, device_us=10.0)]
     device = gt.on_device_time(rows)
-    assert len(device) == 4 and {r["shape"] for r in device} == {"8b.qkv"}
+    assert len(device) == 5 and {r["shape"] for r in device} == {"8b.qkv"}
     m64 = gt.evaluate(device, _target("w4a16 M=64"))
     assert m64["value"] == pytest.approx(2.0) and m64["met"]                    # 25 / 12.5; wall: 1.0x
     assert gt.evaluate(rows, _target("w4a16 M=64"))["met"] is False
     copy = gt.evaluate(device, _target("w4a16 M=1,16"))                          # 30 % x 20 / 10, 40 % x 1
     assert copy["points"] == 2 and copy["value"] == pytest.approx((0.6 * 0.4) ** 0.5, abs=1e-3)
-    assert gt.evaluate(device, _target("w4a16 M=1: >= 1.4x tinygemm"))["points"] == 0   # torch: no device time
+    tiny = gt.evaluate(device, _target("w4a16 M=1: >= 1.4x tinygemm"))           # graph-replayed: as timed
+    assert tiny["points"] == 1 and tiny["value"] == pytest.approx(1.5)            # 15 / 10 (wall: 0.75x)
+    assert gt.evaluate(rows, _target("w4a16 M=1: >= 1.4x tinygemm"))["value"] == pytest.approx(0.75)
     results, md = gt.table(rows)
     assert results[CARD][0]["device"]["points"] == 2 and f"## {CARD}: device time" in md
