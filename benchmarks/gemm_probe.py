@@ -66,11 +66,16 @@
     512 programs at 3 per SM are 1.29 waves) beats the plan's power of two. `gemvstages`: the same with
     1 to 5 pipelining stages and with 8 warps (run 67: 168 registers a thread, 18.75 % occupancy).
 
+19. The FP4 GEMV's decoders (`fp4decode`): NVFP4 and MXFP4 at M=1 with decode "bits" (the default) and
+    "table" (byte permutes, fp4_gemv's docstring), each on the plan and every third `gemvtiles` candidate,
+    by device time, checked (recipes "nvfp4@table", "mxfp4@table" in the rows).
+
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
                                                               # w4groups, compile, trace, gemvgroup,
                                                               # gemvgroupcfg, w4split, chain, fp8split,
-                                                              # gemvtiles, gemvsplits, gemvstages
+                                                              # gemvtiles, gemvsplits, gemvstages,
+                                                              # fp4decode
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
@@ -678,11 +683,14 @@ def gemv_tile_candidates(n, k):
 
 
 def _gemv_op(recipe, cfg):
+    """recipe: w4a16 / w4a16_asym / nvfp4 / mxfp4, the FP4 ones optionally with "@<decode>" (nvfp4@table)."""
+    recipe, _, decode = recipe.partition("@")
     if recipe in ("w4a16", "w4a16_asym"):
         return lambda xx, w: w4a16_gemv.w4a16_gemv(xx, w["packed"], w["scale"], w.get("zero"), config=cfg)
     if recipe == "nvfp4":
-        return lambda xx, w: fp4_gemv.nvfp4_gemv(xx, w["packed"], w["block_scale"], w["global_scale"], config=cfg)
-    return lambda xx, w: fp4_gemv.mxfp4_gemv(xx, w["packed"], w["scale"], config=cfg)
+        return lambda xx, w: fp4_gemv.nvfp4_gemv(xx, w["packed"], w["block_scale"], w["global_scale"], config=cfg,
+                                                 decode=decode or "bits")
+    return lambda xx, w: fp4_gemv.mxfp4_gemv(xx, w["packed"], w["scale"], config=cfg, decode=decode or "bits")
 
 
 def tile_sweep(plan, n, k, recipe):
@@ -711,17 +719,18 @@ def probe_gemv_tiles(copy_tbps, rows, shapes, flush, part="gemvtiles", configs=t
             model, layer = name.split(".")
             n, k = SHAPES[model][layer]
             x = G.rand_x(1, k, seed=n)
-            w0 = G.make_weights(recipe, n, k, seed=11)
+            base = recipe.partition("@")[0]
+            w0 = G.make_weights(base, n, k, seed=11)
             wb = G.weight_bytes(w0)
             reps = G.reps_for(wb, wb / (copy_tbps * 1e12))
-            ws = [w0] + [G.make_weights(recipe, n, k, seed=12 + r) for r in range(reps - 1)]
+            ws = [w0] + [G.make_weights(base, n, k, seed=12 + r) for r in range(reps - 1)]
             floor_us = wb / (copy_tbps * 1e12) * 1e6
-            fp4 = recipe in ("nvfp4", "mxfp4")
-            plan = dispatch.fp4_gemv_config(recipe, n, k) if fp4 else dispatch.gemv_config(n, k, G.GROUP)
+            fp4 = base in ("nvfp4", "mxfp4")
+            plan = dispatch.fp4_gemv_config(base, n, k) if fp4 else dispatch.gemv_config(n, k, G.GROUP)
             for cfg in configs(plan, n, k, recipe):
                 op = jax.jit(_gemv_op(recipe, cfg))
                 try:
-                    ok, err = G.check_op(recipe, op, x, w0)
+                    ok, err = G.check_op(base, op, x, w0)
                     us = G.device_time(op, [(x, w) for w in ws]).get("device_us")
                 except Exception as e:  # noqa: BLE001
                     G.log(f"  {part} {recipe} {name} {cfg} failed: {repr(e)[:300]}")
@@ -969,6 +978,9 @@ def main():
         if "gemvsplits" in parts:
             probe_gemv_tiles(copy_tbps, rows, args.shapes.split(","), flush, "gemvsplits", split_sweep,
                              ("w4a16", "nvfp4"))
+        if "fp4decode" in parts:
+            probe_gemv_tiles(copy_tbps, rows, args.shapes.split(","), flush, "fp4decode", tile_sweep,
+                             ("nvfp4", "nvfp4@table", "mxfp4", "mxfp4@table"))
         if "gemvstages" in parts:
             probe_gemv_tiles(copy_tbps, rows, args.shapes.split(","), flush, "gemvstages", stage_sweep,
                              ("w4a16", "nvfp4"))

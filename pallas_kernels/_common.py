@@ -79,6 +79,39 @@ def fma(a: jax.Array, b: jax.Array, c: jax.Array, *, native: bool) -> jax.Array:
     return out
 
 
+def prmt(a, b, selector, *, native: bool) -> jax.Array:
+    """PTX prmt.b32 in its default mode on int32 operands, broadcast: output byte i is byte s & 7 of the eight
+    bytes {b, a} (a's bytes 0-3, b's 4-7), s the selector's nibble i (only its low 16 bits count); s & 8
+    replicates that byte's top bit over the output byte (0x00 or 0xFF). native (a Triton-lowered kernel):
+    one PRMT per element; else the same in jnp (interpret mode)."""
+    shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(selector))
+    a, b, c = (jnp.broadcast_to(jnp.asarray(v, jnp.int32), shape) for v in (a, b, selector))
+    if native:
+        [out] = pltriton.elementwise_inline_asm("prmt.b32 $0, $1, $2, $3;", args=[a, b, c], constraints="=r,r,r,r",
+                                                pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])
+        return out
+    out = jnp.zeros(shape, jnp.int32)
+    for i in range(4):
+        s = lax.shift_right_logical(c, jnp.int32(4 * i)) & 0xF
+        source = jnp.where((s & 4) != 0, b, a)
+        byte = lax.shift_right_logical(source, (s & 3) * 8) & 0xFF
+        byte = jnp.where((s & 8) != 0, jnp.where((byte & 0x80) != 0, 0xFF, 0), byte)
+        out = out | (byte << (8 * i))
+    return out
+
+
+def f16_half_to_f32(words, half: int, *, native: bool) -> jax.Array:
+    """The float16 in bits 16 * half .. 16 * half + 15 of each int32 word, as f32 (exact). native: one
+    cvt.f32.f16 per element (the half read as a register half, no shift); else jnp."""
+    if native:
+        asm = ("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $1; cvt.f32.f16 $0, %s; }" % ("hi" if half else "lo"))
+        [out] = pltriton.elementwise_inline_asm(asm, args=[words], constraints="=f,r", pack=1,
+                                                result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.float32)])
+        return out
+    bits = (lax.shift_right_logical(words, jnp.int32(16 * half)) & 0xFFFF).astype(jnp.uint16)
+    return lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32)
+
+
 def split_even_odd(x: jax.Array) -> jax.Array:
     """x [M, K] -> [2, M, K/2]: x[:, 0::2] then x[:, 1::2], the operands of the low and high nibbles."""
     m, k = x.shape

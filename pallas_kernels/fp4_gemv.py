@@ -31,6 +31,16 @@ Per word column t[n, i] = sum_j w[n, 8i + j] * x[8i + j] (8 FMAs), and acc[n, i]
 FMA) with the word's block scale (NVFP4: f32(e4m3), one per 2 words; MXFP4: f32 bits u << 23 = 2^(u - 127), one
 per 4 words).
 
+Decode "table" (opt-in, `decode="table"`; measured against "bits" by gemm_probe --parts fp4decode): byte
+permutes (PTX prmt, cm.prmt) look the magnitudes up as float16 top bytes (the low byte is 0) in an 8-byte
+table held in two registers, merge the signs in, and widen halves to f32 (cvt.f32.f16):
+  idx = word & 0x77777777; mag = prmt(table, idx) per 4 nibbles  byte i: f16 top byte of |e2m1(nibble i)|
+  sign = prmt(word << 4, word) per 4 nibbles                     byte i's top bit: nibble i's sign bit
+  top = mag | sign & 0x80808080;  pair = prmt(top, mag)          two f16 (low bytes from mag's clear top
+                                                                  bits, replicated: 0x00) per register
+so w = e2m1(code) exactly (no factor 4), for about 21 integer / convert instructions per word of 8 weights
+against 6 per weight for "bits", then the FMA with x.
+
 Numerics: the decoded values and their products with x are exact in f32 (E2M1 has 2 significant bits,
 bf16 8), as are e2m1 x block scale (<= 6 bits, fp4.py); everything else accumulates in f32, in another
 order than the reference (8 products per word, times the word's scale, summed over word columns at the
@@ -53,6 +63,14 @@ _MAG_BITS = 0x01C00000                                  # f32 bits 22..24: E2M1 
 _EXP_124 = 0x3E000000                                   # exponent field 124 (no bit shared with _MAG_BITS)
 _SIGN_BIT = -0x80000000                                 # int32 bit 31
 _QUARTER_UNDO = 4.0                                     # the decoder yields e2m1 / 4
+# float16 top bytes of the E2M1 magnitudes 0, .5, 1, 1.5 (bytes 0-3) and 2, 3, 4, 6 (bytes 4-7): prmt's table.
+_F16_TOP_TABLE = (0x3E3C3800, 0x46444240)
+# prmt selectors: nibble i's sign bit to byte i's top bit, from {word << 4, word}, for nibbles 0-3 and 4-7.
+_SIGN_SELECTORS = (0x5140, 0x7362)
+# prmt selectors: f16 pairs (nibbles 2q, 2q + 1 of four) from {top, mag}, low bytes 0x00.
+_PAIR_SELECTORS = (0x1C0C, 0x3C2C)
+_BYTE_TOP_BITS = -0x7F7F7F80                            # 0x80808080 as int32
+DECODES = ("bits", "table")
 
 
 def _group(fmt_kind: str) -> int:
@@ -91,6 +109,23 @@ def _e2m1_quarter(words, j: int, exp_124, native_fma: bool):
     return lax.bitcast_convert_type(lax.bitcast_convert_type(r, jnp.int32) | sign, jnp.float32)
 
 
+def e2m1_by_table(words, table, native: bool) -> list:
+    """The 8 E2M1 values of every int32 word as exact f32, nibble j at index j (decode "table" in the module
+    docstring); table: the traced _F16_TOP_TABLE words (register-held)."""
+    idx = words & 0x77777777
+    moved = words << 4
+    values = []
+    for quad in range(2):                                # nibbles 0-3, then 4-7
+        selector = lax.shift_right_logical(idx, jnp.int32(16)) if quad else idx
+        mag = cm.prmt(table[0], table[1], selector, native=native)
+        sign = cm.prmt(moved, words, _SIGN_SELECTORS[quad], native=native)
+        top = mag | (sign & _BYTE_TOP_BITS)
+        for pair_selector in _PAIR_SELECTORS:
+            pair = cm.prmt(top, mag, pair_selector, native=native)
+            values += [cm.f16_half_to_f32(pair, 0, native=native), cm.f16_half_to_f32(pair, 1, native=native)]
+    return values
+
+
 def _block_scale_f32(fmt_kind: str, raw):
     """Raw block scales -> f32: e4m3 converted, E8M0 u as the f32 bits u << 23 (2^(u - 127))."""
     if fmt_kind == "nvfp4":
@@ -98,21 +133,30 @@ def _block_scale_f32(fmt_kind: str, raw):
     return lax.bitcast_convert_type(raw.astype(jnp.int32) << 23, jnp.float32)
 
 
-def fp4_gemv_kernel(*refs, fmt_kind: str, cfg: GemvConfig, n: int, k: int, native_fma: bool):
-    """refs: x [1, K], exp int32 [1] (_EXP_124), words [N, K/8] int32, scale [N, K/group] (e4m3 or u8), global
-    [1] f32 (nvfp4 only), out [1, N] (split_k 1) or f32 [split_k, N]."""
-    x_ref, exp_ref, w_ref, s_ref, *rest = refs
+def fp4_gemv_kernel(*refs, fmt_kind: str, cfg: GemvConfig, n: int, k: int, native_fma: bool, decode: str):
+    """refs: x [1, K], consts int32 ([_EXP_124] for decode "bits", _F16_TOP_TABLE for "table"), words [N, K/8]
+    int32, scale [N, K/group] (e4m3 or u8), global [1] f32 (nvfp4 only), out [1, N] (split_k 1) or f32
+    [split_k, N]."""
+    x_ref, const_ref, w_ref, s_ref, *rest = refs
     g_ref = rest.pop(0) if fmt_kind == "nvfp4" else None
     (o_ref,) = rest
-    exp_124 = exp_ref[0]
+    if decode == "table":
+        table = (const_ref[0], const_ref[1])
+        decoded = lambda w: e2m1_by_table(w, table, native_fma)  # noqa: E731
+        undo = 1.0
+    else:
+        exp_124 = const_ref[0]
+        decoded = lambda w: [_e2m1_quarter(w, j, exp_124, native_fma) for j in range(WORD)]  # noqa: E731
+        undo = _QUARTER_UNDO
 
     def word_dot(w, xs, g, acc):
-        dot = _e2m1_quarter(w, 0, exp_124, native_fma) * xs[0][None, :]
+        values = decoded(w)
+        dot = values[0] * xs[0][None, :]
         for j in range(1, WORD):
-            dot = cm.fma(_e2m1_quarter(w, j, exp_124, native_fma), xs[j][None, :], dot, native=native_fma)
+            dot = cm.fma(values[j], xs[j][None, :], dot, native=native_fma)
         return cm.fma(_block_scale_f32(fmt_kind, g["s"]), dot, acc, native=native_fma)
 
-    post = g_ref[0] * _QUARTER_UNDO if g_ref is not None else _QUARTER_UNDO
+    post = g_ref[0] * undo if g_ref is not None else (undo if undo != 1.0 else None)
     w4a16_gemv.word_gemv_program(x_ref, w_ref, {"s": s_ref}, o_ref, cfg=cfg, n=n, k=k, group=GROUPS[fmt_kind],
                                  word_dot=word_dot, post=post)
 
@@ -139,28 +183,34 @@ def _check_operands(fn: str, x, packed, scale, scale_name: str, scale_dtype, gro
         raise ValueError(f"{fn}: global_scale must be a scalar, got shape {tuple(jnp.shape(global_scale))}")
 
 
-def _fp4_gemv(fmt_kind: str, x, packed, scale, global_scale, cfg: GemvConfig | None, interpret: bool):
+def _fp4_gemv(fmt_kind: str, x, packed, scale, global_scale, cfg: GemvConfig | None, interpret: bool, decode: str):
+    if decode not in DECODES:
+        raise ValueError(f"{fmt_kind}_gemv: decode {decode!r}, expected one of {DECODES}")
     k = x.shape[1]
     n = packed.shape[0]
     cfg = cfg or default_config(n, k)
-    args = [x, jnp.array([_EXP_124], jnp.int32), w4a16_gemv.as_words(packed), scale]
+    consts = _F16_TOP_TABLE if decode == "table" else (_EXP_124,)
+    args = [x, jnp.array(consts, jnp.int32), w4a16_gemv.as_words(packed), scale]
     if fmt_kind == "nvfp4":
         args.append(jnp.reshape(global_scale, (1,)).astype(jnp.float32))
-    kernel = functools.partial(fp4_gemv_kernel, fmt_kind=fmt_kind, cfg=cfg, n=n, k=k, native_fma=not interpret)
+    kernel = functools.partial(fp4_gemv_kernel, fmt_kind=fmt_kind, cfg=cfg, n=n, k=k, native_fma=not interpret,
+                               decode=decode)
     return w4a16_gemv.call_word_gemv(kernel, args, x.dtype, n, cfg, interpret, f"{fmt_kind}_gemv")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "decode"))
 def nvfp4_gemv(x, packed, block_scale, global_scale, *, config: GemvConfig | None = None,
-               interpret: bool = False):
+               interpret: bool = False, decode: str = "bits"):
     """y [1, N] = x [1, K] @ W^T in x.dtype for NVFP4 weights (packed u8 [N, K/2], block_scale e4m3
-    [N, K/16], global_scale f32 scalar)."""
+    [N, K/16], global_scale f32 scalar). decode: "bits" or "table" (module docstring)."""
     _check_operands("nvfp4_gemv", x, packed, block_scale, "block_scale", jnp.float8_e4m3fn, 16, global_scale)
-    return _fp4_gemv("nvfp4", x, packed, block_scale, global_scale, config, interpret)
+    return _fp4_gemv("nvfp4", x, packed, block_scale, global_scale, config, interpret, decode)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def mxfp4_gemv(x, packed, scale, *, config: GemvConfig | None = None, interpret: bool = False):
-    """y [1, N] = x [1, K] @ W^T in x.dtype for MXFP4 weights (packed u8 [N, K/2], scale u8 E8M0 [N, K/32])."""
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "decode"))
+def mxfp4_gemv(x, packed, scale, *, config: GemvConfig | None = None, interpret: bool = False,
+               decode: str = "bits"):
+    """y [1, N] = x [1, K] @ W^T in x.dtype for MXFP4 weights (packed u8 [N, K/2], scale u8 E8M0 [N, K/32]).
+    decode: "bits" or "table" (module docstring)."""
     _check_operands("mxfp4_gemv", x, packed, scale, "scale", jnp.uint8, 32)
-    return _fp4_gemv("mxfp4", x, packed, scale, None, config, interpret)
+    return _fp4_gemv("mxfp4", x, packed, scale, None, config, interpret, decode)

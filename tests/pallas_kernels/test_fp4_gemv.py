@@ -9,7 +9,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pallas_kernels import fp4, fp4_gemv
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _common as cm
+from pallas_kernels import fp4, fp4_gemv, w4a16_gemv
 from pallas_kernels.w4a16_gemv import GemvConfig
 from . import np_oracle as npo
 
@@ -42,19 +45,20 @@ def _operands(kind, n, k):
     return x, packed, scales
 
 
-def _run(kind, x, packed, scales, cfg, interpret=True):
+def _run(kind, x, packed, scales, cfg, interpret=True, decode="bits"):
     fn = fp4_gemv.nvfp4_gemv if kind == "nvfp4" else fp4_gemv.mxfp4_gemv
-    return fn(x, packed, *scales, config=cfg, interpret=interpret)
+    return fn(x, packed, *scales, config=cfg, interpret=interpret, decode=decode)
 
 
+@pytest.mark.parametrize("decode", fp4_gemv.DECODES)
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("kind", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("n,k,cfg", CASES)
-def test_gemv_matches_reference(kind, n, k, cfg, interpret):
+def test_gemv_matches_reference(kind, n, k, cfg, interpret, decode):
     x, packed, scales = _operands(kind, n, k)
     assert fp4_gemv.shape_is_supported(kind, 1, n, k)
     assert cfg is None or fp4_gemv.config_is_valid(kind, cfg)
-    out = _run(kind, x, packed, scales, cfg, interpret)
+    out = _run(kind, x, packed, scales, cfg, interpret, decode)
     if kind == "nvfp4":
         ref = fp4.nvfp4_matmul_reference(x, packed, *scales)
         oracle = npo.f64(x) @ npo.nvfp4_weight(packed, *scales).T
@@ -81,6 +85,51 @@ def _hand_codes():
     codes[0, 16:32] = 7
     codes[1, 37] = 14
     return npo.pack(codes)
+
+
+E2M1_VALUES = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+@pytest.mark.parametrize("native", [pytest.param(False, id="jnp"),
+                                    pytest.param(True, id="gpu", marks=pytest.mark.skipif(
+                                        jax.default_backend() != "gpu", reason="inline PTX needs a GPU"))])
+def test_table_decode_gives_every_code_exactly_and_in_order(native):
+    """Every code at every nibble position (signed zero included), nibble j of a word at index j."""
+    rng = npo.rng_for("fp4_table_decode")
+    codes = rng.integers(0, 16, (16, 64)).astype(np.uint8)
+    codes[0, :16], codes[1, :16] = np.arange(16), np.arange(16)[::-1]
+    words = w4a16_gemv.as_words(jnp.asarray(npo.pack(codes)))
+    table = tuple(jnp.int32(t) for t in fp4_gemv._F16_TOP_TABLE)
+    if native:   # the inline PTX only lowers inside a Triton kernel: one program decodes the whole array
+        def kernel(w_ref, o_ref):
+            values = fp4_gemv.e2m1_by_table(w_ref[...], table, True)
+            for j in range(8):
+                o_ref[j] = values[j]
+        values = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((8,) + words.shape, jnp.float32),
+                                compiler_params=cm.triton_params(4, 1))(words)
+    else:
+        values = jnp.stack(fp4_gemv.e2m1_by_table(words, table, False))
+    decoded = np.moveaxis(np.asarray(values), 0, -1).reshape(codes.shape)
+    np.testing.assert_array_equal(decoded, E2M1_VALUES[codes])
+    np.testing.assert_array_equal(np.signbit(decoded), np.signbit(E2M1_VALUES[codes]))
+
+
+def test_prmt_emulation_follows_ptx():
+    """Bytes {b, a} (a's 0-3, b's 4-7) by selector nibble; bit 3 of a nibble replicates the byte's top bit."""
+    a, b = jnp.int32(0x33221100), jnp.int32(0x77665544)
+    pick = lambda a_, b_, c: int(cm.prmt(a_, b_, c, native=False)) & 0xFFFFFFFF  # noqa: E731
+    assert pick(a, b, 0x3210) == 0x33221100 and pick(a, b, 0x7654) == 0x77665544
+    assert pick(a, b, 0x0123) == 0x00112233 and pick(a, b, 0x4701) == 0x44770011
+    signed = jnp.int32(np.uint32(0x80017F00).view(np.int32))        # bytes 00 7F 01 80
+    assert pick(signed, b, 0x8B9A) == 0x00FF0000                     # replicate bytes 2, 1, 3, 0
+    high_set = jnp.int32(np.uint32(0xFFFF3210).view(np.int32))
+    assert pick(a, b, high_set) == 0x33221100                        # the selector's high half is ignored
+
+
+def test_unknown_decode_is_refused():
+    x, packed, scales = _operands("mxfp4", 40, 384)
+    with pytest.raises(ValueError, match="decode 'lut'"):
+        _run("mxfp4", x, packed, scales, None, decode="lut")
 
 
 def test_nvfp4_hand_computed():
