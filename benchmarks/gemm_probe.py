@@ -671,12 +671,9 @@ def gemv_tile_candidates(n, k):
     """GEMV_TILE_SWEEP's tiles, each with the split dispatch._gemv_tile would give for 0, 2 and 4 programs
     per SM (deduplicated)."""
     out = []
-    for bn, bk, unroll, warps in GEMV_TILE_SWEEP:
+    for tile in GEMV_TILE_SWEEP:
         for target in (0, 2 * cm.NUM_SMS, 4 * cm.NUM_SMS):
-            iterations, split = k // bk // unroll, 1
-            while cm.cdiv(n, bn) * split < target and iterations >= 4 * split:
-                split *= 2
-            cfg = GemvConfig(bn, bk, split, unroll, warps, 3)
+            cfg = dispatch._gemv_tile(n, k, dict.fromkeys(("wide", "deep", "small"), (*tile, target)))
             if cfg not in out:
                 out.append(cfg)
     return out

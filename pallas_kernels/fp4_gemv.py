@@ -156,7 +156,7 @@ def fp4_gemv_kernel(*refs, fmt_kind: str, cfg: GemvConfig, n: int, k: int, nativ
             dot = cm.fma(values[j], xs[j][None, :], dot, native=native_fma)
         return cm.fma(_block_scale_f32(fmt_kind, g["s"]), dot, acc, native=native_fma)
 
-    post = g_ref[0] * undo if g_ref is not None else (undo if undo != 1.0 else None)
+    post = g_ref[0] * undo if g_ref is not None else undo
     w4a16_gemv.word_gemv_program(x_ref, w_ref, {"s": s_ref}, o_ref, cfg=cfg, n=n, k=k, group=GROUPS[fmt_kind],
                                  word_dot=word_dot, post=post)
 
