@@ -66,16 +66,17 @@
     512 programs at 3 per SM are 1.29 waves) beats the plan's power of two. `gemvstages`: the same with
     1 to 5 pipelining stages and with 8 warps (run 67: 168 registers a thread, 18.75 % occupancy).
 
-19. The FP4 GEMV's decoders (`fp4decode`): NVFP4 and MXFP4 at M=1 with decode "bits" (the default) and
-    "table" (byte permutes, fp4_gemv's docstring), each on the plan and every third `gemvtiles` candidate,
-    by device time, checked (recipes "nvfp4@table", "mxfp4@table" in the rows).
+19. The word GEMVs' register prefetch (`gemvprefetch`): W4A16, NVFP4 and MXFP4 at M=1, the plan with and
+    without GemvConfig.prefetch, and with prefetch on half the channels, half the K chunk or 8 warps (the
+    second tile of registers it costs), by device time, checked. (Run 69 measured fp4_gemv's byte-permute
+    decode against the bit decode it replaced, in a part since removed.)
 
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
                                                               # w4groups, compile, trace, gemvgroup,
                                                               # gemvgroupcfg, w4split, chain, fp8split,
                                                               # gemvtiles, gemvsplits, gemvstages,
-                                                              # fp4decode
+                                                              # gemvprefetch
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
@@ -673,21 +674,19 @@ def gemv_tile_candidates(n, k):
     out = []
     for tile in GEMV_TILE_SWEEP:
         for target in (0, 2 * cm.NUM_SMS, 4 * cm.NUM_SMS):
-            cfg = dispatch._gemv_tile(n, k, dict.fromkeys(("wide", "deep", "small"), (*tile, target)))
+            cfg = dispatch._gemv_tile(n, k, dict.fromkeys(("wide", "deep", "small"), (*tile, target, False)))
             if cfg not in out:
                 out.append(cfg)
     return out
 
 
 def _gemv_op(recipe, cfg):
-    """recipe: w4a16 / w4a16_asym / nvfp4 / mxfp4, the FP4 ones optionally with "@<decode>" (nvfp4@table)."""
-    recipe, _, decode = recipe.partition("@")
+    """recipe: w4a16 / w4a16_asym / nvfp4 / mxfp4."""
     if recipe in ("w4a16", "w4a16_asym"):
         return lambda xx, w: w4a16_gemv.w4a16_gemv(xx, w["packed"], w["scale"], w.get("zero"), config=cfg)
     if recipe == "nvfp4":
-        return lambda xx, w: fp4_gemv.nvfp4_gemv(xx, w["packed"], w["block_scale"], w["global_scale"], config=cfg,
-                                                 decode=decode or "bits")
-    return lambda xx, w: fp4_gemv.mxfp4_gemv(xx, w["packed"], w["scale"], config=cfg, decode=decode or "bits")
+        return lambda xx, w: fp4_gemv.nvfp4_gemv(xx, w["packed"], w["block_scale"], w["global_scale"], config=cfg)
+    return lambda xx, w: fp4_gemv.mxfp4_gemv(xx, w["packed"], w["scale"], config=cfg)
 
 
 def tile_sweep(plan, n, k, recipe):
@@ -707,8 +706,19 @@ def stage_sweep(plan, n, k, recipe):
     return [plan] + stages + [dataclasses.replace(plan, num_warps=8)]
 
 
-def probe_gemv_tiles(copy_tbps, rows, shapes, flush, part="gemvtiles", configs=tile_sweep,
-                     recipes=("w4a16", "w4a16_asym", "nvfp4", "mxfp4")):
+def prefetch_sweep(plan, n, k, recipe):
+    """`gemvprefetch`: the plan, then with prefetch on its tile, on half its channels, half its K chunk and
+    8 warps (the ones valid for the recipe's group)."""
+    ahead = dataclasses.replace(plan, prefetch=True)
+    cands = [ahead, dataclasses.replace(ahead, num_warps=8)]
+    if plan.block_n >= 16:
+        cands.append(dataclasses.replace(ahead, block_n=plan.block_n // 2))
+    if plan.block_k >= 256:
+        cands.append(dataclasses.replace(ahead, block_k=plan.block_k // 2))
+    return [plan] + cands
+
+
+def probe_gemv_tiles(copy_tbps, rows, shapes, flush, part, configs, recipes):
     """Per recipe and shape at M=1: configs(plan, n, k, recipe) -> the GEMV configs to time by device time,
     each checked against the reference; logs the plan's time and the best."""
     for recipe in recipes:
@@ -716,18 +726,17 @@ def probe_gemv_tiles(copy_tbps, rows, shapes, flush, part="gemvtiles", configs=t
             model, layer = name.split(".")
             n, k = SHAPES[model][layer]
             x = G.rand_x(1, k, seed=n)
-            base = recipe.partition("@")[0]
-            w0 = G.make_weights(base, n, k, seed=11)
+            w0 = G.make_weights(recipe, n, k, seed=11)
             wb = G.weight_bytes(w0)
             reps = G.reps_for(wb, wb / (copy_tbps * 1e12))
-            ws = [w0] + [G.make_weights(base, n, k, seed=12 + r) for r in range(reps - 1)]
+            ws = [w0] + [G.make_weights(recipe, n, k, seed=12 + r) for r in range(reps - 1)]
             floor_us = wb / (copy_tbps * 1e12) * 1e6
-            fp4 = base in ("nvfp4", "mxfp4")
-            plan = dispatch.fp4_gemv_config(base, n, k) if fp4 else dispatch.gemv_config(n, k, G.GROUP)
+            fp4 = recipe in ("nvfp4", "mxfp4")
+            plan = dispatch.fp4_gemv_config(recipe, n, k) if fp4 else dispatch.gemv_config(n, k, G.GROUP)
             for cfg in configs(plan, n, k, recipe):
                 op = jax.jit(_gemv_op(recipe, cfg))
                 try:
-                    ok, err = G.check_op(base, op, x, w0)
+                    ok, err = G.check_op(recipe, op, x, w0)
                     us = G.device_time(op, [(x, w) for w in ws]).get("device_us")
                 except Exception as e:  # noqa: BLE001
                     G.log(f"  {part} {recipe} {name} {cfg} failed: {repr(e)[:300]}")
@@ -932,6 +941,9 @@ def main():
     ap.add_argument("--ms", default="1,16,64,256,1024,4096",
                     help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu, trace and fp8 parts")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--gemv-recipes", default=None,
+                    help="recipes of the gemvtiles, gemvsplits, gemvprefetch and gemvstages parts (default: each "
+                         "part's own)")
     ap.add_argument("--device-time", action="store_true",
                     help="time the gemvgroupcfg and large-M parts by the device's own time (profiler trace)")
     args = ap.parse_args()
@@ -970,17 +982,14 @@ def main():
             probe_w4a8_gemv(copy_tbps, rows, args.shapes.split(","), flush)
         if "gemvgroup" in parts:
             probe_gemv_group(copy_tbps, rows, args.shapes.split(","), flush)
-        if "gemvtiles" in parts:
-            probe_gemv_tiles(copy_tbps, rows, args.shapes.split(","), flush)
-        if "gemvsplits" in parts:
-            probe_gemv_tiles(copy_tbps, rows, args.shapes.split(","), flush, "gemvsplits", split_sweep,
-                             ("w4a16", "nvfp4"))
-        if "fp4decode" in parts:
-            probe_gemv_tiles(copy_tbps, rows, args.shapes.split(","), flush, "fp4decode", tile_sweep,
-                             ("nvfp4", "nvfp4@table", "mxfp4", "mxfp4@table"))
-        if "gemvstages" in parts:
-            probe_gemv_tiles(copy_tbps, rows, args.shapes.split(","), flush, "gemvstages", stage_sweep,
-                             ("w4a16", "nvfp4"))
+        gemv_sweeps = {"gemvtiles": (tile_sweep, ("w4a16", "w4a16_asym", "nvfp4", "mxfp4")),
+                       "gemvsplits": (split_sweep, ("w4a16", "nvfp4")),
+                       "gemvprefetch": (prefetch_sweep, ("w4a16", "nvfp4", "mxfp4")),
+                       "gemvstages": (stage_sweep, ("w4a16", "nvfp4"))}
+        for part, (sweep, recipes) in gemv_sweeps.items():
+            if part in parts:
+                recipes = args.gemv_recipes.split(",") if args.gemv_recipes else recipes
+                probe_gemv_tiles(copy_tbps, rows, args.shapes.split(","), flush, part, sweep, recipes)
         if "gemvgroupcfg" in parts:
             probe_gemv_group_configs(rows, args.shapes.split(","), flush)
         if "fp4gemv" in parts:

@@ -160,14 +160,27 @@ def multiple_of(v, m: int):
     return pl.multiple_of(v, m) if isinstance(v, jax.Array) else v
 
 
-def k_loop(load, accumulate, first_chunk, chunks: int, unroll: int, acc):
+def k_loop(load, accumulate, first_chunk, chunks: int, unroll: int, acc, prefetch: bool = False):
     """The K loop of a split-K program: `chunks` chunks from `first_chunk` (a multiple of unroll), `unroll`
     chunks per iteration with all their loads issued before their math (memory-level parallelism where
-    Triton's pipeliner does not apply). load(chunk) -> tile; accumulate(acc, tile) -> acc."""
-    def body(i, acc):
-        tiles = [load(first_chunk + i * unroll + u) for u in range(unroll)]
+    Triton's pipeliner does not apply). load(chunk) -> tile; accumulate(acc, tile) -> acc. prefetch: the
+    loop carries the next iteration's tiles, loaded before this iteration's math (a register double
+    buffer: a load is in flight while the program computes; the last iteration reloads its own chunks)."""
+    def loads(i, clamp: bool = False):
+        ids = [first_chunk + i * unroll + u for u in range(unroll)]
+        return [load(jnp.minimum(c, first_chunk + chunks - 1) if clamp else c) for c in ids]
+
+    def accumulate_all(acc, tiles):
         for t in tiles:
             acc = accumulate(acc, t)
         return acc
 
-    return lax.fori_loop(0, chunks // unroll, body, acc)
+    if not prefetch:
+        return lax.fori_loop(0, chunks // unroll, lambda i, acc: accumulate_all(acc, loads(i)), acc)
+
+    def body(i, carry):
+        acc, tiles = carry
+        ahead = loads(i + 1, clamp=True)
+        return accumulate_all(acc, tiles), ahead
+
+    return lax.fori_loop(0, chunks // unroll, body, (acc, loads(0)))[0]

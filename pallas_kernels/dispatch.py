@@ -93,30 +93,37 @@ GEMV_MIN_N = 6144
 GEMV_TILE = Packed4Config(block_m=1, block_n=16, block_k=128, split_k=1, num_warps=2, num_stages=3, unroll=4)
 # W4A16 at M=1: the word GEMV beat the packed-4 plan on every Llama-3.1-8B layer (H100,
 # benchmarks/results/gemm_probe_NVIDIA_H100_80GB_HBM3_2026-11-27.json). Tiles by shape class, (block_n, block_k,
-# unroll, num_warps, programs that split-K aims for). Re-swept after the FMA-chain decode (H200, device us, run 62,
+# unroll, num_warps, programs that split-K aims for, prefetch). Re-swept after the FMA-chain decode (H200, device us, run 62,
 # benchmarks/results/gemv_tile_sweep_NVIDIA_H200_2026-11-28_run62.json; the old tiles' time in brackets):
 # wide 8b.gate_up 24.3 (27.1), 70b.gate_up 83.7 (97.4); deep 8b.down 16.8 (16.6), 70b.down 43.8 (55.8),
 # 70b.qkv 20.5 (23.4), 70b.o 15.5 (16.9); small 8b.qkv 8.1 (9.3), 8b.o 6.7 (6.5).
+# The register prefetch (GemvConfig.prefetch; run 71, gemm_probe --parts gemvprefetch, device us, without in
+# brackets): wide on 16 channels 8b.gate_up 23.4 (24.4 on 32), 70b.gate_up 80.0 (83.6); small 8b.o 6.1 (6.6),
+# 8b.qkv 8.1 (8.1); not deep: 70b.down 47.7 (44.2). K splits 1-8 (run 70): the deep class's powers of two
+# stay (8b.down 15.1 us at split 3 vs 16.8 at 4, but 70b.down 48.9 at 3 vs 44.0 at 2: no wave rule fits both).
 GEMV_WIDE_N, GEMV_DEEP_K = 14336, 8192
 # A grouped GEMV (q / k / v in one launch) takes the wide tile from a summed N of 6144: device time (run 40,
 # H100) 9.0 us vs 10.1 on the small tile with split-K for 8b.qkv, 26.7 vs 27.6 (the fused weight on the deep
 # tile) for 70b.qkv.
 GROUP_GEMV_WIDE_N = 6144
-GEMV_TILES: dict[str, tuple[int, int, int, int, int]] = {
-    "wide": (32, 1024, 1, 4, 0),     # N >= GEMV_WIDE_N (gate_up): enough programs without split-K
-    "deep": (32, 1024, 1, 4, 512),   # K >= GEMV_DEEP_K (down, and every 70B layer)
-    "small": (16, 512, 2, 4, 0),     # the rest (8B qkv, o)
+GEMV_TILES: dict[str, tuple[int, int, int, int, int, bool]] = {
+    "wide": (16, 1024, 1, 4, 0, True),      # N >= GEMV_WIDE_N (gate_up): enough programs without split-K
+    "deep": (32, 1024, 1, 4, 512, False),   # K >= GEMV_DEEP_K (down, and every 70B layer)
+    "small": (16, 512, 2, 4, 0, True),      # the rest (8B qkv, o)
 }
 # NVFP4 / MXFP4 at M=1: the FP4 word GEMV beat the packed-4 plan on every 8B layer (H100,
 # benchmarks/results/gemm_probe_NVIDIA_H100_80GB_HBM3_2026-11-27_fp4gemv.json, NVFP4 / MXFP4 us):
 # gate_up 61.7 / 60.1 vs 69.2 / 68.7, down 34.3 / 33.5 vs 57.1 / 54.6, qkv 16.5 / 15.7 vs 26.0 / 25.4,
 # o 12.4 / 13.4 vs 20.7 / 20.4. Same shape classes and fields as GEMV_TILES.
 # After the FMA chain (run 63, H200 device us, NVFP4 / MXFP4): the wide tile below 42.6 / 40.7 on 8b.gate_up
-# (the old (32, 256) tile 44.7 / 41.6; NVFP4 took 66.3 before the FMAs, ncu run 56).
-FP4_GEMV_TILES: dict[str, tuple[int, int, int, int, int]] = {
-    "wide": (16, 512, 2, 4, 0),
-    "deep": (32, 256, 2, 4, 512),
-    "small": (64, 256, 1, 4, 512),
+# (the old (32, 256) tile 44.7 / 41.6; NVFP4 took 66.3 before the FMAs, ncu run 56). With the byte-permute
+# decode (runs 69, 71): wide 8b.gate_up 31.9 / 28.6, 70b.gate_up 113.9 / 102.6; small on the wide tile 8b.qkv
+# 9.2 / 8.4 (10.0 / 9.8 on the old (64, 256) split 8), 8b.o 7.6 / 7.2 (7.6 / 7.4); deep with the prefetch
+# 8b.down 19.0 / 17.3 (19.9 / 17.8 without), 70b.down 63.9 / 56.0 (69.1 / 60.4).
+FP4_GEMV_TILES: dict[str, tuple[int, int, int, int, int, bool]] = {
+    "wide": (16, 512, 2, 4, 0, False),
+    "deep": (32, 256, 2, 4, 512, True),
+    "small": (16, 512, 2, 4, 0, False),
 }
 FP8_LARGE_M = Fp8Config(128, 128, 128, split_k=1, swap_ab=False, num_warps=8, num_stages=4)
 # FP8 block-scaled from the M=256 bucket on: the Mosaic GPU kernel, H100 (gemm_probe *_mgpu.json), TFLOP/s:
@@ -236,11 +243,11 @@ def _gemv_tile(n: int, k: int, tiles: dict, wide_n: int = GEMV_WIDE_N) -> GemvCo
     """The GEMV tile of this shape class (wide from N = wide_n), split-K sized so the grid reaches the class's
     program target."""
     shape_class = "wide" if n >= wide_n else "deep" if k >= GEMV_DEEP_K else "small"
-    bn, bk, unroll, warps, target = tiles[shape_class]
+    bn, bk, unroll, warps, target, prefetch = tiles[shape_class]
     iterations, split = cm.cdiv(k, bk) // unroll, 1
     while cm.cdiv(n, bn) * split < target and iterations >= 4 * split:     # >= 2 iterations per split
         split *= 2
-    return GemvConfig(bn, bk, split, unroll, warps, 3)
+    return GemvConfig(bn, bk, split, unroll, warps, 3, prefetch)
 
 
 def gemv_config(n: int, k: int, group: int, wide_n: int = GEMV_WIDE_N) -> GemvConfig:

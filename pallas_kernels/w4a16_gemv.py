@@ -46,6 +46,8 @@ class GemvConfig:
       unroll; the chunks past K are masked), so a plan can size the grid to whole waves.
     unroll: chunks whose loads are issued before their math, per loop iteration.
     num_warps, num_stages: Triton's warps per program and software-pipelining depth.
+    prefetch: load the next iteration's chunks before this one's math (cm.k_loop), at the cost of a second
+      tile of registers.
     """
 
     block_n: int = 32
@@ -54,6 +56,7 @@ class GemvConfig:
     unroll: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: bool = False
 
 
 def config_is_valid(group: int, cfg: GemvConfig) -> bool:
@@ -104,7 +107,7 @@ def deinterleave(v, ways: int):
 
 
 def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig, n: int, k: int, group: int,
-                      word_dot, post=None, block0: int = 0, ids=None, x_row: int = 0):
+                      word_dot, post=None, block0: int = 0, ids=None, x_row: int = 0, group_f32=None):
     """The program shared by the word GEMVs (this module, fp4_gemv.py), for the output channels of
     program_id(0) and the K range of split program_id(1). block0: in a grouped GEMV, the grid's first
     channel block of this weight: it computes the weight's channels (program_id(0) - block0) * block_n and
@@ -116,7 +119,8 @@ def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig,
     W4A8's E4M3 codes per input scale); w_ref int32 words [N, K/8]; group_refs: name -> ref [N, K/group] of
     per-group values (scales, zeros); o_ref [1, N] (split_k 1) or f32 [split_k, N]. Per K chunk it loads the words
     [bn, bk/8], the x chunk de-interleaved into the 8 vectors x[8i + j], and each group ref broadcast to
-    one value per word column ([bn, bk/8], or [bn, 1] when a group spans the chunk), and updates the
+    one value per word column ([bn, bk/8], or [bn, 1] when a group spans the chunk; group_f32, if given,
+    converts the raw values to f32 once per group, before the broadcast), and updates the
     accumulator: acc = word_dot(words, xs, groups, acc), f32 [bn, bk/8]. After the K loop the word columns are
     summed, multiplied by `post` (a traced scalar, optional) and stored."""
     bn, bk, split, unroll = cfg.block_n, cfg.block_k, cfg.split_k, cfg.unroll
@@ -129,6 +133,7 @@ def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig,
     n_mask = cm.range_mask(n0, bn, n, n % bn != 0)
     n_rows = pl.ds(n0, bn)
     per_chunk = max(bk // group, 1)                     # groups in one chunk
+    before_broadcast = group_f32 or (lambda raw: raw)
     group_words = group // WORD
 
     def per_word(v):
@@ -150,10 +155,11 @@ def word_gemv_program(x_ref, w_ref, group_refs: dict, o_ref, *, cfg: GemvConfig,
 
     def accumulate(acc, t):
         xs = deinterleave(t["_x"].astype(jnp.float32), WORD)
-        groups = {name: per_word(t[name]) for name in group_refs}
+        groups = {name: per_word(before_broadcast(t[name])) for name in group_refs}
         return word_dot(t["_w"], xs, groups, acc)
 
-    acc = cm.k_loop(load, accumulate, ps * per_split, per_split, unroll, jnp.zeros((bn, words), jnp.float32))
+    acc = cm.k_loop(load, accumulate, ps * per_split, per_split, unroll, jnp.zeros((bn, words), jnp.float32),
+                    cfg.prefetch)
     y = jnp.sum(acc, axis=1)                            # [bn]
     if post is not None:
         y = y * post

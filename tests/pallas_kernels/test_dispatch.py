@@ -52,7 +52,9 @@ def test_plan_buckets():
     assert dispatch.plan("w4a8", 16, 28672, 4096, mosaic=False).path == "pallas"  # elsewhere: packed-4
     assert dispatch.plan("w4a8", 4096, 4096, 4096, mosaic=False).path == "xla_dequant"
     assert dispatch.plan("nvfp4", 1, 28672, 4096).path == "gemv"                 # FP4 word GEMV
-    assert dispatch.plan("mxfp4", 1, 4096, 4096).config.split_k == 8
+    fp4_small, fp4_deep = dispatch.plan("mxfp4", 1, 4096, 4096).config, dispatch.plan("nvfp4", 1, 4096, 14336).config
+    assert (fp4_small.block_n, fp4_small.split_k, fp4_small.prefetch) == (16, 1, False)   # the wide tile
+    assert (fp4_deep.block_n, fp4_deep.split_k, fp4_deep.prefetch) == (32, 4, True)       # 128 programs, aim 512
     assert dispatch.plan("fp8_block", 1024, 4096, 4096).path == "mgpu"           # Mosaic GPU at large M
     assert dispatch.plan("fp8_block", 256, 4096, 4096).config.wg_dim == "n"
     down, qkv = dispatch.plan("fp8_block", 256, 4096, 14336).config, dispatch.plan("fp8_block", 256, 6144, 4096).config
@@ -176,7 +178,7 @@ def test_gemv_path_gathers_act_order_activations():
 
 def test_group_plan_runs_one_token_on_the_gemv_of_the_summed_width():
     qkv = dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096)
-    wide = GemvConfig(block_n=32, block_k=1024, split_k=1, unroll=1, num_warps=4)  # no split-K sum to launch
+    wide = GemvConfig(block_n=16, block_k=1024, split_k=1, unroll=1, num_warps=4, prefetch=True)  # no split-K sum
     assert qkv == dispatch.Plan("gemv", wide) and dispatch.plan("w4a16", 1, 6144, 4096).config.block_n == 16
     assert dispatch.group_plan("w4a16", 1, (8192, 1024, 1024), 8192) == qkv         # 70B: wide, not deep
     assert dispatch.group_plan("w4a16", 1, (4096, 1024, 1024), 4096, mosaic=False) == qkv   # Triton: any GPU

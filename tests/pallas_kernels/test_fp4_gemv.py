@@ -30,6 +30,8 @@ CASES = [
     (40, 640, GemvConfig(block_n=8, block_k=64, split_k=4)),                   # 10 chunks over 4 splits
     (24, 896, GemvConfig(block_n=8, block_k=64, split_k=3)),                   # 14 chunks over 3 splits
     (64, 384, None),                                                           # default heuristic
+    (64, 640, GemvConfig(block_n=32, block_k=256, split_k=2, unroll=2, prefetch=True)),   # prefetch, ragged
+    (24, 896, GemvConfig(block_n=8, block_k=64, split_k=3, prefetch=True)),
 ]
 
 
@@ -45,20 +47,19 @@ def _operands(kind, n, k):
     return x, packed, scales
 
 
-def _run(kind, x, packed, scales, cfg, interpret=True, decode="bits"):
+def _run(kind, x, packed, scales, cfg, interpret=True):
     fn = fp4_gemv.nvfp4_gemv if kind == "nvfp4" else fp4_gemv.mxfp4_gemv
-    return fn(x, packed, *scales, config=cfg, interpret=interpret, decode=decode)
+    return fn(x, packed, *scales, config=cfg, interpret=interpret)
 
 
-@pytest.mark.parametrize("decode", fp4_gemv.DECODES)
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("kind", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("n,k,cfg", CASES)
-def test_gemv_matches_reference(kind, n, k, cfg, interpret, decode):
+def test_gemv_matches_reference(kind, n, k, cfg, interpret):
     x, packed, scales = _operands(kind, n, k)
     assert fp4_gemv.shape_is_supported(kind, 1, n, k)
     assert cfg is None or fp4_gemv.config_is_valid(kind, cfg)
-    out = _run(kind, x, packed, scales, cfg, interpret, decode)
+    out = _run(kind, x, packed, scales, cfg, interpret)
     if kind == "nvfp4":
         ref = fp4.nvfp4_matmul_reference(x, packed, *scales)
         oracle = npo.f64(x) @ npo.nvfp4_weight(packed, *scales).T
@@ -99,16 +100,16 @@ def test_table_decode_gives_every_code_exactly_and_in_order(native):
     codes = rng.integers(0, 16, (16, 64)).astype(np.uint8)
     codes[0, :16], codes[1, :16] = np.arange(16), np.arange(16)[::-1]
     words = w4a16_gemv.as_words(jnp.asarray(npo.pack(codes)))
-    table = tuple(jnp.int32(t) for t in fp4_gemv._F16_TOP_TABLE)
+    table = jnp.array(fp4_gemv._F16_TOP_TABLE, jnp.int32)
     if native:   # the inline PTX only lowers inside a Triton kernel: one program decodes the whole array
-        def kernel(w_ref, o_ref):
-            values = fp4_gemv.e2m1_by_table(w_ref[...], table, True)
+        def kernel(t_ref, w_ref, o_ref):
+            values = fp4_gemv.e2m1_by_table(w_ref[...], (t_ref[0], t_ref[1]), True)
             for j in range(8):
                 o_ref[j] = values[j]
         values = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((8,) + words.shape, jnp.float32),
-                                compiler_params=cm.triton_params(4, 1))(words)
+                                compiler_params=cm.triton_params(4, 1))(table, words)
     else:
-        values = jnp.stack(fp4_gemv.e2m1_by_table(words, table, False))
+        values = jnp.stack(fp4_gemv.e2m1_by_table(words, (table[0], table[1]), False))
     decoded = np.moveaxis(np.asarray(values), 0, -1).reshape(codes.shape)
     np.testing.assert_array_equal(decoded, E2M1_VALUES[codes])
     np.testing.assert_array_equal(np.signbit(decoded), np.signbit(E2M1_VALUES[codes]))
@@ -124,12 +125,6 @@ def test_prmt_emulation_follows_ptx():
     assert pick(signed, b, 0x8B9A) == 0x00FF0000                     # replicate bytes 2, 1, 3, 0
     high_set = jnp.int32(np.uint32(0xFFFF3210).view(np.int32))
     assert pick(a, b, high_set) == 0x33221100                        # the selector's high half is ignored
-
-
-def test_unknown_decode_is_refused():
-    x, packed, scales = _operands("mxfp4", 40, 384)
-    with pytest.raises(ValueError, match="decode 'lut'"):
-        _run("mxfp4", x, packed, scales, None, decode="lut")
 
 
 def test_nvfp4_hand_computed():

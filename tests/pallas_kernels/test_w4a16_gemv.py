@@ -27,6 +27,8 @@ CASES = [
     (48, 256, 64, "int", None),                                                   # default heuristic
     (24, 1792, 128, None, GemvConfig(block_n=8, block_k=128, split_k=3)),         # 14 chunks over 3 splits
     (24, 640, 32, "int", GemvConfig(block_n=8, block_k=64, split_k=6, unroll=2)),  # 10 chunks, 6 splits of 2
+    (40, 640, 64, "int", GemvConfig(block_n=32, block_k=256, split_k=2, prefetch=True)),   # prefetch, ragged K
+    (24, 1792, 128, None, GemvConfig(block_n=8, block_k=128, split_k=3, unroll=2, prefetch=True)),
 ]
 
 
