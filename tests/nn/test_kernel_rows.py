@@ -60,10 +60,12 @@ def test_rows_go_to_the_weights_the_mosaic_kernels_take(hopper):
     assert out["sym"].weight is params["sym"].weight                      # the weights themselves are shared
 
 
-def test_without_a_hopper_gpu_params_come_back_unchanged():
+def test_without_a_hopper_gpu_params_come_back_unchanged(monkeypatch):
+    monkeypatch.setattr(_mgpu, "is_hopper", lambda: False)        # as on a CPU or a GPU before Hopper
     rng = np.random.default_rng(1)
     params = {"w": QuantizedWeight(get_recipe("w4a16_awq"), _int4(rng, 256, 512, 128))}
-    assert kernel_dispatch.with_kernel_rows(params)["w"].kernel_rows is None    # this CPU
+    out = kernel_dispatch.with_kernel_rows(params)
+    assert out["w"].kernel_rows is None and out["w"] is params["w"]
 
 
 def test_replace_drops_rows_that_no_longer_match(hopper):
