@@ -58,8 +58,9 @@
 
 17. The word GEMVs' tiles by device time (`gemvtiles`): W4A16 (sym, asym), NVFP4 and MXFP4 at M=1, the
     dispatcher's planned tile against GEMV_TILE_SWEEP's tiles with splits aiming at 0, 2 and 4 programs per
-    SM (asym and FP4: the plan and every third candidate), each checked against the reference (run 62-63:
-    the tiles after the FMA-chain decode).
+    SM, each with and without the register prefetch (asym and FP4: the plan and every third candidate),
+    each checked against the reference (run 62-63: the tiles after the FMA-chain decode, before the
+    prefetch existed).
 
 18. K splits of the planned GEMV tiles (`gemvsplits`): W4A16 and NVFP4 at M=1, the plan's tile at every
     split from 1 to 8, by device time, checked: whether a split that fills whole waves (run 67: 8b.down's
@@ -670,13 +671,14 @@ GEMV_TILE_SWEEP = ((16, 512, 2, 4), (16, 512, 1, 4), (32, 512, 1, 4), (32, 256, 
 
 def gemv_tile_candidates(n, k):
     """GEMV_TILE_SWEEP's tiles, each with the split dispatch._gemv_tile would give for 0, 2 and 4 programs
-    per SM (deduplicated)."""
+    per SM, without and with the register prefetch (deduplicated)."""
     out = []
     for tile in GEMV_TILE_SWEEP:
         for target in (0, 2 * cm.NUM_SMS, 4 * cm.NUM_SMS):
-            cfg = dispatch._gemv_tile(n, k, dict.fromkeys(("wide", "deep", "small"), (*tile, target, False)))
-            if cfg not in out:
-                out.append(cfg)
+            for prefetch in (False, True):
+                cfg = dispatch._gemv_tile(n, k, dict.fromkeys(("wide", "deep", "small"), (*tile, target, prefetch)))
+                if cfg not in out:
+                    out.append(cfg)
     return out
 
 
