@@ -93,8 +93,9 @@ GEMV_MIN_N = 6144
 GEMV_TILE = Packed4Config(block_m=1, block_n=16, block_k=128, split_k=1, num_warps=2, num_stages=3, unroll=4)
 # W4A16 at M=1: the word GEMV beat the packed-4 plan on every Llama-3.1-8B layer (H100,
 # benchmarks/results/gemm_probe_NVIDIA_H100_80GB_HBM3_2026-11-27.json). Tiles by shape class, (block_n, block_k,
-# unroll, num_warps, programs that split-K aims for, prefetch). Re-swept after the FMA-chain decode (H200, device us, run 62,
-# benchmarks/results/gemv_tile_sweep_NVIDIA_H200_2026-11-28_run62.json; the old tiles' time in brackets):
+# unroll, num_warps, programs that split-K aims for, prefetch). Re-swept after the FMA-chain decode (H200, device
+# us, run 62, benchmarks/results/gemv_tile_sweep_NVIDIA_H200_2026-11-28_run62.json; the old tiles' time in
+# brackets):
 # wide 8b.gate_up 24.3 (27.1), 70b.gate_up 83.7 (97.4); deep 8b.down 16.8 (16.6), 70b.down 43.8 (55.8),
 # 70b.qkv 20.5 (23.4), 70b.o 15.5 (16.9); small 8b.qkv 8.1 (9.3), 8b.o 6.7 (6.5).
 # The register prefetch (GemvConfig.prefetch; run 71, gemm_probe --parts gemvprefetch, device us, without in

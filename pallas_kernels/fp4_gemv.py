@@ -34,7 +34,8 @@ Numerics: the decoded values and their products with x are exact in f32 (E2M1 ha
 bf16 8), as are e2m1 x block scale (<= 6 bits, fp4.py); everything else accumulates in f32, in another
 order than the reference (8 products per word, times the word's scale, summed over word columns at the
 end), and the output is rounded to x.dtype once (split-K: each program scales its f32 partial, XLA sums
-them and rounds once). Tolerance used by tests/pallas_kernels/test_fp4_gemv.py: |y - ref| <= 1e-2 * |ref| + 1e-2 * rms(ref).
+them and rounds once). Tolerance used by tests/pallas_kernels/test_fp4_gemv.py:
+|y - ref| <= 1e-2 * |ref| + 1e-2 * rms(ref).
 """
 import functools
 
