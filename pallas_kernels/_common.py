@@ -18,6 +18,24 @@ def triton_params(num_warps: int, num_stages: int) -> pltriton.CompilerParams:
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def call_split_k(kernel, args, *, m: int, n: int, block_m: int, block_n: int, split: int, out_dtype,
+                 num_warps: int, num_stages: int, interpret: bool, name: str) -> jax.Array:
+    """Launches a Triton-lowered GEMM kernel on the grid (M tiles, N tiles, split) and returns y [m, n] in
+    out_dtype: the kernel writes y itself when split == 1, else f32 partials [split, m, n] (program_id(2)
+    the split) that one XLA fusion sums and casts."""
+    out_shape = (jax.ShapeDtypeStruct((m, n), out_dtype) if split == 1
+                 else jax.ShapeDtypeStruct((split, m, n), jnp.float32))
+    y = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(cdiv(m, block_m), cdiv(n, block_n), split),
+        compiler_params=triton_params(num_warps, num_stages),
+        interpret=interpret,
+        name=name,
+    )(*args)
+    return y if split == 1 else jnp.sum(y, axis=0).astype(out_dtype)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

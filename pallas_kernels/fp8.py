@@ -199,21 +199,10 @@ def fp8_matmul(xq, x_scale, wq, w_scale, *, mode: str, config: Fp8Config | None 
         if mode == "block":
             return fp8_block_scaled_reference(xq, x_scale, wq, w_scale).astype(out_dtype)
         return fp8_rowwise_matmul_reference(xq, x_scale, wq, w_scale, out_dtype)
-    split = cfg.split_k
-    out_shape = (jax.ShapeDtypeStruct((m, n), out_dtype) if split == 1
-                 else jax.ShapeDtypeStruct((split, m, n), jnp.float32))
     kernel = functools.partial(fp8_matmul_kernel, mode=mode, cfg=cfg, m=m, n=n, k=k)
-    y = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(cm.cdiv(m, cfg.block_m), cm.cdiv(n, cfg.block_n), split),
-        compiler_params=cm.triton_params(cfg.num_warps, cfg.num_stages),
-        interpret=interpret,
-        name=f"fp8_{mode}",
-    )(xq, x_scale, wq, w_scale)
-    if split > 1:
-        y = jnp.sum(y, axis=0).astype(out_dtype)
-    return y
+    return cm.call_split_k(kernel, (xq, x_scale, wq, w_scale), m=m, n=n, block_m=cfg.block_m, block_n=cfg.block_n,
+                           split=cfg.split_k, out_dtype=out_dtype, num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages, interpret=interpret, name=f"fp8_{mode}")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

@@ -341,20 +341,7 @@ def packed4_matmul(x, packed, scale, zero=None, global_scale=None, *, fmt: Packe
         args.append(zero)
     if fmt.has_global:
         args.append(jnp.reshape(global_scale, (1,)).astype(jnp.float32))
-    split = cfg.split_k
-    if split == 1:
-        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
-    else:
-        out_shape = jax.ShapeDtypeStruct((split, m, n), jnp.float32)
     kernel = functools.partial(packed4_matmul_kernel, fmt=fmt, cfg=cfg, m=m, n=n, k=k)
-    y = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(cm.cdiv(m, cfg.block_m), cm.cdiv(n, cfg.block_n), split),
-        compiler_params=cm.triton_params(cfg.num_warps, cfg.num_stages),
-        interpret=interpret,
-        name=f"packed4_{fmt.kind}_{fmt.act}",
-    )(*args)
-    if split > 1:
-        y = jnp.sum(y, axis=0).astype(out_dtype)
-    return y
+    return cm.call_split_k(kernel, args, m=m, n=n, block_m=cfg.block_m, block_n=cfg.block_n, split=cfg.split_k,
+                           out_dtype=out_dtype, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                           interpret=interpret, name=f"packed4_{fmt.kind}_{fmt.act}")
