@@ -44,16 +44,8 @@ def is_pow2(v: int) -> bool:
     return v >= 1 and (v & (v - 1)) == 0
 
 
-def pow2_floor(v: int) -> int:
-    return 1 << max(int(math.floor(math.log2(max(v, 1)))), 0)
-
-
 def pow2_ceil(v: int) -> int:
     return 1 << max(int(math.ceil(math.log2(max(v, 1)))), 0)
-
-
-def on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
 
 
 def unpack_nibbles(packed: jax.Array) -> jax.Array:
