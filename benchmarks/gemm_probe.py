@@ -72,12 +72,16 @@
     second tile of registers it costs), by device time, checked. (Run 69 measured fp4_gemv's byte-permute
     decode against the bit decode it replaced, in a part since removed.)
 
+20. The FP4 recipes' paths from M=2 (`fp4paths`): NVFP4, MXFP4 and the W4A8_FP4 recipes on the plan
+    (packed-4 Triton kernel) and on dequantise-then-dot ('xla_dequant'), checked, against XLA bf16: the
+    crossover XLA_DEQUANT_FROM should take (run 75: at M=16 / 64 the packed-4 plans ran 2-10x XLA bf16's time).
+
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
                                                               # w4groups, compile, trace, gemvgroup,
                                                               # gemvgroupcfg, w4split, chain, fp8split,
                                                               # gemvtiles, gemvsplits, gemvstages,
-                                                              # gemvprefetch
+                                                              # gemvprefetch, fp4paths
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
@@ -564,6 +568,20 @@ def probe_w4_split(rows, shapes, ms, flush):
         _record_xla_bf16(rows, flush, "w4split", name, m, n, k, x)
 
 
+def probe_fp4_paths(rows, shapes, ms, flush):
+    """NVFP4, MXFP4, W4A8 x MXFP4 / NVFP4 on the dispatcher's plan and on 'xla_dequant', each checked against
+    the reference, with XLA bf16 per point."""
+    for name, m, n, k, x in _large_m_points(shapes, ms):
+        for recipe in ("nvfp4", "mxfp4", "w4a8_nvfp4", "w4a8_mxfp4"):
+            ws = [G.make_weights(recipe, n, k, seed=90 + r) for r in range(2)]
+            for variant, p in (("plan", None), ("xla_dequant", dispatch.Plan("xla_dequant"))):
+                op = G.jax_op(recipe, plan=p)
+                _record_large_m(rows, flush, "fp4paths", name, m, n, k, f"{recipe}.{variant}", op,
+                                [(x, w) for w in ws], lambda op=op: G.check_op(recipe, op, x, ws[0]))
+            del ws
+        _record_xla_bf16(rows, flush, "fp4paths", name, m, n, k, x)
+
+
 def probe_chain(rows, shapes, ms, flush):
     """The Mosaic GPU kernels (W4A16, W4A8, FP8 block) on the plan's tiles with chain_tiles off and on (a CTA's
     tiles as one pipeline of pipelines, so the next tile's loads overlap this tile's last steps and its
@@ -941,7 +959,7 @@ def main():
     ap.add_argument("--parts", default="gemv,fp8")
     ap.add_argument("--shapes", default="8b.gate_up,8b.o,8b.qkv,8b.down,70b.gate_up,70b.down")
     ap.add_argument("--ms", default="1,16,64,256,1024,4096",
-                    help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu, trace and fp8 parts")
+                    help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu, fp4paths, trace and fp8 parts")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--gemv-recipes", default=None,
                     help="recipes of the gemvtiles, gemvsplits, gemvprefetch and gemvstages parts (default: each "
@@ -970,6 +988,8 @@ def main():
             probe_fp8(rows, flush, args.shapes.split(","), [int(v) for v in args.ms.split(",")])
         if "w4mgpu" in parts:
             probe_w4_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
+        if "fp4paths" in parts:
+            probe_fp4_paths(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "chain" in parts:
             probe_chain(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "fp8split" in parts:

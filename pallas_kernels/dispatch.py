@@ -73,10 +73,15 @@ def m_bucket(m: int) -> int:
 # beat XLA dequant-then-dot on every 8B layer (e.g. 8b.gate_up 257 us vs 412 us); from M=1024 the
 # dequant-then-cuBLAS path wins (8b.qkv M=1024: 146 us vs 212 us; 118 us since the dequant unpacks by a
 # uint4 bitcast, gemm_probe *_xla4.json, and 8b.gate_up 524 us, *_run5_bench.json). FP8 block: the Pallas kernel beat
-# the bf16-dequant path at every M tried (256..4096), so it has no entry. The W4A8_FP4 recipes take the
-# packed-4 crossover too: assumed, not yet measured for them.
-XLA_DEQUANT_FROM: dict[str, int] = {"w4a16": 1024, "nvfp4": 1024, "mxfp4": 1024, "w4a8": 1024,
-                                    "w4a8_mxfp4": 1024, "w4a8_nvfp4": 1024}
+# the bf16-dequant path at every M tried (256..4096), so it has no entry. The FP4 recipes on the H200 (run 76,
+# gemm_probe --parts fp4paths, device us on 8b qkv / gate_up / down, packed-4 plan vs xla_dequant): NVFP4 and
+# MXFP4 keep the plan to M=64 (NVFP4 M=64: 27.2 / 93.9 / 50.8 vs 50.4 / 205.1 / 110.1) and dequantise from
+# M=256 (NVFP4 79.8 / 273.5 / 188.5 vs 56.9 / 244.0 / 118.0; MXFP4 gate_up 250.7 vs 256.1, the rest the
+# dequant's); W4A8 x MXFP4 the same (M=64: 58.2 / 219.8 / 97.5 vs 54.9 / 221.7 / 121.8; M=256: 215.6 / 730.2
+# / 452.0 vs 64.7 / 259.8 / 135.7); W4A8 x NVFP4's block-MMA packed-4 mode lost from M=16 (74.1 / 244.5 /
+# 133.8 vs 48.5 / 204.2 / 109.5; 587-2040 us at M=256).
+XLA_DEQUANT_FROM: dict[str, int] = {"w4a16": 1024, "nvfp4": 256, "mxfp4": 256, "w4a8": 1024,
+                                    "w4a8_mxfp4": 256, "w4a8_nvfp4": 16}
 
 # Packed-4 tiles per M bucket, tuned on W4A16 (shared by every packed-4 recipe: one skeleton; the W4A8_FP4
 # recipes' block-MMA mode ignores presplit_x and is not yet tuned), H100:
