@@ -104,7 +104,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from pallas_kernels import _common as cm  # noqa: E402
-from pallas_kernels import dispatch, fp4_gemv, fp8, w4a16_gemv  # noqa: E402
+from pallas_kernels import _mgpu, dispatch, fp4_gemv, fp4_mgpu, fp8, w4a16_gemv  # noqa: E402
 from pallas_kernels.w4a16_gemv import GemvConfig  # noqa: E402
 
 # Llama-3.1 layer (N, K): gemm.py's fused shapes plus the separate projections the models call one by one.
@@ -568,13 +568,17 @@ def probe_w4_split(rows, shapes, ms, flush):
         _record_xla_bf16(rows, flush, "w4split", name, m, n, k, x)
 
 
-def probe_fp4_paths(rows, shapes, ms, flush):
-    """NVFP4, MXFP4, W4A8 x MXFP4 / NVFP4 on the dispatcher's plan and on 'xla_dequant', each checked against
-    the reference, with XLA bf16 per point."""
+def probe_fp4_paths(rows, shapes, ms, flush, recipes=("nvfp4", "mxfp4", "w4a8_nvfp4", "w4a8_mxfp4")):
+    """The FP4 recipes on the dispatcher's plan, on 'xla_dequant' and (NVFP4, MXFP4 on Hopper) on the Mosaic
+    GPU kernel (fp4_mgpu.py, dispatch.fp4_mgpu_config's tiles), each checked against the reference, with XLA
+    bf16 per point."""
     for name, m, n, k, x in _large_m_points(shapes, ms):
-        for recipe in ("nvfp4", "mxfp4", "w4a8_nvfp4", "w4a8_mxfp4"):
+        for recipe in recipes:
             ws = [G.make_weights(recipe, n, k, seed=90 + r) for r in range(2)]
-            for variant, p in (("plan", None), ("xla_dequant", dispatch.Plan("xla_dequant"))):
+            variants = [("plan", None), ("xla_dequant", dispatch.Plan("xla_dequant"))]
+            if recipe in fp4_mgpu.GROUPS and _mgpu.is_hopper():
+                variants.append(("mgpu", dispatch.Plan("mgpu", dispatch.fp4_mgpu_config(recipe, m, n, k))))
+            for variant, p in variants:
                 op = G.jax_op(recipe, plan=p)
                 _record_large_m(rows, flush, "fp4paths", name, m, n, k, f"{recipe}.{variant}", op,
                                 [(x, w) for w in ws], lambda op=op: G.check_op(recipe, op, x, ws[0]))
@@ -962,8 +966,8 @@ def main():
                     help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu, fp4paths, trace and fp8 parts")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--gemv-recipes", default=None,
-                    help="recipes of the gemvtiles, gemvsplits, gemvprefetch and gemvstages parts (default: each "
-                         "part's own)")
+                    help="recipes of the gemvtiles, gemvsplits, gemvprefetch, gemvstages and fp4paths parts "
+                         "(default: each part's own)")
     ap.add_argument("--device-time", action="store_true",
                     help="time the gemvgroupcfg and large-M parts by the device's own time (profiler trace)")
     args = ap.parse_args()
@@ -989,7 +993,8 @@ def main():
         if "w4mgpu" in parts:
             probe_w4_mgpu(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "fp4paths" in parts:
-            probe_fp4_paths(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
+            probe_fp4_paths(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush,
+                            *([tuple(args.gemv_recipes.split(","))] if args.gemv_recipes else []))
         if "chain" in parts:
             probe_chain(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "fp8split" in parts:

@@ -6,8 +6,9 @@ Paths:
                  codes, input_scale after the sum) and fp4_gemv.py (NVFP4, MXFP4)
   'mgpu'         the Mosaic GPU kernels (TMA, wgmma, warp specialization; Hopper only): W4A16 (groups 128,
                  64, 32) from M=2 (w4a16_mgpu.py, weights decoded in registers, swap-AB; W4A8 from M=2 on its FP8
-                 variant: weights decoded to e4m3, e4m3 wgmma) and FP8 block-scaled at large M
-                 (fp8_block_mgpu.py). In interpret mode or on another GPU the Pallas Triton kernel stands in
+                 variant: weights decoded to e4m3, e4m3 wgmma), NVFP4 / MXFP4 at 65-256 tokens (fp4_mgpu.py,
+                 E2M1 decoded to bf16 in registers) and FP8 block-scaled at large M (fp8_block_mgpu.py). In
+                 interpret mode or on another GPU the recipe's plan without Mosaic stands in
   'xla_dequant'  dequantise the weights once per call to bf16, then XLA's cuBLAS dot (large M, where the
                  GEMM is compute-bound and cuBLAS beats the Pallas kernel by more than the dequant pass)
   'xla'          XLA's own FP8 cuBLASLt path (per-tensor and rowwise FP8)
@@ -44,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _common as cm
-from pallas_kernels import _mgpu, fp4, fp4_gemv, fp8, fp8_block_mgpu, packed4, w4a8, w4a8_fp4, w4a16, w4a16_gemv
+from pallas_kernels import _mgpu, fp4, fp4_gemv, fp4_mgpu, fp8, fp8_block_mgpu, packed4, w4a8, w4a8_fp4, w4a16, w4a16_gemv
 from pallas_kernels import w4a16_mgpu
 from pallas_kernels.fp8 import Fp8Config
 from pallas_kernels.fp8_block_mgpu import MgpuFp8Config
@@ -82,6 +83,13 @@ def m_bucket(m: int) -> int:
 # 133.8 vs 48.5 / 204.2 / 109.5; 587-2040 us at M=256).
 XLA_DEQUANT_FROM: dict[str, int] = {"w4a16": 1024, "nvfp4": 256, "mxfp4": 256, "w4a8": 1024,
                                     "w4a8_mxfp4": 256, "w4a8_nvfp4": 16}
+
+# M buckets where NVFP4 / MXFP4 run the Mosaic GPU kernel (fp4_mgpu.py; Hopper). H200, run 78 (gemm_probe
+# --parts fp4paths, device us on 8b qkv / gate_up / down, NVFP4 then MXFP4, against the better of the packed-4
+# plan and xla_dequant): M=256 54.2 / 191.4 / 99.1 vs 56.5 / 242.9 / 117.8 and 48.2 / 136.4 / 86.9 vs 59.4 /
+# 252.6 / 123.3. Elsewhere it lost somewhere: M=16 gate_up 93.6 / 102.9 vs 76.2 / 73.1 (qkv and down won), M=64
+# within -4 % / +20 %, M=1024 NVFP4 1.2-1.5x slower (MXFP4 won gate_up and down, lost qkv 133.0 vs 112.0).
+FP4_MGPU_BUCKETS = (256,)
 
 # Packed-4 tiles per M bucket, tuned on W4A16 (shared by every packed-4 recipe: one skeleton; the W4A8_FP4
 # recipes' block-MMA mode ignores presplit_x and is not yet tuned), H100:
@@ -214,6 +222,16 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) 
     return MgpuW4Config(tile_tokens=t, stages=stages, split_k=split, chain_tiles=chained(tiles * split))
 
 
+def fp4_mgpu_config(fmt_kind: str, m: int, n: int, k: int) -> MgpuW4Config:
+    """NVFP4 / MXFP4 on fp4_mgpu.py: W4A16's Mosaic tiles and K split for this shape, with the stages refitted
+    to the format's scale rows per K-step (8 NVFP4, 4 MXFP4), no zero rows, and NVFP4's f32 epilogue."""
+    group = fp4_mgpu.GROUPS[fmt_kind]
+    cfg = mgpu_w4_config(m, n, k, group=group)
+    stages = w4a16_mgpu.fit_stages(cfg.tile_tokens, split_k=cfg.split_k, asym=False,
+                                   scale_rows=w4a16_mgpu.GROUP // group, f32_out=fmt_kind == "nvfp4")
+    return dataclasses.replace(cfg, stages=stages)
+
+
 def _half_wave_split(tiles: int, k: int) -> int:
     """The K split of W4A16 / W4A8 token tiles >= 128 and of the FP8 block kernel: the smallest (<= 4, K a
     multiple of 128 x split) that gives a CTA tile to half of the SMs."""
@@ -292,6 +310,10 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128, mosaic: bool = T
     if mosaic and m > 1 and (recipe == "w4a16" or (recipe == "w4a8" and group == w4a16_mgpu.GROUP)):
         cfg = mgpu_w4_config(m, n, k, fp8=recipe == "w4a8", group=group)
         if w4a16_mgpu.can_use(m, n, k, group, cfg):
+            return Plan("mgpu", cfg)
+    if mosaic and recipe in fp4_mgpu.GROUPS and m_bucket(m) in FP4_MGPU_BUCKETS:
+        cfg = fp4_mgpu_config(recipe, m, n, k)
+        if fp4_mgpu.can_use(recipe, m, n, k, cfg):
             return Plan("mgpu", cfg)
     if m_bucket(m) >= XLA_DEQUANT_FROM.get(recipe, 1 << 30):
         return Plan("xla_dequant")
@@ -471,7 +493,7 @@ def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None =
         group = k // w["scale" if recipe == "w4a16" else "weight_scale"].shape[1]
     mosaic = not interpret and _mgpu.is_hopper()
     p = plan_override or plan(recipe, m, n, k, group, mosaic)
-    if p.path == "mgpu" and recipe in ("w4a16", "w4a8") and not mosaic:
+    if p.path == "mgpu" and recipe in ("w4a16", "w4a8", "nvfp4", "mxfp4") and not mosaic:
         p = plan(recipe, m, n, k, group, mosaic=False)
     if recipe in W4A8_FP4:
         return _w4a8_fp4(x, recipe, w, p, out_dtype, interpret)
@@ -497,6 +519,12 @@ def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None =
             return (y * w["global_scale"]).astype(x.dtype)
         return _xla_dot(x, dequantize_bf16(recipe, **w))
     cfg = p.config
+    if p.path == "mgpu" and recipe == "nvfp4":
+        return fp4_mgpu.nvfp4_matmul_mgpu(x.astype(jnp.bfloat16), w["packed"], w["block_scale"], w["global_scale"],
+                                          config=cfg, rows=w.get("mgpu_rows")).astype(x.dtype)
+    if p.path == "mgpu" and recipe == "mxfp4":
+        return fp4_mgpu.mxfp4_matmul_mgpu(x.astype(jnp.bfloat16), w["packed"], w["scale"], config=cfg,
+                                          rows=w.get("mgpu_rows")).astype(x.dtype)
     if p.path == "gemv" and recipe == "nvfp4":
         return fp4_gemv.nvfp4_gemv(x, w["packed"], w["block_scale"], w["global_scale"], config=cfg,
                                    interpret=interpret)

@@ -88,14 +88,15 @@ SMEM_BYTES = 232448                                     # a Hopper CTA's shared 
 
 
 def fit_stages(tile_tokens: int, most: int = 8, split_k: int = 1, asym: bool = True, x_bytes: int = 2,
-               scale_rows: int = 1) -> int:
+               scale_rows: int = 1, f32_out: bool = False) -> int:
     """The most K-steps in flight (<= most) whose operand buffers (each rounded to 1 KiB; x_bytes per
     activation: 2 for bf16, 1 for e4m3; scale_rows bf16 rows of 128 channels per step: 128 / group) and
-    epilogue (f32 with split_k > 1) fit in shared memory, with room for the barriers (measured: 4 KiB)."""
+    epilogue (f32 with split_k > 1 or f32_out) fit in shared memory, with room for the barriers (measured:
+    4 KiB)."""
     kib = lambda b: -(-b // 1024) * 1024  # noqa: E731
     rows = kib(scale_rows * CTA_CHANNELS * 2) + (1024 if asym else 0)
     per_stage = kib(tile_tokens * GROUP * x_bytes) + kib(CTA_CHANNELS * GROUP // 2) + rows
-    epilogue = 2 * 2 * min(DEFAULT.epi_tokens, tile_tokens) * WG_CHANNELS * (4 if split_k > 1 else 2)
+    epilogue = 2 * 2 * min(DEFAULT.epi_tokens, tile_tokens) * WG_CHANNELS * (4 if split_k > 1 or f32_out else 2)
     return max(min(most, (SMEM_BYTES - epilogue - 4608) // per_stage), 1)
 
 
@@ -194,8 +195,9 @@ def w4a8_step_rows(weight_scale, input_scale) -> tuple:
     return ((weight_scale.astype(jnp.float32) * jnp.asarray(input_scale, jnp.float32)).T,)
 
 
-def _check_rows(fn: str, rows, want: tuple):
-    """rows must be what step_rows / w4a8_step_rows build for these weights."""
+def check_rows(fn: str, rows, want: tuple):
+    """rows must be what step_rows / w4a8_step_rows (or fp4_mgpu.step_rows) build for these weights: the
+    (shape, dtype) of each row array as in want."""
     got = tuple((r.shape, r.dtype) for r in rows)
     if got != want:
         raise ValueError(f"{fn}: rows {got} do not match the weights: expected {want} (build them with "
@@ -244,7 +246,7 @@ def w4a16_matmul_mgpu_group(x, packed: tuple, scale: tuple, zero: tuple | None =
                              f"(N, K/2) or int4 (N, K), scale and zero (N, K/G) for G in {GROUPS}, K % 128 == 0, "
                              "N % 128 == 0, and one packing and group for every weight of a group)")
         r = step_rows(s, z) if r is None else r
-        _check_rows("w4a16_matmul_mgpu", r, ((groups[::-1], jnp.dtype(jnp.bfloat16)),) * (1 if z is None else 2))
+        check_rows("w4a16_matmul_mgpu", r, ((groups[::-1], jnp.dtype(jnp.bfloat16)),) * (1 if z is None else 2))
         checked.append(list(r))
     group = k // scale[0].shape[1]
     step = _step if group == GROUP else functools.partial(_step, group=group)
@@ -289,19 +291,20 @@ def w4a8_matmul_mgpu_group(xq: tuple, input_scale: tuple, packed: tuple, weight_
                              "weight, packed uint8 (N, K/2) or int4 (N, K) alike, weight_scale (N, K/128), "
                              "K % 128 == 0, N % 128 == 0, tile_tokens <= 128)")
         r = w4a8_step_rows(ws, s_in) if r is None else r
-        _check_rows("w4a8_matmul_mgpu", r, (((k // GROUP, n), jnp.dtype(jnp.float32)),))
+        check_rows("w4a8_matmul_mgpu", r, (((k // GROUP, n), jnp.dtype(jnp.float32)),))
         checked.append(list(r))
     return launch_swap_ab(list(xq), list(packed), checked, cfg, _step_fp8, acc_in_ref=False)
 
 
 def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step, acc_in_ref: bool,
-                   sub_k: int = GROUP):
+                   sub_k: int = GROUP, f32_out: bool = False):
     """Runs `step` over the persistent swap-AB grid: x [M, K] (bf16 or e4m3) padded to the token tile, shared
     by every weight, or a list of one such x per weight (W4A8's codes per input scale); packed: one weight
     array [N_s, K/2] (or int4 [N_s, K]) per weight of a group (flipped in the kernel when given as canonical
     uint8); rows_per_step: per weight, its list of [K/sub_k, N_s] arrays (GROUP // sub_k rows per 128-K step;
     x is swizzled so step can slice it every sub_k columns). y [M, sum N_s] bf16, the weights' outputs side by
-    side. With split-K partials the kernel writes f32 and one XLA fusion sums and rounds once."""
+    side. With split-K partials the kernel writes f32 and one XLA fusion sums and rounds once. f32_out: y in
+    f32, unrounded (the kernel writes f32), for a caller that scales it before the one rounding."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -358,8 +361,9 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
     per_weight_ops = [[w, *r] for w, r in zip(weights, rows_per_step)]
     operands = ([a for xx, o in zip(xps, per_weight_ops) for a in (xx, *o)] if own_x
                 else xps + [a for o in per_weight_ops for a in o])
-    y = _mgpu.launch(kernel, tuple(operands), (split * mp, n), jnp.float32 if split > 1 else jnp.bfloat16,
+    f32 = split > 1 or f32_out
+    y = _mgpu.launch(kernel, tuple(operands), (split * mp, n), jnp.float32 if f32 else jnp.bfloat16,
                      grid[0] * grid[1])
     if split > 1:                                       # partials [split, Mp, N], summed in f32, rounded once
-        y = jnp.sum(y.reshape(split, mp, n), axis=0).astype(jnp.bfloat16)
-    return y[:m]
+        y = jnp.sum(y.reshape(split, mp, n), axis=0)
+    return y[:m] if f32_out else y[:m].astype(jnp.bfloat16)

@@ -73,10 +73,13 @@ def test_plan_buckets():
                 if p.path == "pallas":
                     assert packed4.config_is_valid(fmt, p.config), (recipe, m, n, p)
         assert dispatch.plan(recipe, 4096, 4096, 4096).path == "xla_dequant"
-    # the FP4 crossovers measured on the H200 (run 76): dequantise-then-dot from M=256, W4A8 x NVFP4 from M=2
+    # the FP4 crossovers measured on the H200 (runs 76, 78): dequantise-then-dot from M=256 (the Mosaic kernel
+    # at 65-256 tokens on Hopper), W4A8 x NVFP4 from M=2
     paths = {r: [dispatch.plan(r, m, 6144, 4096).path for m in (1, 2, 16, 64, 256, 4096)]
              for r in ("nvfp4", "mxfp4", "w4a8_mxfp4", "w4a8_nvfp4")}
-    assert paths["nvfp4"] == paths["mxfp4"] == ["gemv", "pallas", "pallas", "pallas", "xla_dequant", "xla_dequant"]
+    assert paths["nvfp4"] == paths["mxfp4"] == ["gemv", "pallas", "pallas", "pallas", "mgpu", "xla_dequant"]
+    assert dispatch.plan("mxfp4", 100, 6144, 4096, mosaic=False).path == "xla_dequant"
+    assert dispatch.plan("nvfp4", 256, 6144 + 64, 4096).path == "xla_dequant"    # N off the 128-channel tile
     assert paths["w4a8_mxfp4"] == ["pallas"] * 4 + ["xla_dequant"] * 2
     assert paths["w4a8_nvfp4"] == ["pallas"] + ["xla_dequant"] * 5
 
@@ -111,7 +114,9 @@ PATH_CASES = [(r, 1, None) for r in dispatch.RECIPES] + [
     ("fp8_block", 3, "mgpu"),                         # interpret mode: the Triton kernel stands in
     ("w4a8", 1, "pallas"),                            # the packed-4 kernel (planned before the word GEMV)
     ("w4a16", 3, "mgpu"),                             # interpret mode: the packed-4 plan stands in
-    ("w4a8", 3, "mgpu")]
+    ("w4a8", 3, "mgpu"),
+    ("nvfp4", 3, "mgpu"),                             # interpret mode: replanned without the Mosaic kernel
+    ("mxfp4", 3, "mgpu")]
 
 
 def test_mosaic_tiles_chain_where_every_sm_gets_three():
