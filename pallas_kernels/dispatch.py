@@ -45,7 +45,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _common as cm
-from pallas_kernels import _mgpu, fp4, fp4_gemv, fp4_mgpu, fp8, fp8_block_mgpu, packed4, w4a8, w4a8_fp4, w4a16, w4a16_gemv
+from pallas_kernels import (_mgpu, fp4, fp4_gemv, fp4_mgpu, fp8, fp8_block_mgpu, packed4, w4a8, w4a8_fp4, w4a16,
+                            w4a16_gemv)
 from pallas_kernels import w4a16_mgpu
 from pallas_kernels.fp8 import Fp8Config
 from pallas_kernels.fp8_block_mgpu import MgpuFp8Config

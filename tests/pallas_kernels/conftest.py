@@ -1,4 +1,4 @@
-"""Fixtures shared by the Mosaic GPU kernel tests."""
+"""Fixtures shared by the Mosaic GPU kernel tests: what the kernels trace (promotions, wgmma operands)."""
 import pytest
 
 
@@ -20,3 +20,23 @@ def promotions(monkeypatch):
 
     monkeypatch.setattr(_mgpu, "scaled_sum", recording)
     return calls
+
+
+@pytest.fixture
+def wgmma_operands(monkeypatch):
+    """The A operand (a ShapeDtypeStruct) of each plgpu.wgmma that later traces emit. Jit caches are cleared
+    first: a kernel already traced in this process (on a GPU, by the tests that run the kernels) would
+    otherwise be served from the cache without tracing again, and record nothing."""
+    import jax
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    jax.clear_caches()
+    operands = []
+    wgmma = plgpu.wgmma
+
+    def recording_wgmma(acc, a, b):
+        operands.append(jax.ShapeDtypeStruct(a.shape, a.dtype))
+        return wgmma(acc, a, b)
+
+    monkeypatch.setattr(plgpu, "wgmma", recording_wgmma)
+    return operands

@@ -58,22 +58,6 @@ def _call(fmt, operands, cfg, rows=None):
     return fn(*operands, config=cfg, rows=rows)
 
 
-@pytest.fixture
-def wgmma_operands(monkeypatch):
-    """The A operand of each plgpu.wgmma that later traces emit (jit caches cleared first)."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    jax.clear_caches()
-    operands = []
-    wgmma = plgpu.wgmma
-
-    def recording_wgmma(acc, a, b):
-        operands.append(jax.ShapeDtypeStruct(a.shape, a.dtype))
-        return wgmma(acc, a, b)
-
-    monkeypatch.setattr(plgpu, "wgmma", recording_wgmma)
-    return operands
-
-
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_lowers_with_one_bf16_wgmma_per_block_scale(wgmma_operands, fmt):
     """One [64, G] bf16 A slice per block of G = 16 / 32 columns, 128 / G per K-step; NVFP4 writes f32."""

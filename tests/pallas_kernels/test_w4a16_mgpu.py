@@ -15,24 +15,6 @@ from pallas_kernels.w4a16_mgpu import MgpuW4Config
 from . import np_oracle as npo
 
 
-@pytest.fixture
-def wgmma_operands(monkeypatch):
-    """The A operand (a ShapeDtypeStruct) of each plgpu.wgmma that later traces emit. Jit caches are cleared
-    first: a kernel already traced in this process (on a GPU, by the tests that run the kernels) would
-    otherwise be served from the cache without tracing again, and record nothing."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    jax.clear_caches()
-    operands = []
-    wgmma = plgpu.wgmma
-
-    def recording_wgmma(acc, a, b):
-        operands.append(jax.ShapeDtypeStruct(a.shape, a.dtype))
-        return wgmma(acc, a, b)
-
-    monkeypatch.setattr(plgpu, "wgmma", recording_wgmma)
-    return operands
-
-
 def test_as_int4_holds_the_signed_codes_in_order():
     packed = npo.rand_packed(npo.rng_for("w4a16_mgpu_int4"), 24, 256)
     q = w4.as_int4(jnp.asarray(packed))
