@@ -51,10 +51,10 @@ GROUPS = {"nvfp4": 16, "mxfp4": 32}                    # K elements per block sc
 # float16 top bytes of the E2M1 magnitudes 0, .5, 1, 1.5 (bytes 0-3) and 2, 3, 4, 6 (bytes 4-7): prmt's table.
 _F16_TOP_TABLE = (0x3E3C3800, 0x46444240)
 # prmt selectors: nibble i's sign bit to byte i's top bit, from {word << 4, word}, for nibbles 0-3 and 4-7.
-_SIGN_SELECTORS = (0x5140, 0x7362)
+SIGN_SELECTORS = (0x5140, 0x7362)
 # prmt selectors: f16 pairs (nibbles 2q, 2q + 1 of four) from {top, mag}, low bytes 0x00.
 _PAIR_SELECTORS = (0x1C0C, 0x3C2C)
-_BYTE_TOP_BITS = -0x7F7F7F80                            # 0x80808080 as int32
+BYTE_TOP_BITS = -0x7F7F7F80                            # 0x80808080 as int32
 
 
 def _group(fmt_kind: str) -> int:
@@ -92,8 +92,8 @@ def e2m1_by_table(words, table, native: bool) -> list:
     for quad in range(2):                                # nibbles 0-3, then 4-7
         selector = lax.shift_right_logical(idx, jnp.int32(16)) if quad else idx
         mag = cm.prmt(table[0], table[1], selector, native=native)
-        sign = cm.prmt(moved, words, _SIGN_SELECTORS[quad], native=native)
-        top = mag | (sign & _BYTE_TOP_BITS)
+        sign = cm.prmt(moved, words, SIGN_SELECTORS[quad], native=native)
+        top = mag | (sign & BYTE_TOP_BITS)
         for pair_selector in _PAIR_SELECTORS:
             pair = cm.prmt(top, mag, pair_selector, native=native)
             values += [cm.f16_half_to_f32(pair, 0, native=native), cm.f16_half_to_f32(pair, 1, native=native)]

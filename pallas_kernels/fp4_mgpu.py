@@ -22,7 +22,10 @@ only the f32 summation order differs. Tolerance: |y - ref| <= 1e-2 |ref| + 1e-2 
 Inputs: x bf16 [M, K]; packed uint8 [N, K/2] (low nibble = even k), read as an int4 view of the same bytes;
 NVFP4 block_scale float8_e4m3fn [N, K/16] and global_scale f32 []; MXFP4 scale uint8 E8M0 [N, K/32] (valid
 for u in [1, 254], the bf16 exponent range; fp4.py's kernels take u <= 248). The per-step scale rows
-([K/G, N] bf16) come from step_rows, built per call or once at load time (`rows`).
+([K/G, N] bf16) come from step_rows, built per call or once beforehand (`rows`). jaxq's QDense builds them
+per call (a transpose of the block scales, part of the times measured in runs 78-79):
+jaxq.nn.kernel_dispatch.with_kernel_rows keeps rows for W4A16 / W4A8 only, since NVFP4's would add 2 bytes
+per 16 weights to the 9 the weights take.
 Shapes: K % 128 == 0, N % 128 == 0; M is padded to the token tile. Needs a Hopper GPU and jax >= 0.11;
 the CPU checks the rules and that it lowers.
 """
@@ -34,14 +37,13 @@ from jax import lax
 
 from pallas_kernels import _common as cm
 from pallas_kernels import fp4, w4a16_mgpu
+from pallas_kernels.fp4_gemv import BYTE_TOP_BITS, SIGN_SELECTORS
 from pallas_kernels.w4a16_mgpu import GROUP, WG_CHANNELS, MgpuW4Config
 
 GROUPS = {"nvfp4": 16, "mxfp4": 32}                    # K elements per block scale
 # Low and high bytes of the bf16 E2M1 magnitudes 0, .5, 1, 1.5 (word 0) and 2, 3, 4, 6 (word 1): prmt tables.
 BF16_LOW_TABLE = (0xC0800000, 0xC0804000)
 BF16_HIGH_TABLE = (0x3F3F3F00, 0x40404040)
-# prmt selectors: code i's sign bit to byte i's top bit from {word << 4, word}, codes 0-3 and 4-7 of a word.
-SIGN_SELECTORS = (0x5140, 0x7362)
 # prmt selectors: the bf16 pair of codes (2p, 2p + 1) of four from {low bytes, high bytes}, p = 0, 1.
 PAIR_SELECTORS = (0x5140, 0x7362)
 
@@ -73,7 +75,7 @@ def _pair_ptx(part: int) -> str:
     prmt.b32 hi, t2, t3, sel;
     shl.b32 moved, $1, 4;
     prmt.b32 sign, moved, $1, {SIGN_SELECTORS[quad]:#x};
-    and.b32 sign, sign, 0x80808080;
+    and.b32 sign, sign, {BYTE_TOP_BITS & 0xFFFFFFFF:#x};
     or.b32 hi, hi, sign;
     prmt.b32 $0, lo, hi, {PAIR_SELECTORS[part % 2]:#x};
     }}"""
@@ -86,7 +88,7 @@ def e2m1_pair_reference(words, part: int):
     as_int32 = lambda table: [jnp.uint32(v).view(jnp.int32) for v in table]  # noqa: E731
     lo = cm.prmt(*as_int32(BF16_LOW_TABLE), sel, native=False)
     hi = cm.prmt(*as_int32(BF16_HIGH_TABLE), sel, native=False)
-    sign = cm.prmt(words << 4, words, SIGN_SELECTORS[quad], native=False) & -0x7F7F7F80   # 0x80808080
+    sign = cm.prmt(words << 4, words, SIGN_SELECTORS[quad], native=False) & BYTE_TOP_BITS
     return cm.prmt(lo, hi | sign, PAIR_SELECTORS[part % 2], native=False)
 
 
@@ -170,6 +172,8 @@ def nvfp4_matmul_mgpu(x, packed, block_scale, global_scale, *, config: MgpuW4Con
     """y [M, N] bf16 = ((x @ (e2m1 * block_scale)^T) in f32 * global_scale), rounded once. rows:
     step_rows("nvfp4", block_scale) built beforehand, or None to build them here."""
     _check("nvfp4_matmul_mgpu", "nvfp4", x, packed, block_scale, rows, config)
+    if jnp.size(global_scale) != 1:
+        raise ValueError(f"nvfp4_matmul_mgpu: global_scale must be a scalar, got shape {jnp.shape(global_scale)}")
     rows = step_rows("nvfp4", block_scale) if rows is None else rows
     y = _launch("nvfp4", x, packed, rows, config, f32_out=True)
     return (y * jnp.asarray(global_scale, jnp.float32)).astype(jnp.bfloat16)

@@ -1,6 +1,7 @@
-"""The Mosaic GPU FP4 kernel (pallas_kernels/fp4_mgpu.py): on the CPU its E2M1 bit decode (the same jnp ops
-the kernel traces), scale rows, rules and errors, and that it lowers for CUDA to bf16 wgmma with one slice per
-block scale; on a Hopper GPU its numbers against the float64 oracle (every code, unaligned token counts)."""
+"""The Mosaic GPU FP4 kernel (pallas_kernels/fp4_mgpu.py): on the CPU its byte-permute E2M1 decode (emulated
+with the kernel's own tables and selectors), scale rows, rules and errors, and that it lowers for CUDA to bf16
+wgmma with one slice per block scale; on a Hopper GPU every code decoded exactly and the outputs against the
+float64 oracle at unaligned token counts."""
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -86,14 +87,17 @@ def test_bad_operands_name_what_is_wrong(fmt):
         _call(fmt, (x, packed[:192], scale[:192], *rest), cfg)
     with pytest.raises(ValueError, match="rows"):
         _call(fmt, (x, packed, scale, *rest), cfg, rows=(jnp.zeros((3, 256), jnp.bfloat16),))
+    if fmt == "nvfp4":
+        with pytest.raises(ValueError, match="global_scale"):
+            _call(fmt, (x, packed, scale, jnp.ones((256,), jnp.float32)), cfg)
 
 
 @on_hopper
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("m", [2, 40, 300])
 def test_matches_the_float64_oracle_on_hopper(fmt, m):
-    """Random codes and scales, fresh x, unaligned token counts; output poisoned by nothing (the kernel
-    writes every element it returns): |y - ref| <= 1e-2 |ref| + 1e-2 rms(ref)."""
+    """Random codes and scales, fresh x, unaligned token counts (the kernel allocates its output, so there is
+    nothing to poison): |y - ref| <= 1e-2 |ref| + 1e-2 rms(ref)."""
     n, k = 384, 1152
     operands = _operands(fmt, m, n, k, np.random.default_rng(m + len(fmt)))
     x, packed, scale, *rest = (np.asarray(v) for v in operands)
