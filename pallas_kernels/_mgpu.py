@@ -32,7 +32,8 @@ def tiled_swizzle(row_bytes: int, itemsize_bits: int):
 
 def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, grid, k_iters: int, stages: int,
                       grid_tile_width: int, step, scratch: dict, acc_in_ref: bool = False,
-                      transpose_out: bool = False, pipeline_operands: int | None = None, chain_tiles: bool = False):
+                      transpose_out: bool = False, pipeline_operands: int | None = None, chain_tiles: bool = False,
+                      out_scale: bool = False):
     """Kernel body: refs = the gmem operands, then the gmem output ([M, N], or [N, M] with transpose_out).
 
     in_specs: one plgpu.BlockSpec per operand for one K-step (index map kb -> block index);
@@ -49,7 +50,8 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
     (mi, ni) lands at out[ni * cta_n + col, mi * cta_m + row]). chain_tiles: a CTA's tiles run as one
     pipeline of pipelines (Pallas' PipelinePipeline START / STEADY / STOP), so the producer loads the next
     tile's first K-steps while the compute warpgroups finish a tile and write it out; it needs k_iters to be
-    a multiple of stages (ValueError otherwise)."""
+    a multiple of stages (ValueError otherwise). out_scale: the last operand is an f32 [1] array that multiplies
+    every accumulator (in f32) before it is converted and written."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -58,6 +60,7 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
                          f"({stages})")
 
     *operands, out_gmem = refs
+    scale_gmem = operands.pop() if out_scale else None
     (tile_m, tile_n), (cta_m, cta_n), (m_iters, n_iters) = tile, cta, grid
     out_dtype = out_gmem.dtype
     out_bits = jnp.dtype(out_dtype).itemsize * 8
@@ -91,6 +94,8 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
                     acc = pl.run_scoped(lambda acc_ref: run(acc_ref)[...], plgpu.ACC((tile_m, tile_n), jnp.float32))
                 else:
                     acc = run(plgpu.layout_cast(jnp.full((tile_m, tile_n), 0, jnp.float32), plgpu.Layout.WGMMA))
+                if scale_gmem is not None:
+                    acc = acc * scale_gmem[0]
                 acc = acc.astype(out_dtype)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 rows = pl.ds(mi * cta_m + row0, tile_m)

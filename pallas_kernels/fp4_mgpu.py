@@ -10,11 +10,13 @@ Per 128-K step each compute warpgroup
      as prmt selectors, 4 codes per lookup), the sign bits moved to the high bytes' top bits, and the two
      byte sets interleaved into bf16 pairs: about 2 instructions per weight (fp4_gemv.py decodes to float16
      the same way);
-  3. per block of 16 (NVFP4) or 32 (MXFP4) columns multiplies by the block's scale (NVFP4: the E4M3 block
-     scale as bf16; MXFP4: 2^(u - 127) as bf16; both exact, and so is E2M1 x scale, at most 6 significant
-     bits) and issues one wgmma of that slice into the warpgroup's f32 accumulator.
-NVFP4's global scale multiplies the f32 result (the kernel writes f32 for NVFP4), which is then rounded
-once to bf16; MXFP4 rounds the accumulator to bf16 in the kernel's epilogue.
+  3. multiplies each decoded bf16 pair by its block's scale in the same PTX (mul.rn.bf16x2; NVFP4: the E4M3
+     block scale as bf16; MXFP4: 2^(u - 127) as bf16; both exact, and so is E2M1 x scale, at most 6
+     significant bits), the scale of a register chosen by the 8-column tile it holds, and issues one wgmma
+     of the whole [64, 128] tile into the warpgroup's f32 accumulator (x in shared memory keeps W4A16's
+     128-byte swizzle).
+NVFP4's global scale (an f32 operand read in the epilogue) multiplies the f32 accumulator before the
+epilogue rounds it once to bf16; MXFP4 rounds the accumulator as it is.
 
 Numerics: the same model as fp4.py's references (exact weights, exact products, f32 sums, one rounding);
 only the f32 summation order differs. Tolerance: |y - ref| <= 1e-2 |ref| + 1e-2 rms(ref).
@@ -60,29 +62,30 @@ def step_rows(fmt_kind: str, scale) -> tuple:
     return (values.astype(jnp.bfloat16).T,)
 
 
-def _pair_ptx(part: int) -> str:
-    """PTX: the bf16 pair ($0) of codes (2 part, 2 part + 1) of the int32 word $1 (code i in bits 4i..4i+3)."""
-    quad = part // 2
-    return f"""{{
-    .reg .b32 sel, lo, hi, moved, sign, t0, t1, t2, t3;
-    and.b32 sel, $1, 0x77777777;
-    shr.b32 sel, sel, {16 * quad};
-    mov.b32 t0, {BF16_LOW_TABLE[0]:#x};
-    mov.b32 t1, {BF16_LOW_TABLE[1]:#x};
-    mov.b32 t2, {BF16_HIGH_TABLE[0]:#x};
-    mov.b32 t3, {BF16_HIGH_TABLE[1]:#x};
-    prmt.b32 lo, t0, t1, sel;
-    prmt.b32 hi, t2, t3, sel;
-    shl.b32 moved, $1, 4;
-    prmt.b32 sign, moved, $1, {SIGN_SELECTORS[quad]:#x};
-    and.b32 sign, sign, {BYTE_TOP_BITS & 0xFFFFFFFF:#x};
-    or.b32 hi, hi, sign;
-    prmt.b32 $0, lo, hi, {PAIR_SELECTORS[part % 2]:#x};
-    }}"""
+def _word_ptx() -> str:
+    """PTX: the four bf16 pairs $0..$3 of the int32 word $4 (code i in bits 4i..4i+3; pair p = codes 2p, 2p + 1),
+    each times its bf16 scale pair $5..$8 (the block scale in both halves); $9..$12: the tables
+    BF16_LOW_TABLE + BF16_HIGH_TABLE, passed in registers (prmt reads no immediates) that the compiler keeps
+    across words. One asm block per word, so the index, table and sign work is shared by the word's 4 pairs."""
+    lines = [".reg .b32 sel, moved, lo<2>, hi<2>, sign<2>, pair<4>;",
+             "and.b32 sel, $4, 0x77777777;", "shl.b32 moved, $4, 4;"]
+    for quad in range(2):
+        if quad:
+            lines.append("shr.b32 sel, sel, 16;")
+        lines += [f"prmt.b32 lo{quad}, $9, $10, sel;", f"prmt.b32 hi{quad}, $11, $12, sel;",
+                  f"prmt.b32 sign{quad}, moved, $4, {SIGN_SELECTORS[quad]:#x};",
+                  f"and.b32 sign{quad}, sign{quad}, {BYTE_TOP_BITS & 0xFFFFFFFF:#x};",
+                  f"or.b32 hi{quad}, hi{quad}, sign{quad};"]
+    for part in range(4):
+        quad = part // 2
+        lines += [f"prmt.b32 pair{part}, lo{quad}, hi{quad}, {PAIR_SELECTORS[part % 2]:#x};",
+                  f"mul.rn.bf16x2 ${part}, pair{part}, ${5 + part};"]
+    return "{\n" + "\n".join(lines) + "\n}"
 
 
 def e2m1_pair_reference(words, part: int):
-    """What _pair_ptx(part) computes, in jnp (cm.prmt's emulation): int32 words -> int32 bf16 pairs."""
+    """What _word_ptx computes for pair `part` before its scale multiply, in jnp (cm.prmt's emulation): int32
+    words -> int32 bf16 pairs."""
     quad = part // 2
     sel = lax.shift_right_logical(words & 0x77777777, jnp.int32(16 * quad))
     as_int32 = lambda table: [jnp.uint32(v).view(jnp.int32) for v in table]  # noqa: E731
@@ -92,39 +95,55 @@ def e2m1_pair_reference(words, part: int):
     return cm.prmt(lo, hi | sign, PAIR_SELECTORS[part % 2], native=False)
 
 
-def _decode_e2m1(codes):
-    """int4 codes [64, 128] in the WGMMA layout -> their E2M1 values as bf16 [64, 128] (same layout), exact. The
-    layout's registers hold 2 codes each; every 4 of them are packed into one 32-bit word, so the index, sign
-    and table work of _pair_ptx is shared by the word's 4 pairs (ptxas merges the repeated instructions of
-    the 4 asm blocks that read one word)."""
+def _decode_scaled(codes, scales, group: int):
+    """int4 codes [64, 128] as loaded (Mosaic's 4-bit upcast layout), scales: per block of `group` columns its [64, 8] WGMMA array
+    of the block scale per row -> the scaled E2M1 values as bf16 [64, 128] (same layout), exact. The layout's
+    registers hold 2 codes each (registers index 1: the tile's 8-column block; the rest: as in a [64, 8]
+    array) after the relayout to WGMMA done here, each a slice of a 32-bit word of 8 codes (pair p of the
+    word = the slice at offset 2p); every word is decoded by one _word_ptx block. Decoding the words
+    themselves matters: rebuilding them from the 2-code registers cost more than the decode (H200, run 83)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     layout = plgpu.Layout.WGMMA
 
-    @plgpu.inline_mgpu(arg_types=(layout,),
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,) + (layout,) * len(scales),
                        return_type=plgpu.ShapeDtypeStruct(codes.shape, jnp.bfloat16, layout=layout))
-    def decode(_ctx, fa):
+    def decode(_ctx, loaded, *scale_fas):
         import numpy as np
         from jax.experimental.mosaic.gpu import fragmented_array as mfa
         from jax.experimental.mosaic.gpu import utils
         from jaxlib.mlir import ir
-        from jaxlib.mlir.dialects import llvm
+        from jaxlib.mlir.dialects import arith, llvm, vector
 
+        fa = loaded.to_layout(mfa.WGMMA_LAYOUT)           # here, so that its registers still show their words
         i32 = ir.IntegerType.get_signless(32)
         pair_ty = ir.VectorType.get((2,), ir.BF16Type.get())
+        words: dict = {}                                # source word -> {pair p: register index}
+        for idx, reg in np.ndenumerate(fa.registers):
+            op = getattr(reg.owner, "opview", None)
+            if (not isinstance(op, vector.ExtractStridedSliceOp) or utils.bitwidth(op.source.type) != 32
+                    or ir.VectorType(reg.type).shape != [2] or op.strides[0].value != 1):
+                raise NotImplementedError(f"fp4_mgpu: expected registers of 2 codes sliced from 32-bit words; "
+                                          f"got {reg.type} from {reg.owner}")
+            words.setdefault(op.source, {})[op.offsets[0].value // 2] = idx
+        if fa.registers.shape[1] != len(scale_fas) * group // 8 or any(s.registers.shape[1] != 1 for s in scale_fas):
+            raise NotImplementedError(f"fp4_mgpu: expected {group // 8} 8-column blocks per scale; got "
+                                      f"{fa.registers.shape} registers and {len(scale_fas)} scales")
+        ptx, four_i32 = _word_ptx(), llvm.StructType.get_literal([i32] * 4)
+        tables = [arith.constant(i32, ir.IntegerAttr.get(i32, v - (1 << 32) if v >= 1 << 31 else v))
+                  for v in BF16_LOW_TABLE + BF16_HIGH_TABLE]
         out = np.empty_like(fa.registers)
-        entries = list(np.ndenumerate(fa.registers))
-        if fa.registers.size % 4 or ir.VectorType(entries[0][1].type).shape != [2]:
-            raise NotImplementedError(f"fp4_mgpu: expected registers of 2 codes, a multiple of 4 per thread; got "
-                                      f"{fa.registers.size} of {entries[0][1].type}")
-        for first in range(0, len(entries), 4):
-            four = entries[first:first + 4]
-            word = utils.bitcast(utils.vector_concat([reg for _, reg in four]), i32)
-            for part, (idx, _) in enumerate(four):
-                out[idx] = utils.bitcast(llvm.inline_asm(i32, [word], _pair_ptx(part), "=r,r"), pair_ty)
+        for source, parts in words.items():
+            first = next(iter(parts.values()))            # a scale for pairs the word's registers do not use
+            scales = [utils.bitcast(scale_fas[i[1] // (group // 8)].registers[(i[0], 0, *i[2:])], i32)
+                      for i in (parts.get(p, first) for p in range(4))]
+            pairs = llvm.inline_asm(four_i32, [utils.bitcast(source, i32), *scales, *tables], ptx,
+                                    "=r,=r,=r,=r" + ",r" * 9)
+            for part, idx in parts.items():
+                out[idx] = utils.bitcast(llvm.extractvalue(i32, pairs, [part]), pair_ty)
         return mfa.FragmentedArray(_registers=out, _layout=fa.layout, _is_signed=None)
 
-    return decode(codes)
+    return decode(codes, *scales)
 
 
 def _fp4_step(wg, _scratch, x_smem, w_smem, s_smem, acc_ref, *, flip: bool, group: int):
@@ -136,11 +155,9 @@ def _fp4_step(wg, _scratch, x_smem, w_smem, s_smem, acc_ref, *, flip: bool, grou
 
     channels = pl.ds(wg * WG_CHANNELS, WG_CHANNELS)
     codes = plgpu.load(w_smem.at[channels], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-    a = _decode_e2m1(plgpu.layout_cast(codes, plgpu.Layout.WGMMA))
-    for j in range(GROUP // group):
-        a_j = a[:, j * group:(j + 1) * group]
-        scale = w4a16_mgpu.per_channel_row(s_smem, j, channels, a_j.shape)
-        plgpu.wgmma(acc_ref, a_j * scale, x_smem.at[:, pl.ds(j * group, group)].T)
+    scales = [w4a16_mgpu.per_channel_row(s_smem, j, channels, (WG_CHANNELS, 8)) for j in range(GROUP // group)]
+    a = _decode_scaled(codes, scales, group)
+    plgpu.wgmma(acc_ref, a, x_smem.T)
     plgpu.wgmma_wait(0)
     return acc_ref
 
@@ -159,11 +176,11 @@ def _check(fn: str, fmt_kind: str, x, packed, scale, rows, cfg: MgpuW4Config):
         w4a16_mgpu.check_rows(fn, rows, (((k // group, n), jnp.dtype(jnp.bfloat16)),))
 
 
-def _launch(fmt_kind: str, x, packed, rows, cfg: MgpuW4Config, f32_out: bool):
+def _launch(fmt_kind: str, x, packed, rows, cfg: MgpuW4Config, out_scale=None):
     group = GROUPS[fmt_kind]
     step = functools.partial(_fp4_step, group=group)
-    return w4a16_mgpu.launch_swap_ab(x, [packed], [list(rows)], cfg, step, acc_in_ref=True, sub_k=group,
-                                     f32_out=f32_out)
+    return w4a16_mgpu.launch_swap_ab(x, [packed], [list(rows)], cfg, step, acc_in_ref=True, row_k=group,
+                                     out_scale=out_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -175,8 +192,7 @@ def nvfp4_matmul_mgpu(x, packed, block_scale, global_scale, *, config: MgpuW4Con
     if jnp.size(global_scale) != 1:
         raise ValueError(f"nvfp4_matmul_mgpu: global_scale must be a scalar, got shape {jnp.shape(global_scale)}")
     rows = step_rows("nvfp4", block_scale) if rows is None else rows
-    y = _launch("nvfp4", x, packed, rows, config, f32_out=True)
-    return (y * jnp.asarray(global_scale, jnp.float32)).astype(jnp.bfloat16)
+    return _launch("nvfp4", x, packed, rows, config, out_scale=global_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -185,4 +201,4 @@ def mxfp4_matmul_mgpu(x, packed, scale, *, config: MgpuW4Config = w4a16_mgpu.DEF
     built beforehand, or None to build them here."""
     _check("mxfp4_matmul_mgpu", "mxfp4", x, packed, scale, rows, config)
     rows = step_rows("mxfp4", scale) if rows is None else rows
-    return _launch("mxfp4", x, packed, rows, config, f32_out=False)
+    return _launch("mxfp4", x, packed, rows, config)

@@ -88,15 +88,15 @@ SMEM_BYTES = 232448                                     # a Hopper CTA's shared 
 
 
 def fit_stages(tile_tokens: int, most: int = 8, split_k: int = 1, asym: bool = True, x_bytes: int = 2,
-               scale_rows: int = 1, f32_out: bool = False) -> int:
+               scale_rows: int = 1) -> int:
     """The most K-steps in flight (<= most) whose operand buffers (each rounded to 1 KiB; x_bytes per
     activation: 2 for bf16, 1 for e4m3; scale_rows bf16 rows of 128 channels per step: 128 / group) and
-    epilogue (f32 with split_k > 1 or f32_out) fit in shared memory, with room for the barriers (measured:
+    epilogue (f32 with split_k > 1) fit in shared memory, with room for the barriers (measured:
     4 KiB)."""
     kib = lambda b: -(-b // 1024) * 1024  # noqa: E731
     rows = kib(scale_rows * CTA_CHANNELS * 2) + (1024 if asym else 0)
     per_stage = kib(tile_tokens * GROUP * x_bytes) + kib(CTA_CHANNELS * GROUP // 2) + rows
-    epilogue = 2 * 2 * min(DEFAULT.epi_tokens, tile_tokens) * WG_CHANNELS * (4 if split_k > 1 or f32_out else 2)
+    epilogue = 2 * 2 * min(DEFAULT.epi_tokens, tile_tokens) * WG_CHANNELS * (4 if split_k > 1 else 2)
     return max(min(most, (SMEM_BYTES - epilogue - 4608) // per_stage), 1)
 
 
@@ -297,14 +297,15 @@ def w4a8_matmul_mgpu_group(xq: tuple, input_scale: tuple, packed: tuple, weight_
 
 
 def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step, acc_in_ref: bool,
-                   sub_k: int = GROUP, f32_out: bool = False):
+                   sub_k: int = GROUP, row_k: int | None = None, out_scale=None):
     """Runs `step` over the persistent swap-AB grid: x [M, K] (bf16 or e4m3) padded to the token tile, shared
     by every weight, or a list of one such x per weight (W4A8's codes per input scale); packed: one weight
     array [N_s, K/2] (or int4 [N_s, K]) per weight of a group (flipped in the kernel when given as canonical
     uint8); rows_per_step: per weight, its list of [K/sub_k, N_s] arrays (GROUP // sub_k rows per 128-K step;
     x is swizzled so step can slice it every sub_k columns). y [M, sum N_s] bf16, the weights' outputs side by
-    side. With split-K partials the kernel writes f32 and one XLA fusion sums and rounds once. f32_out: y in
-    f32, unrounded (the kernel writes f32), for a caller that scales it before the one rounding."""
+    side. With split-K partials the kernel writes f32 and one XLA fusion sums and rounds once. row_k: the K
+    elements each row covers (GROUP // row_k rows per step), sub_k unless given. out_scale: an f32 scalar
+    that multiplies the f32 sums before the one rounding (NVFP4's global scale), or None."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -319,7 +320,7 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
     t, split = cfg.tile_tokens, cfg.split_k
     mp = -(-m // t) * t
     tiles_t, kb_split = mp // t, k // GROUP // split
-    rows = GROUP // sub_k
+    rows = GROUP // (row_k or sub_k)
     per_weight = 1 + len(rows_per_step[0])              # operands per weight: its int4 array and its rows
     xps = [jnp.pad(xx, ((0, mp - m), (0, 0))) for xx in xs]
     x_bits = jnp.dtype(xs[0].dtype).itemsize * 8
@@ -357,13 +358,15 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
         epi_n=_epi_tokens(cfg), grid=grid, k_iters=kb_split,
         stages=_mgpu.chain_stages(kb_split, cfg.stages) if cfg.chain_tiles else cfg.stages,
         grid_tile_width=cfg.grid_tile_width, step=functools.partial(step, flip=flip), scratch={},
-        acc_in_ref=acc_in_ref, transpose_out=True, pipeline_operands=1 + per_weight, chain_tiles=cfg.chain_tiles)
+        acc_in_ref=acc_in_ref, transpose_out=True, pipeline_operands=1 + per_weight, chain_tiles=cfg.chain_tiles,
+        out_scale=out_scale is not None)
     per_weight_ops = [[w, *r] for w, r in zip(weights, rows_per_step)]
     operands = ([a for xx, o in zip(xps, per_weight_ops) for a in (xx, *o)] if own_x
                 else xps + [a for o in per_weight_ops for a in o])
-    f32 = split > 1 or f32_out
-    y = _mgpu.launch(kernel, tuple(operands), (split * mp, n), jnp.float32 if f32 else jnp.bfloat16,
+    if out_scale is not None:
+        operands.append(jnp.reshape(out_scale, (1,)).astype(jnp.float32))
+    y = _mgpu.launch(kernel, tuple(operands), (split * mp, n), jnp.float32 if split > 1 else jnp.bfloat16,
                      grid[0] * grid[1])
     if split > 1:                                       # partials [split, Mp, N], summed in f32, rounded once
         y = jnp.sum(y.reshape(split, mp, n), axis=0)
-    return y[:m] if f32_out else y[:m].astype(jnp.bfloat16)
+    return y[:m].astype(jnp.bfloat16)

@@ -1,6 +1,6 @@
 """The Mosaic GPU FP4 kernel (pallas_kernels/fp4_mgpu.py): on the CPU its byte-permute E2M1 decode (emulated
 with the kernel's own tables and selectors), scale rows, rules and errors, and that it lowers for CUDA to bf16
-wgmma with one slice per block scale; on a Hopper GPU every code decoded exactly and the outputs against the
+wgmma with one [64, 128] tile per K-step; on a Hopper GPU every code decoded exactly and the outputs against the
 float64 oracle at unaligned token counts."""
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,8 @@ def test_the_byte_permute_decode_gives_every_e2m1_value_exactly():
         got = halves.astype(np.float32)
         np.testing.assert_array_equal(got, want[:, 2 * part:2 * part + 2])
         np.testing.assert_array_equal(np.signbit(got), np.signbit(want[:, 2 * part:2 * part + 2]))
-    assert all(f"prmt.b32 $0, lo, hi, {sel:#x};" in f4._pair_ptx(p) for p, sel in ((0, 0x5140), (3, 0x7362)))
+    ptx = f4._word_ptx()
+    assert "prmt.b32 pair0, lo0, hi0, 0x5140;" in ptx and "prmt.b32 pair3, lo1, hi1, 0x7362;" in ptx
 
 
 def test_step_rows_hold_the_exact_scales_per_k_step():
@@ -60,20 +61,21 @@ def _call(fmt, operands, cfg, rows=None):
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_lowers_with_one_bf16_wgmma_per_block_scale(wgmma_operands, fmt):
-    """One [64, G] bf16 A slice per block of G = 16 / 32 columns, 128 / G per K-step; NVFP4 writes f32."""
+def test_lowers_with_one_bf16_wgmma_per_k_step(wgmma_operands, fmt):
+    """The block scales are applied in registers, so each K-step is one wgmma of the whole [64, 128] bf16
+    tile, and the PTX multiplies every decoded pair by its scale."""
     cfg = dispatch.fp4_mgpu_config(fmt, 40, 512, 1024)
     fn = f4.nvfp4_matmul_mgpu if fmt == "nvfp4" else f4.mxfp4_matmul_mgpu
     text = fn.trace(*_operands(fmt, 40, 512, 1024), config=cfg).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-    group = f4.GROUPS[fmt]
-    assert wgmma_operands == [jax.ShapeDtypeStruct((64, group), jnp.bfloat16)] * (128 // group)
+    assert wgmma_operands == [jax.ShapeDtypeStruct((64, 128), jnp.bfloat16)]
+    assert all(f"mul.rn.bf16x2 ${p}, pair{p}, ${5 + p};" in f4._word_ptx() for p in range(4))
 
 
-def test_configs_fit_the_shared_memory_and_nvfp4_pays_for_its_f32_epilogue():
+def test_configs_fit_the_shared_memory_with_the_formats_scale_rows():
     nv, mx = dispatch.fp4_mgpu_config("nvfp4", 64, 6144, 4096), dispatch.fp4_mgpu_config("mxfp4", 64, 6144, 4096)
     assert nv.tile_tokens == mx.tile_tokens == 64 and nv.stages >= 2
-    assert nv.stages == w4.fit_stages(64, split_k=nv.split_k, asym=False, scale_rows=8, f32_out=True)
+    assert nv.stages == w4.fit_stages(64, split_k=nv.split_k, asym=False, scale_rows=8)
     assert mx.stages == w4.fit_stages(64, split_k=mx.split_k, asym=False, scale_rows=4)
 
 
