@@ -6,7 +6,7 @@ Paths:
                  codes, input_scale after the sum) and fp4_gemv.py (NVFP4, MXFP4)
   'mgpu'         the Mosaic GPU kernels (TMA, wgmma, warp specialization; Hopper only): W4A16 (groups 128,
                  64, 32) from M=2 (w4a16_mgpu.py, weights decoded in registers, swap-AB; W4A8 from M=2 on its FP8
-                 variant: weights decoded to e4m3, e4m3 wgmma), NVFP4 / MXFP4 at 65-256 tokens (fp4_mgpu.py,
+                 variant: weights decoded to e4m3, e4m3 wgmma), NVFP4 / MXFP4 from M=2 (fp4_mgpu.py,
                  E2M1 decoded to bf16 in registers) and FP8 block-scaled at large M (fp8_block_mgpu.py). In
                  interpret mode or on another GPU the recipe's plan without Mosaic stands in
   'xla_dequant'  dequantise the weights once per call to bf16, then XLA's cuBLAS dot (large M, where the
@@ -85,12 +85,11 @@ def m_bucket(m: int) -> int:
 XLA_DEQUANT_FROM: dict[str, int] = {"w4a16": 1024, "nvfp4": 256, "mxfp4": 256, "w4a8": 1024,
                                     "w4a8_mxfp4": 256, "w4a8_nvfp4": 16}
 
-# M buckets where NVFP4 / MXFP4 run the Mosaic GPU kernel (fp4_mgpu.py; Hopper). H200, run 78 (gemm_probe
-# --parts fp4paths, device us on 8b qkv / gate_up / down, NVFP4 then MXFP4, against the better of the packed-4
-# plan and xla_dequant): M=256 54.2 / 191.4 / 99.1 vs 56.5 / 242.9 / 117.8 and 48.2 / 136.4 / 86.9 vs 59.4 /
-# 252.6 / 123.3. Elsewhere it lost somewhere: M=16 gate_up 93.6 / 102.9 vs 76.2 / 73.1 (qkv and down won), M=64
-# within -4 % / +20 %, M=1024 NVFP4 1.2-1.5x slower (MXFP4 won gate_up and down, lost qkv 133.0 vs 112.0).
-FP4_MGPU_BUCKETS = (256,)
+# NVFP4 / MXFP4 run the Mosaic GPU kernel (fp4_mgpu.py) from M=2 on Hopper wherever it takes the shape. H200,
+# run 85 (gemm_probe --parts fp4paths, device us on 8b qkv / gate_up / down, NVFP4; MXFP4 alike): M=16 15.8 /
+# 50.1 / 25.7 against packed-4's 32.0 / 76.5 / 55.9 (run 82) and XLA bf16's 16.8 / 57.4 / 33.0; M=256 32.7 /
+# 107.3 / 60.2 against xla_dequant's 56.8 / 242.4 / 118.0; M=4096 287.3 / 1349.2 / 667.3 against 304.4 /
+# 1465.5 / 676.6. Shapes off its grid keep the packed-4 plan, then xla_dequant from XLA_DEQUANT_FROM.
 
 # Packed-4 tiles per M bucket, tuned on W4A16 (shared by every packed-4 recipe: one skeleton; the W4A8_FP4
 # recipes' block-MMA mode ignores presplit_x and is not yet tuned), H100:
@@ -225,11 +224,11 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) 
 
 def fp4_mgpu_config(fmt_kind: str, m: int, n: int, k: int) -> MgpuW4Config:
     """NVFP4 / MXFP4 on fp4_mgpu.py: W4A16's Mosaic tiles and K split for this shape, with the stages refitted
-    to the format's scale rows per K-step (8 NVFP4, 4 MXFP4), no zero rows, and NVFP4's f32 epilogue."""
+    to the format's scale rows per K-step (8 NVFP4, 4 MXFP4) and no zero rows."""
     group = fp4_mgpu.GROUPS[fmt_kind]
     cfg = mgpu_w4_config(m, n, k, group=group)
     stages = w4a16_mgpu.fit_stages(cfg.tile_tokens, split_k=cfg.split_k, asym=False,
-                                   scale_rows=w4a16_mgpu.GROUP // group, f32_out=fmt_kind == "nvfp4")
+                                   scale_rows=w4a16_mgpu.GROUP // group)
     return dataclasses.replace(cfg, stages=stages)
 
 
@@ -312,7 +311,7 @@ def plan(recipe: str, m: int, n: int, k: int, group: int = 128, mosaic: bool = T
         cfg = mgpu_w4_config(m, n, k, fp8=recipe == "w4a8", group=group)
         if w4a16_mgpu.can_use(m, n, k, group, cfg):
             return Plan("mgpu", cfg)
-    if mosaic and recipe in fp4_mgpu.GROUPS and m_bucket(m) in FP4_MGPU_BUCKETS:
+    if mosaic and recipe in fp4_mgpu.GROUPS and m > 1:
         cfg = fp4_mgpu_config(recipe, m, n, k)
         if fp4_mgpu.can_use(recipe, m, n, k, cfg):
             return Plan("mgpu", cfg)

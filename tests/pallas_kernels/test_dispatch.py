@@ -73,15 +73,17 @@ def test_plan_buckets():
                 if p.path == "pallas":
                     assert packed4.config_is_valid(fmt, p.config), (recipe, m, n, p)
         assert dispatch.plan(recipe, 4096, 4096, 4096).path == "xla_dequant"
-    # the FP4 crossovers measured on the H200 (runs 76, 78): dequantise-then-dot from M=256 (the Mosaic kernel
-    # at 65-256 tokens on Hopper), W4A8 x NVFP4 from M=2
-    paths = {r: [dispatch.plan(r, m, 6144, 4096).path for m in (1, 2, 16, 64, 256, 4096)]
+    # the FP4 crossovers measured on the H200 (runs 76, 85): on Hopper the Mosaic kernel from M=2; off its
+    # grid packed-4, then dequantise-then-dot from M=256; W4A8 x NVFP4 dequantises from M=2
+    paths = {r: [dispatch.plan(r, m, 6144, 4096).path for m in (1, 2, 16, 64, 256, 1024, 4096)]
              for r in ("nvfp4", "mxfp4", "w4a8_mxfp4", "w4a8_nvfp4")}
-    assert paths["nvfp4"] == paths["mxfp4"] == ["gemv", "pallas", "pallas", "pallas", "mgpu", "xla_dequant"]
+    assert paths["nvfp4"] == paths["mxfp4"] == ["gemv"] + ["mgpu"] * 6
     assert dispatch.plan("mxfp4", 100, 6144, 4096, mosaic=False).path == "xla_dequant"
     assert dispatch.plan("nvfp4", 256, 6144 + 64, 4096).path == "xla_dequant"    # N off the 128-channel tile
-    assert paths["w4a8_mxfp4"] == ["pallas"] * 4 + ["xla_dequant"] * 2
-    assert paths["w4a8_nvfp4"] == ["pallas"] + ["xla_dequant"] * 5
+    assert dispatch.plan("mxfp4", 64, 6144, 4096 + 32).path == "pallas"          # K off the 128-K step
+    assert dispatch.plan("nvfp4", 16, 6144 + 64, 4096).path == "pallas"
+    assert paths["w4a8_mxfp4"] == ["pallas"] * 4 + ["xla_dequant"] * 3
+    assert paths["w4a8_nvfp4"] == ["pallas"] + ["xla_dequant"] * 6
 
 
 def _weights(recipe, rng, n, k):
