@@ -979,6 +979,7 @@ def main():
     copy_tbps = max(copy.values())
     G.log(f"{card}, jax {jax.__version__}, copy {copy}")
     rows: list = []
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"gemm_probe_{card.replace(' ', '_')}_{datetime.date.today()}.json")
 
     def flush():
