@@ -115,6 +115,9 @@ CASES = {
     "mxfp4": ("mxfp4", {}, "mxfp4", 96, False, False, False),
     "mxfp4_fp8": ("mxfp4", {"activation": "fp8_static"}, "mxfp4", 96, True, False, False),
     "nvfp4_fp8": ("nvfp4", {"activation": "fp8_static"}, "nvfp4", 48, True, False, True),
+    # K = 256: on a Hopper GPU from M=2 these run the FP4 Mosaic kernel (fp4_mgpu.py) through QDense
+    "nvfp4_wo_k256": ("nvfp4", {"activation": "none"}, "nvfp4", 256, False, False, False),
+    "mxfp4_k256": ("mxfp4", {}, "mxfp4", 256, False, False, False),
     "w4a16_awq": ("w4a16_awq", {"group_size": 64}, "int4", 192, False, False, True),
     # K = 256 (a multiple of 128): on a Hopper GPU these two run the Mosaic kernel with groups of 64, with
     # zeros and with act-order; K = 192 above keeps the packed-4 kernel's unaligned-K path covered
