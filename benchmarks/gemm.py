@@ -650,13 +650,12 @@ def write_outputs(out_dir, env, rows, checks, sweeps):
     fresh = [{**{kk: r.get(kk) for kk in keys}, **{kk: v for kk, v in r.items() if kk.startswith("speedup_vs_")},
               "run": env["date"]} for r in rows]
     summary_path = os.path.join(out_dir, "gemm_summary.json")
-    kept = []
-    if os.path.exists(summary_path):                  # a partial run replaces only the points it measured
+    old = []
+    if os.path.exists(summary_path):
         with open(summary_path) as f:
-            measured = {(r["recipe"], r["shape"], r["M"], r["card"]) for r in fresh}
-            kept = [r for r in json.load(f) if (r["recipe"], r["shape"], r["M"], r["card"]) not in measured]
+            old = json.load(f)
     with open(summary_path, "w") as f:
-        json.dump(kept + fresh, f, indent=1)
+        json.dump(gemm_targets.merge_summary(old, fresh), f, indent=1)
     gemm_targets.write(summary_path, out_dir)
     with open(base + ".md", "w") as f:
         f.write(f"# GEMM benchmark: {env['card']}, jax {env['jax']}, {env['date']}\n\n")

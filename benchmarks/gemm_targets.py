@@ -8,9 +8,9 @@ Each card is judged on its own rows (the issue's targets hold on an H100 or an H
 the two). A ratio against a baseline is measured within one run: the row's own speedup_vs_<baseline>
 (gemm.py's ratio to the baseline it timed in the same run, at the same shape and M), else the baseline row's
 time over the row's where both rows come from one run (a row's "run" is its gemm.py run's start time). The
-summary keeps each point's latest row, so after a partial rerun a baseline row can be newer than the recipe
-row it would divide, and runs differ by up to 10 % at the same point. Points without a same-run ratio are
-skipped (and reported as missing). Values aggregate by geometric mean where the issue says so, by minimum
+summary keeps each point's latest row, and a baseline's older rows while a row of their run stands at that
+point (merge_summary), since runs differ by up to 10 % at the same point. Points without a same-run
+ratio are skipped (and reported as missing). Values aggregate by geometric mean where the issue says so, by minimum
 where the target holds at every point ("not slower than").
 
 The verdict is on wall-clock rows. Below it the same targets are evaluated on the device's own time of the
@@ -64,6 +64,7 @@ def _targets() -> list[Target]:
 
 
 TARGETS = _targets()
+BASELINES = frozenset(t.baseline for t in TARGETS if t.baseline)
 
 
 # Peers gemm.py times by CUDA-graph replay (benchmarks/gemm.py time_torch): no host launch gaps either.
@@ -87,9 +88,23 @@ def on_device_time(rows: list[dict]) -> list[dict]:
     return out
 
 
+def merge_summary(old: list[dict], fresh: list[dict]) -> list[dict]:
+    """The summary after a (partial) run: its fresh rows replace the rows of the points (recipe, shape, M,
+    card) it measured, except a baseline's older rows (BASELINES) where a row of their own run
+    still stands at that point, since evaluate divides only rows of one run. Fresh rows come last."""
+    point = lambda r: (r["recipe"], r["shape"], r["M"], r["card"])  # noqa: E731
+    measured = {point(r) for r in fresh}
+    kept = [r for r in old if point(r) not in measured]
+    standing = {(r["shape"], r["M"], r["card"], r.get("run")) for r in kept}
+    paired = [r for r in old if point(r) in measured and r["recipe"] in BASELINES
+              and (r["shape"], r["M"], r["card"], r.get("run")) in standing]
+    return kept + paired + fresh
+
+
 def evaluate(rows: list[dict], target: Target) -> dict:
     """{value, worst, points, met, missing}: value None (and met None) when no point has its rows."""
-    us = {(r["recipe"], r["shape"], r["M"], r["card"]): r for r in rows if r.get("us")}
+    us = {(r["recipe"], r["shape"], r["M"], r["card"]): r for r in rows if r.get("us")}         # the latest
+    of_run = {(r["recipe"], r["shape"], r["M"], r["card"], r.get("run")): r for r in rows if r.get("us")}
     values, missing = [], set()
     for shape in SHAPES:
         for m in target.ms:
@@ -101,9 +116,8 @@ def evaluate(rows: list[dict], target: Target) -> dict:
                     v = r.get("pct_copy_bw")
                     v = v / 100 if v else None
                 else:
-                    base = us.get((target.baseline, shape, m, card))
-                    v = r.get(f"speedup_vs_{target.baseline}") or (
-                        base["us"] / r["us"] if base and base.get("run") == r.get("run") else None)
+                    base = of_run.get((target.baseline, shape, m, card, r.get("run")))
+                    v = r.get(f"speedup_vs_{target.baseline}") or (base["us"] / r["us"] if base else None)
                 if v:
                     values.append(v)
                     found = True

@@ -109,3 +109,25 @@ def test_device_time_view_uses_the_rows_device_time_only():
     assert gt.evaluate(rows, _target("w4a16 M=1: >= 1.4x tinygemm"))["value"] == pytest.approx(0.75)
     results, md = gt.table(rows)
     assert results[CARD][0]["device"]["points"] == 2 and f"## {CARD}: device time" in md
+
+
+def test_a_partial_rerun_keeps_the_baseline_rows_older_recipe_rows_need():
+    """Run B re-measures XLA bf16 and NVFP4 at a point where run A's W4A16 row stays: run A's XLA bf16 row is
+    kept for it (and divides it on device time), run A's NVFP4 row is replaced, and a baseline row no older
+    row needs is dropped."""
+    a, b = "2026-11-28T08:00", "2026-11-28T16:40"
+    old = [{**_row("xla_bf16", "8b.qkv", 64, 30.0, device_us=20.0), "run": a},
+           {**_row("w4a16", "8b.qkv", 64, 15.0, device_us=10.0), "run": a},
+           {**_row("nvfp4", "8b.qkv", 64, 40.0, device_us=30.0), "run": a},
+           {**_row("xla_bf16", "8b.o", 64, 30.0, device_us=20.0), "run": a}]
+    fresh = [{**_row("xla_bf16", "8b.qkv", 64, 32.0, device_us=24.0), "run": b},
+             {**_row("nvfp4", "8b.qkv", 64, 20.0, device_us=12.0), "run": b},
+             {**_row("xla_bf16", "8b.o", 64, 31.0, device_us=21.0), "run": b}]
+    merged = gt.merge_summary(old, fresh)
+    assert sorted((r["recipe"], r["shape"], r["run"]) for r in merged) == sorted(
+        [("w4a16", "8b.qkv", a), ("xla_bf16", "8b.qkv", a)] + [(r["recipe"], r["shape"], b) for r in fresh])
+    device = gt.on_device_time(merged)
+    w4 = gt.evaluate(device, _target("w4a16 M=64: >= 1.8x"))
+    assert w4["points"] == 1 and w4["value"] == pytest.approx(2.0)
+    of_run_b = {(r["recipe"], r["shape"]): r["us"] for r in device if r["run"] == b}
+    assert of_run_b[("xla_bf16", "8b.qkv")] / of_run_b[("nvfp4", "8b.qkv")] == pytest.approx(2.0)
