@@ -96,11 +96,11 @@ def e2m1_pair_reference(words, part: int):
 
 
 def _decode_scaled(codes, scales, group: int):
-    """int4 codes [64, 128] as loaded (Mosaic's 4-bit upcast layout), scales: per block of `group` columns its [64, 8] WGMMA array
-    of the block scale per row -> the scaled E2M1 values as bf16 [64, 128] (same layout), exact. The layout's
-    registers hold 2 codes each (registers index 1: the tile's 8-column block; the rest: as in a [64, 8]
-    array) after the relayout to WGMMA done here, each a slice of a 32-bit word of 8 codes (pair p of the
-    word = the slice at offset 2p); every word is decoded by one _word_ptx block. Decoding the words
+    """int4 codes [64, 128] as loaded (Mosaic's 4-bit upcast layout), scales: per block of `group` columns its
+    [64, 8] WGMMA array of the block scale per row -> the scaled E2M1 values as bf16 [64, 128] (WGMMA layout),
+    exact. After the relayout to WGMMA, done here, the registers hold 2 codes each (registers index 1: the
+    tile's 8-column block; the rest: as in a [64, 8] array), each a slice of a 32-bit word of 8 codes (pair p
+    of the word = the slice at offset 2p); every word is decoded by one _word_ptx block. Decoding the words
     themselves matters: rebuilding them from the 2-code registers cost more than the decode (H200, run 83)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
