@@ -61,7 +61,8 @@ def test_the_int4_gpu_path_lowers_at_every_token_count(hopper, recipe, overrides
 def test_the_fp8_and_fp4_gpu_paths_lower_for_cuda(hopper, recipe, shapes):
     """FP8 per tensor / rowwise: XLA's FP8 dot (cuBLASLt), no Pallas kernel. FP8 block: the Triton kernel,
     the Mosaic GPU kernel from the 256-token bucket where N fits its 256-channel tile (the aligned shapes at
-    300 tokens). FP4: the word GEMV and the packed-4 kernel below 257 tokens, dequantise-then-dot above."""
+    300 tokens). FP4: the word GEMV at one token, then the Mosaic GPU kernel (aligned shapes) or, off its
+    grid, the packed-4 kernel below 257 tokens and dequantise-then-dot above."""
     model = _quantized(shapes, recipe)
     for tokens in (1, 40, 300):
         text = _lowered_text(model, tokens)
@@ -71,5 +72,7 @@ def test_the_fp8_and_fp4_gpu_paths_lower_for_cuda(hopper, recipe, shapes):
             assert fp8_dot and not (triton or mosaic), (recipe, tokens)
         elif recipe == "fp8_block":
             assert mosaic == (shapes is ALIGNED_SHAPES and tokens == 300) and (triton or mosaic), tokens
+        elif shapes is ALIGNED_SHAPES:
+            assert mosaic == (tokens > 1) and triton == (tokens == 1), (recipe, tokens)
         else:
             assert triton == (tokens <= 256) and not mosaic, (recipe, tokens)
