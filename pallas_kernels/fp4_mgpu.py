@@ -4,12 +4,13 @@ wgmma's A operand decoded in registers) with an E2M1 decode in place of the INT4
 
 Per 128-K step each compute warpgroup
   1. loads its [64, 128] tile of 4-bit codes c (sign bit 3, magnitude index e1 e0 m in bits 0-2) as int4 in
-     Mosaic's 4-bit upcast layout and moves it to the wgmma operand layout, still 4-bit;
-  2. decodes each 32-bit register word of 8 codes by byte permutes (PTX prmt, inline in the Mosaic kernel):
+     Mosaic's 4-bit upcast layout and moves it to the wgmma operand layout, still 4-bit (inside the decode's
+     inline_mgpu body, where the registers still show the 32-bit words they were sliced from);
+  2. decodes each 32-bit word of 8 codes by byte permutes (PTX prmt, one inline asm block per word):
      the low and the high bytes of the bf16 magnitudes are looked up in two 8-byte tables (the 3-bit indices
      as prmt selectors, 4 codes per lookup), the sign bits moved to the high bytes' top bits, and the two
-     byte sets interleaved into bf16 pairs: about 2 instructions per weight (fp4_gemv.py decodes to float16
-     the same way);
+     byte sets interleaved into bf16 pairs: 21 instructions per word with step 3's multiplies (fp4_gemv.py
+     decodes to float16 the same way);
   3. multiplies each decoded bf16 pair by its block's scale in the same PTX (mul.rn.bf16x2; NVFP4: the E4M3
      block scale as bf16; MXFP4: 2^(u - 127) as bf16; both exact, and so is E2M1 x scale, at most 6
      significant bits), the scale of a register chosen by the 8-column tile it holds, and issues one wgmma
@@ -25,7 +26,7 @@ Inputs: x bf16 [M, K]; packed uint8 [N, K/2] (low nibble = even k), read as an i
 NVFP4 block_scale float8_e4m3fn [N, K/16] and global_scale f32 []; MXFP4 scale uint8 E8M0 [N, K/32] (valid
 for u in [1, 254], the bf16 exponent range; fp4.py's kernels take u <= 248). The per-step scale rows
 ([K/G, N] bf16) come from step_rows, built per call or once beforehand (`rows`). jaxq's QDense builds them
-per call (a transpose of the block scales, part of the times measured in runs 78-79):
+per call (a transpose of the block scales, part of the times measured; 6 us on 8b.gate_up, H200 run 84):
 jaxq.nn.kernel_dispatch.with_kernel_rows keeps rows for W4A16 / W4A8 only, since NVFP4's would add 2 bytes
 per 16 weights to the 9 the weights take.
 Shapes: K % 128 == 0, N % 128 == 0; M is padded to the token tile. Needs a Hopper GPU and jax >= 0.11;
