@@ -521,10 +521,10 @@ def quantized_matmul(x, recipe: str, weights: dict, plan_override: Plan | None =
     cfg = p.config
     if p.path == "mgpu" and recipe == "nvfp4":
         return fp4_mgpu.nvfp4_matmul_mgpu(x.astype(jnp.bfloat16), w["packed"], w["block_scale"], w["global_scale"],
-                                          config=cfg, rows=w.get("mgpu_rows")).astype(x.dtype)
+                                          config=cfg).astype(x.dtype)
     if p.path == "mgpu" and recipe == "mxfp4":
-        return fp4_mgpu.mxfp4_matmul_mgpu(x.astype(jnp.bfloat16), w["packed"], w["scale"], config=cfg,
-                                          rows=w.get("mgpu_rows")).astype(x.dtype)
+        return fp4_mgpu.mxfp4_matmul_mgpu(x.astype(jnp.bfloat16), w["packed"], w["scale"],
+                                          config=cfg).astype(x.dtype)
     if p.path == "gemv" and recipe == "nvfp4":
         return fp4_gemv.nvfp4_gemv(x, w["packed"], w["block_scale"], w["global_scale"], config=cfg,
                                    interpret=interpret)

@@ -91,8 +91,7 @@ def fit_stages(tile_tokens: int, most: int = 8, split_k: int = 1, asym: bool = T
                scale_rows: int = 1) -> int:
     """The most K-steps in flight (<= most) whose operand buffers (each rounded to 1 KiB; x_bytes per
     activation: 2 for bf16, 1 for e4m3; scale_rows bf16 rows of 128 channels per step: 128 / group) and
-    epilogue (f32 with split_k > 1) fit in shared memory, with room for the barriers (measured:
-    4 KiB)."""
+    epilogue (f32 with split_k > 1) fit in shared memory, with room for the barriers (measured: 4 KiB)."""
     kib = lambda b: -(-b // 1024) * 1024  # noqa: E731
     rows = kib(scale_rows * CTA_CHANNELS * 2) + (1024 if asym else 0)
     per_stage = kib(tile_tokens * GROUP * x_bytes) + kib(CTA_CHANNELS * GROUP // 2) + rows
