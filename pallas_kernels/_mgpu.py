@@ -33,7 +33,7 @@ def tiled_swizzle(row_bytes: int, itemsize_bits: int):
 def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, grid, k_iters: int, stages: int,
                       grid_tile_width: int, step, scratch: dict, acc_in_ref: bool = False,
                       transpose_out: bool = False, pipeline_operands: int | None = None, chain_tiles: bool = False,
-                      out_scale: bool = False):
+                      out_scale: bool = False, step_index: bool = False):
     """Kernel body: refs = the gmem operands, then the gmem output ([M, N], or [N, M] with transpose_out).
 
     in_specs: one plgpu.BlockSpec per operand for one K-step (index map kb -> block index);
@@ -51,7 +51,8 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
     pipeline of pipelines (Pallas' PipelinePipeline START / STEADY / STOP), so the producer loads the next
     tile's first K-steps while the compute warpgroups finish a tile and write it out; it needs k_iters to be
     a multiple of stages (ValueError otherwise). out_scale: the last operand is an f32 [1] array that multiplies
-    every accumulator (in f32) before it is converted and written."""
+    every accumulator (in f32) before it is converted and written. step_index: step also gets the K-step's
+    index in the tile's pipeline, step(wg, scratch_refs, kb, *operand_smem_refs, acc)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -112,8 +113,8 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
                     plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
                                             out_gmem.at[cols, rows] if transpose_out else out_gmem.at[rows, cols])
 
-            def body(_, *smem_and_acc):
-                return step(wg, scratch_refs, *smem_and_acc)
+            def body(indices, *smem_and_acc):
+                return step(wg, scratch_refs, *(indices[:1] if step_index else ()), *smem_and_acc)
 
             state = None
             if chain_tiles:                             # a one-tile CTA runs START: its producer skips the final wait

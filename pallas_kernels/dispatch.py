@@ -85,7 +85,8 @@ def m_bucket(m: int) -> int:
 XLA_DEQUANT_FROM: dict[str, int] = {"w4a16": 1024, "nvfp4": 256, "mxfp4": 256, "w4a8": 1024,
                                     "w4a8_mxfp4": 256, "w4a8_nvfp4": 16}
 
-# NVFP4 / MXFP4 run the Mosaic GPU kernel (fp4_mgpu.py) from M=2 on Hopper wherever it takes the shape. H200,
+# NVFP4 / MXFP4 run the Mosaic GPU kernel (fp4_mgpu.py) from M=2 on Hopper wherever it takes the shape (run 88
+# timed its current form, reading the stored scales: gate_up M=16 47.1 / 43.5 us NVFP4 / MXFP4). H200,
 # run 85 (gemm_probe --parts fp4paths, device us on 8b qkv / gate_up / down, NVFP4; MXFP4 alike): M=16 15.8 /
 # 50.1 / 25.7 against packed-4's 32.0 / 76.5 / 55.9 (run 82) and XLA bf16's 16.8 / 57.4 / 33.0; M=256 32.7 /
 # 107.3 / 60.2 against xla_dequant's 56.8 / 242.4 / 118.0; M=4096 287.3 / 1349.2 / 667.3 against 304.4 /
@@ -223,13 +224,16 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) 
 
 
 def fp4_mgpu_config(fmt_kind: str, m: int, n: int, k: int) -> MgpuW4Config:
-    """NVFP4 / MXFP4 on fp4_mgpu.py: W4A16's Mosaic tiles and K split for this shape, with the stages refitted
-    to the format's scale rows per K-step (8 NVFP4, 4 MXFP4) and no zero rows."""
-    group = fp4_mgpu.GROUPS[fmt_kind]
-    cfg = mgpu_w4_config(m, n, k, group=group)
-    stages = w4a16_mgpu.fit_stages(cfg.tile_tokens, split_k=cfg.split_k, asym=False,
-                                   scale_rows=w4a16_mgpu.GROUP // group)
-    return dataclasses.replace(cfg, stages=stages)
+    """NVFP4 / MXFP4 on fp4_mgpu.py: W4A16's Mosaic tiles and K split for this shape (the split halved until
+    each part starts on a scale row: fp4_mgpu.SCALE_STEPS), with the stages refitted to its scale tile per
+    K-step (16 bytes per channel, the bytes of 8 bf16 rows) and no zero rows."""
+    cfg = mgpu_w4_config(m, n, k, group=fp4_mgpu.GROUPS[fmt_kind])
+    split = cfg.split_k
+    while split > 1 and (k // w4a16_mgpu.GROUP // split) % fp4_mgpu.SCALE_STEPS[fmt_kind]:
+        split //= 2
+    stages = w4a16_mgpu.fit_stages(cfg.tile_tokens, split_k=split, asym=False,
+                                   scale_rows=w4a16_mgpu.SCALE_ROW_BYTES // 2)
+    return dataclasses.replace(cfg, split_k=split, stages=stages)
 
 
 def _half_wave_split(tiles: int, k: int) -> int:

@@ -55,6 +55,7 @@ GROUP = 128                                             # K per pipeline step
 GROUPS = (32, 64, 128)                                  # quantization groups the kernel takes
 WG_CHANNELS = 64                                        # wgmma's M: output channels per compute warpgroup
 CTA_CHANNELS = 2 * WG_CHANNELS
+SCALE_ROW_BYTES = 16                                    # channel-major scales: bytes per channel per TMA row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +196,8 @@ def w4a8_step_rows(weight_scale, input_scale) -> tuple:
 
 
 def check_rows(fn: str, rows, want: tuple):
-    """rows must be what step_rows / w4a8_step_rows (or fp4_mgpu.step_rows) build for these weights: the
-    (shape, dtype) of each row array as in want."""
+    """rows must be what step_rows / w4a8_step_rows build for these weights: the (shape, dtype) of each row
+    array as in want."""
     got = tuple((r.shape, r.dtype) for r in rows)
     if got != want:
         raise ValueError(f"{fn}: rows {got} do not match the weights: expected {want} (build them with "
@@ -296,15 +297,17 @@ def w4a8_matmul_mgpu_group(xq: tuple, input_scale: tuple, packed: tuple, weight_
 
 
 def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step, acc_in_ref: bool,
-                   sub_k: int = GROUP, row_k: int | None = None, out_scale=None):
+                   sub_k: int = GROUP, scale_steps: int = 0, out_scale=None):
     """Runs `step` over the persistent swap-AB grid: x [M, K] (bf16 or e4m3) padded to the token tile, shared
     by every weight, or a list of one such x per weight (W4A8's codes per input scale); packed: one weight
     array [N_s, K/2] (or int4 [N_s, K]) per weight of a group (flipped in the kernel when given as canonical
     uint8); rows_per_step: per weight, its list of [K/sub_k, N_s] arrays (GROUP // sub_k rows per 128-K step;
     x is swizzled so step can slice it every sub_k columns). y [M, sum N_s] bf16, the weights' outputs side by
-    side. With split-K partials the kernel writes f32 and one XLA fusion sums and rounds once. row_k: the K
-    elements each row covers (GROUP // row_k rows per step), sub_k unless given. out_scale: an f32 scalar
-    that multiplies the f32 sums before the one rounding (NVFP4's global scale), or None."""
+    side. With split-K partials the kernel writes f32 and one XLA fusion sums and rounds once. scale_steps > 0:
+    each weight's per-step arrays are channel-major uint8 [N_s, C] instead (C a multiple of SCALE_ROW_BYTES),
+    one 16-byte TMA row per channel covering scale_steps K-steps, and step gets the K-step index to find its
+    part (split K ranges must start on a row). out_scale: an f32 scalar that multiplies the f32 sums before the
+    one rounding (NVFP4's global scale), or None."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -319,7 +322,8 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
     t, split = cfg.tile_tokens, cfg.split_k
     mp = -(-m // t) * t
     tiles_t, kb_split = mp // t, k // GROUP // split
-    rows = GROUP // (row_k or sub_k)
+    rows = GROUP // sub_k
+    row_cols = SCALE_ROW_BYTES // scale_steps if scale_steps else 0   # channel-major columns per K-step
     per_weight = 1 + len(rows_per_step[0])              # operands per weight: its int4 array and its rows
     xps = [jnp.pad(xx, ((0, mp - m), (0, 0))) for xx in xs]
     x_bits = jnp.dtype(xs[0].dtype).itemsize * 8
@@ -339,14 +343,19 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
             x_op = ops[first] if own_x else ops[0]
             w, *step_rows_s = ops[first + own_x:first + own_x + per_weight]
             chan = pl.ds((ci - starts[s]) * CTA_CHANNELS, CTA_CHANNELS)
-            return (x_op.at[pl.ds(ti * t, t), k_range], w.at[chan, k_range],
-                    *(r.at[pl.ds(k0 * rows, kb_split * rows), chan] for r in step_rows_s))
+            if scale_steps:
+                cols = pl.ds(k0 * row_cols, -(-kb_split // scale_steps) * SCALE_ROW_BYTES)
+                scale_views = [r.at[chan, cols] for r in step_rows_s]
+            else:
+                scale_views = [r.at[pl.ds(k0 * rows, kb_split * rows), chan] for r in step_rows_s]
+            return (x_op.at[pl.ds(ti * t, t), k_range], w.at[chan, k_range], *scale_views)
 
         if len(weights) == 1:
             return weight_views(0)
         return [((ci >= starts[s]) & (ci < starts[s + 1]), weight_views(s)) for s in range(len(weights))]
 
-    row_spec = plgpu.BlockSpec((rows, CTA_CHANNELS), lambda kb: (kb, 0))
+    row_spec = (plgpu.BlockSpec((CTA_CHANNELS, SCALE_ROW_BYTES), lambda kb: (0, kb // scale_steps)) if scale_steps
+                else plgpu.BlockSpec((rows, CTA_CHANNELS), lambda kb: (kb, 0)))
     kernel = functools.partial(
         _mgpu.persistent_kernel,
         in_specs=[plgpu.BlockSpec((t, GROUP), lambda kb: (0, kb),
@@ -358,7 +367,7 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
         stages=_mgpu.chain_stages(kb_split, cfg.stages) if cfg.chain_tiles else cfg.stages,
         grid_tile_width=cfg.grid_tile_width, step=functools.partial(step, flip=flip), scratch={},
         acc_in_ref=acc_in_ref, transpose_out=True, pipeline_operands=1 + per_weight, chain_tiles=cfg.chain_tiles,
-        out_scale=out_scale is not None)
+        out_scale=out_scale is not None, step_index=scale_steps > 0)
     per_weight_ops = [[w, *r] for w, r in zip(weights, rows_per_step)]
     operands = ([a for xx, o in zip(xps, per_weight_ops) for a in (xx, *o)] if own_x
                 else xps + [a for o in per_weight_ops for a in o])
