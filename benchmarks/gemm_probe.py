@@ -76,12 +76,16 @@
     (packed-4 Triton kernel) and on dequantise-then-dot ('xla_dequant'), checked, against XLA bf16: the
     crossover XLA_DEQUANT_FROM should take (run 75: at M=16 / 64 the packed-4 plans ran 2-10x XLA bf16's time).
 
+21. The deep GEMV class's tiles (`gemvdeep`): W4A16 at M=1 on K >= GEMV_DEEP_K (down, the 70B layers), the
+    plan against 16 and 32 channels x 512 and 1024 K x prefetch off / on x splits aiming at 2 and 4
+    programs per SM, by device time, checked (between the deep tile and the 16-channel prefetch tile).
+
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
                                                               # w4groups, compile, trace, gemvgroup,
                                                               # gemvgroupcfg, w4split, chain, fp8split,
                                                               # gemvtiles, gemvsplits, gemvstages,
-                                                              # gemvprefetch, fp4paths
+                                                              # gemvprefetch, fp4paths, gemvdeep
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
@@ -719,6 +723,20 @@ def tile_sweep(plan, n, k, recipe):
     return [plan] + (cands if recipe == "w4a16" else cands[::3])
 
 
+def deep_sweep(plan, n, k, recipe):
+    """`gemvdeep`: the plan, then (16 | 32 channels) x (512 | 1024 K) x prefetch x 2 | 4 programs per SM."""
+    cands = []
+    for bn in (16, 32):
+        for bk in (512, 1024):
+            for prefetch in (False, True):
+                for target in (2 * cm.NUM_SMS, 4 * cm.NUM_SMS):
+                    cfg = dispatch._gemv_tile(n, k, dict.fromkeys(("wide", "deep", "small"),
+                                                                  (bn, bk, 1, 4, target, prefetch)))
+                    if cfg != plan and cfg not in cands:
+                        cands.append(cfg)
+    return [plan] + cands
+
+
 def split_sweep(plan, n, k, recipe):
     """`gemvsplits`: the plan's tile at every K split from 1 to 8 (powers of two or not), the plan first."""
     return [plan] + [dataclasses.replace(plan, split_k=s) for s in range(1, 9) if s != plan.split_k]
@@ -1013,7 +1031,8 @@ def main():
         gemv_sweeps = {"gemvtiles": (tile_sweep, ("w4a16", "w4a16_asym", "nvfp4", "mxfp4")),
                        "gemvsplits": (split_sweep, ("w4a16", "nvfp4")),
                        "gemvprefetch": (prefetch_sweep, ("w4a16", "nvfp4", "mxfp4")),
-                       "gemvstages": (stage_sweep, ("w4a16", "nvfp4"))}
+                       "gemvstages": (stage_sweep, ("w4a16", "nvfp4")),
+                       "gemvdeep": (deep_sweep, ("w4a16",))}
         for part, (sweep, recipes) in gemv_sweeps.items():
             if part in parts:
                 recipes = args.gemv_recipes.split(",") if args.gemv_recipes else recipes

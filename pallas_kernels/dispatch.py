@@ -116,6 +116,9 @@ GEMV_TILE = Packed4Config(block_m=1, block_n=16, block_k=128, split_k=1, num_war
 # brackets): wide on 16 channels 8b.gate_up 23.4 (24.4 on 32), 70b.gate_up 80.0 (83.6); small 8b.o 6.1 (6.6),
 # 8b.qkv 8.1 (8.1); not deep: 70b.down 47.7 (44.2). K splits 1-8 (run 70): the deep class's powers of two
 # stay (8b.down 15.1 us at split 3 vs 16.8 at 4, but 70b.down 48.9 at 3 vs 44.0 at 2: no wave rule fits both).
+# The deep class on 16 channels x 1024 K with the prefetch (run 91, gemm_probe --parts gemvdeep, H200 device
+# us, the 32-channel tile without it in brackets): 8b.down 15.0 (17.0, split 2 vs 4), 70b.qkv 18.5 (20.9),
+# 70b.o 14.8 (15.9), 70b.down 44.4 (44.2), splits 1 on the 70B layers; without the prefetch 70b.down lost 5 %.
 GEMV_WIDE_N, GEMV_DEEP_K = 14336, 8192
 # A grouped GEMV (q / k / v in one launch) takes the wide tile from a summed N of 6144: device time (run 40,
 # H100) 9.0 us vs 10.1 on the small tile with split-K for 8b.qkv, 26.7 vs 27.6 (the fused weight on the deep
@@ -123,7 +126,7 @@ GEMV_WIDE_N, GEMV_DEEP_K = 14336, 8192
 GROUP_GEMV_WIDE_N = 6144
 GEMV_TILES: dict[str, tuple[int, int, int, int, int, bool]] = {
     "wide": (16, 1024, 1, 4, 0, True),      # N >= GEMV_WIDE_N (gate_up): enough programs without split-K
-    "deep": (32, 1024, 1, 4, 512, False),   # K >= GEMV_DEEP_K (down, and every 70B layer)
+    "deep": (16, 1024, 1, 4, 512, True),    # K >= GEMV_DEEP_K (down, and every 70B layer)
     "small": (16, 512, 2, 4, 0, True),      # the rest (8B qkv, o)
 }
 # NVFP4 / MXFP4 at M=1: the FP4 word GEMV beat the packed-4 plan on every 8B layer (H100,

@@ -22,7 +22,8 @@ def test_plan_buckets():
     deep = dispatch.plan("w4a16", 1, 8192, 8192)
     assert wide.path == small.path == deep.path == "gemv"                        # W4A16 M=1: word GEMV
     assert wide.config.split_k == small.config.split_k == 1                      # enough programs already
-    assert deep.config.split_k == 2                                              # 256 programs, aiming at 512
+    assert deep.config.split_k == 1                                              # 512 programs, aiming at 512
+    assert dispatch.plan("w4a16", 1, 4096, 14336).config.split_k == 2               # 256 programs: split in two
     assert dispatch.plan("w4a16", 1, 4096, 4096, group=16).path == "pallas"       # GEMV needs G >= 32
     assert dispatch.plan("w4a16", 2, 4096, 4096, mosaic=False).config.block_m == 16  # MMA + split-K
     small_m = dispatch.plan("w4a16", 2, 4096, 4096)                              # Mosaic GPU from M=2
