@@ -304,7 +304,7 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
     uint8); rows_per_step: per weight, its list of [K/sub_k, N_s] arrays (GROUP // sub_k rows per 128-K step;
     x is swizzled so step can slice it every sub_k columns). y [M, sum N_s] bf16, the weights' outputs side by
     side. With split-K partials the kernel writes f32 and one XLA fusion sums and rounds once. scale_steps > 0:
-    each weight's per-step arrays are channel-major uint8 [N_s, C] instead (C a multiple of SCALE_ROW_BYTES),
+    each weight's per-step arrays are channel-major 1-byte [N_s, C] instead (C a multiple of SCALE_ROW_BYTES),
     one 16-byte TMA row per channel covering scale_steps K-steps, and step gets the K-step index to find its
     part (split K ranges must start on a row). out_scale: an f32 scalar that multiplies the f32 sums before the
     one rounding (NVFP4's global scale), or None."""
