@@ -828,13 +828,15 @@ def probe_gemv_group(copy_tbps, rows, shapes, flush):
                 t = G.time_jax(op, arg_sets)
                 rows.append({"part": "gemvgroup", "shape": name, "recipe": recipe, "variant": variant,
                              "widths": list(ns), "config": str(cfg), "us": round(t * 1e6, 2),
-                             "check_ok": ok if variant == "grouped" else None, "err": err if variant == "grouped" else None})
+                             "check_ok": ok if variant == "grouped" else None,
+                             "err": err if variant == "grouped" else None})
                 G.log(f"gemvgroup {name} {recipe:10s} {variant:10s} {t * 1e6:8.1f} us"
                       + (f" ok={ok} err={err}" if variant == "grouped" else ""))
             del fused, split
         wb = [G.make_weights("xla_bf16", n, k, seed=50 + r) for r in range(2)]
         t = G.time_jax(G.jax_op("xla_bf16"), [(x, w) for w in wb])
-        rows.append({"part": "gemvgroup", "shape": name, "recipe": "xla_bf16", "variant": "xla", "us": round(t * 1e6, 2)})
+        rows.append({"part": "gemvgroup", "shape": name, "recipe": "xla_bf16", "variant": "xla",
+                     "us": round(t * 1e6, 2)})
         del wb
         gc.collect()
         flush()
