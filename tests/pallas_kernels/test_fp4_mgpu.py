@@ -168,3 +168,15 @@ def test_every_code_and_scale_decodes_exactly_on_hopper(fmt):
     y = _call(fmt, operands, dispatch.fp4_mgpu_config(fmt, k, n, k))
     want = np.asarray(fp4.E2M1_VALUES, np.float64)[codes] * np.repeat(scale_values, group, axis=1)
     np.testing.assert_array_equal(np.asarray(y, np.float32), want.T.astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_the_planned_configs_fit_the_kernel_on_every_aligned_shape(fmt):
+    """dispatch.fp4_mgpu_config gives a config the kernel takes (a K split on whole scale rows, stages that
+    fit) for every token count and 128-aligned N, K the dispatcher may send it, so the plan never falls off
+    the Mosaic kernel for a config reason."""
+    for m in (2, 16, 40, 64, 200, 256, 1024, 4096):
+        for n in (128, 640, 4096, 6144, 28672):
+            for k in range(128, 4097, 128):
+                cfg = dispatch.fp4_mgpu_config(fmt, m, n, k)
+                assert f4.can_use(fmt, m, n, k, cfg), (m, n, k, cfg)
