@@ -68,11 +68,12 @@ def test_plan_buckets():
     assert dispatch.plan("w4a16", 16, 4096, 4096, group=32, mosaic=False).config.block_k == 32  # bk <= G
     for recipe in dispatch.W4A8_FP4:                  # the packed-4 tiles, valid for the block-MMA mode
         fmt = w4a8_fp4.MXFP4_FP8 if recipe == "w4a8_mxfp4" else w4a8_fp4.NVFP4_FP8
-        for m in (1, 16, 64):
+        for m in (1, 16, 64):                         # below each recipe's crossover (XLA_DEQUANT_FROM)
             for n in (4096, 28672):
                 p = dispatch.plan(recipe, m, n, 4096)
-                if p.path == "pallas":
-                    assert packed4.config_is_valid(fmt, p.config), (recipe, m, n, p)
+                packed4_m = m < dispatch.XLA_DEQUANT_FROM[recipe]
+                assert p.path == ("pallas" if packed4_m else "xla_dequant"), (recipe, m, n, p)
+                assert not packed4_m or packed4.config_is_valid(fmt, p.config), (recipe, m, n, p)
         assert dispatch.plan(recipe, 4096, 4096, 4096).path == "xla_dequant"
     # the FP4 crossovers measured on the H200 (runs 76, 85): on Hopper the Mosaic kernel from M=2; off its
     # grid packed-4, then dequantise-then-dot from M=256; W4A8 x NVFP4 dequantises from M=2
