@@ -80,15 +80,12 @@
     plan against 16 and 32 channels x 512 and 1024 K x prefetch off / on x splits aiming at 2 and 4
     programs per SM, by device time, checked (between the deep tile and the 16-channel prefetch tile).
 
-22. Steps' wgmmas left in flight (`overlap`): the W4A16, NVFP4 and MXFP4 Mosaic kernels on the plan's tiles
-    with MgpuW4Config.overlap off and on, checked, against XLA bf16.
-
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
                                                               # w4groups, compile, trace, gemvgroup,
                                                               # gemvgroupcfg, w4split, chain, fp8split,
                                                               # gemvtiles, gemvsplits, gemvstages,
-                                                              # gemvprefetch, fp4paths, gemvdeep, overlap
+                                                              # gemvprefetch, fp4paths, gemvdeep
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
@@ -612,26 +609,6 @@ def probe_chain(rows, shapes, ms, flush):
         _record_xla_bf16(rows, flush, "chain", name, m, n, k, x)
 
 
-def probe_overlap(rows, shapes, ms, flush):
-    """The Mosaic GPU swap-AB kernels (W4A16, NVFP4, MXFP4) on the plan's tiles with MgpuW4Config.overlap off
-    and on (each step's wgmmas run on while the next step decodes; chained plans unchained), each checked against the reference,
-    against XLA bf16."""
-    for name, m, n, k, x in _large_m_points(shapes, ms):
-        for recipe in ("w4a16", "nvfp4", "mxfp4"):
-            p = dispatch.plan(recipe, m, n, k)
-            if p.path != "mgpu":
-                continue
-            ws = [G.make_weights(recipe, n, k, seed=30 + r) for r in range(2)]
-            for overlap in (False, True):           # a chained plan runs unchained with overlap (no delay there)
-                cfg = dataclasses.replace(p.config, overlap=overlap, chain_tiles=p.config.chain_tiles and not overlap)
-                op = G.jax_op(recipe, plan=dispatch.Plan("mgpu", cfg))
-                _record_large_m(rows, flush, "overlap", name, m, n, k,
-                                f"{recipe}.{'overlap' if overlap else 'plan'}", op, [(x, w) for w in ws],
-                                lambda op=op: G.check_op(recipe, op, x, ws[0]))
-            del ws
-        _record_xla_bf16(rows, flush, "overlap", name, m, n, k, x)
-
-
 def probe_fp8_split(rows, shapes, ms, flush):
     """The FP8 block Mosaic kernel with its K split across CTA tiles (f32 partials summed by one fusion) at 1, 2
     and 4 on the plan's tile (3 stages when split: the f32 epilogue buffers take the fourth's shared memory),
@@ -1006,7 +983,7 @@ def main():
     ap.add_argument("--parts", default="gemv,fp8")
     ap.add_argument("--shapes", default="8b.gate_up,8b.o,8b.qkv,8b.down,70b.gate_up,70b.down")
     ap.add_argument("--ms", default="1,16,64,256,1024,4096",
-                    help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu, fp4paths, overlap, trace and fp8 parts")
+                    help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu, fp4paths, trace and fp8 parts")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--gemv-recipes", default=None,
                     help="recipes of the gemvtiles, gemvsplits, gemvprefetch, gemvstages and fp4paths parts "
@@ -1041,8 +1018,6 @@ def main():
                             *([tuple(args.gemv_recipes.split(","))] if args.gemv_recipes else []))
         if "chain" in parts:
             probe_chain(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
-        if "overlap" in parts:
-            probe_overlap(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "fp8split" in parts:
             probe_fp8_split(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4split" in parts:

@@ -33,7 +33,7 @@ def tiled_swizzle(row_bytes: int, itemsize_bits: int):
 def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, grid, k_iters: int, stages: int,
                       grid_tile_width: int, step, scratch: dict, acc_in_ref: bool = False,
                       transpose_out: bool = False, pipeline_operands: int | None = None, chain_tiles: bool = False,
-                      out_scale: bool = False, step_index: bool = False, in_flight: int = 0):
+                      out_scale: bool = False, step_index: bool = False):
     """Kernel body: refs = the gmem operands, then the gmem output ([M, N], or [N, M] with transpose_out).
 
     in_specs: one plgpu.BlockSpec per operand for one K-step (index map kb -> block index);
@@ -52,18 +52,10 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
     tile's first K-steps while the compute warpgroups finish a tile and write it out; it needs k_iters to be
     a multiple of stages (ValueError otherwise). out_scale: the last operand is an f32 [1] array that multiplies
     every accumulator (in f32) before it is converted and written. step_index: step also gets the K-step's
-    index in the tile's pipeline, step(wg, scratch_refs, kb, *operand_smem_refs, acc).
-    With acc_in_ref, step issues its wgmmas and returns; the kernel then waits until at most in_flight wgmma
-    groups are pending, so with in_flight > 0 a step's wgmmas run on while the next step loads and decodes.
-    Their shared-memory operands must then outlive the step: in_specs with delay_release=1 (Pallas releases
-    each step's buffers after the next step). The tile's last step waits for all of them, because nothing
-    delays the release of its own buffers past the tile: the producer reloads them for the next tile, and
-    the accumulator is read right after (no chain_tiles: Pallas pipelines of pipelines take no delay)."""
+    index in the tile's pipeline, step(wg, scratch_refs, kb, *operand_smem_refs, acc)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    if in_flight and (chain_tiles or not acc_in_ref):
-        raise ValueError("persistent_kernel: in_flight needs acc_in_ref and no chain_tiles")
     if chain_tiles and k_iters % stages:
         raise ValueError(f"persistent_kernel: chain_tiles needs k_iters ({k_iters}) to be a multiple of stages "
                          f"({stages})")
@@ -122,14 +114,7 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
                                             out_gmem.at[cols, rows] if transpose_out else out_gmem.at[rows, cols])
 
             def body(indices, *smem_and_acc):
-                out = step(wg, scratch_refs, *(indices[:1] if step_index else ()), *smem_and_acc)
-                if acc_in_ref:
-                    plgpu.wgmma_wait(in_flight)
-                    if in_flight:
-                        @pl.when(indices[0] == k_iters - 1)
-                        def _drain():
-                            plgpu.wgmma_wait(0)
-                return out
+                return step(wg, scratch_refs, *(indices[:1] if step_index else ()), *smem_and_acc)
 
             state = None
             if chain_tiles:                             # a one-tile CTA runs START: its producer skips the final wait

@@ -238,9 +238,9 @@ def _decode_scaled(codes, scale_ref, fmt_kind: str):
 
 
 def _fp4_step(wg, _scratch, kb, x_smem, w_smem, s_smem, acc_ref, *, flip: bool, fmt_kind: str):
-    """One 128-K step (the pipeline's step kb) of a compute warpgroup (module docstring), its wgmma left in
-    flight (the kernel waits); flip is the int4 launcher's flag for INT4 codes and does not apply to E2M1
-    (the int4 view's bits are the codes as they are)."""
+    """One 128-K step (the pipeline's step kb) of a compute warpgroup (module docstring); flip is the int4
+    launcher's flag for INT4 codes and does not apply to E2M1 (the int4 view's bits are the codes as they
+    are)."""
     del flip
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -250,6 +250,7 @@ def _fp4_step(wg, _scratch, kb, x_smem, w_smem, s_smem, acc_ref, *, flip: bool, 
     per_step = GROUP // GROUPS[fmt_kind]                # scale bytes per channel per step
     scales = s_smem.at[channels, pl.ds(lax.rem(kb, SCALE_STEPS[fmt_kind]) * per_step, per_step)]
     plgpu.wgmma(acc_ref, _decode_scaled(codes, scales, fmt_kind), x_smem.T)
+    plgpu.wgmma_wait(0)
     return acc_ref
 
 

@@ -39,7 +39,8 @@ promoted with weight_scale * input_scale per channel (the FP8 block kernel's sch
 every 8B layer and more exact (products and per-step sums exact).
 
 Tried on the H100 and removed (runs 18-26, benchmarks/results/gemm_notes.md): leaving each wgmma in flight
-over the next step's decode (wrong results), applying the group scale to each step's partial product in f32
+over the next step's decode (wrong results; on the H200, run 94: the next decode reuses the registers of the
+A operand while the tensor cores still read them, and no faster at M=16), applying the group scale to each step's partial product in f32
 instead of to the weights, and promoting W4A8's step b-1 while step b's wgmma runs (both within noise).
 """
 import dataclasses
@@ -65,8 +66,7 @@ class MgpuW4Config:
     order; epi_tokens: tokens per epilogue store (at most tile_tokens); split_k: K ranges computed by
     separate tiles into f32 partial products that one XLA fusion sums (fills the SMs when N and M are
     small); chain_tiles: a CTA's tiles as one pipeline of pipelines (_mgpu.persistent_kernel), stages cut to
-    the largest divisor of the K-steps per tile; overlap: each K-step's wgmmas run on while the next step
-    decodes (_mgpu.persistent_kernel's in_flight; W4A16 and FP4, not chain_tiles, not W4A8)."""
+    the largest divisor of the K-steps per tile."""
 
     tile_tokens: int = 128
     stages: int = 4
@@ -74,7 +74,6 @@ class MgpuW4Config:
     epi_tokens: int = 32
     split_k: int = 1
     chain_tiles: bool = False
-    overlap: bool = False
 
 
 DEFAULT = MgpuW4Config()
@@ -84,8 +83,7 @@ def can_use(m: int, n: int, k: int, group: int, cfg: MgpuW4Config = DEFAULT) -> 
     """Shapes and configs this kernel takes (callers check it, with a GPU backend, before calling)."""
     t = cfg.tile_tokens
     return (group in GROUPS and k % (GROUP * cfg.split_k) == 0 and n % CTA_CHANNELS == 0 and m >= 1 and t % 8 == 0
-            and 8 <= t <= 256 and t % _epi_tokens(cfg) == 0 and cfg.epi_tokens % 8 == 0 and cfg.stages >= 2
-            and not (cfg.overlap and cfg.chain_tiles))
+            and 8 <= t <= 256 and t % _epi_tokens(cfg) == 0 and cfg.epi_tokens % 8 == 0 and cfg.stages >= 2)
 
 
 SMEM_BYTES = 232448                                     # a Hopper CTA's shared memory (227 KiB)
@@ -134,8 +132,8 @@ def _step(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool, group: int = 
     """One 128-K step of a compute warpgroup: its [64, 128] INT4 tile decoded to bf16 in registers (WGMMA
     layout, exact; flip: the tile holds the canonical codes u = q + 8 as int4 bits, turned into q by flipping
     bit 3), then per group of `group` columns its zero and scale applied and one wgmma of that slice into the
-    running accumulator (x_smem is swizzled for slices of `group` columns), left in flight (the kernel
-    waits). rest: (zero_smem, acc_ref) or (acc_ref,)."""
+    running accumulator (x_smem is swizzled for slices of `group` columns). rest: (zero_smem, acc_ref) or
+    (acc_ref,)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -152,6 +150,7 @@ def _step(wg, _scratch, x_smem, w_smem, s_smem, *rest, flip: bool, group: int = 
         if zero_smem:
             a_j = a_j - per_channel_row(zero_smem[0], j, channels, a_j.shape)
         plgpu.wgmma(acc_ref, a_j * per_channel_row(s_smem, j, channels, a_j.shape), x_j.T)
+    plgpu.wgmma_wait(0)
     return acc_ref
 
 
@@ -287,12 +286,11 @@ def w4a8_matmul_mgpu_group(xq: tuple, input_scale: tuple, packed: tuple, weight_
         n = p.shape[0]
         want = (n, k) if p.dtype == jnp.int4 else (n, k // 2)
         if (x_s.dtype != jnp.float8_e4m3fn or x_s.shape != (m, k) or p.shape != want or p.dtype != packed[0].dtype
-                or ws.shape != (n, k // GROUP) or cfg.tile_tokens > 128 or cfg.overlap
-                or not can_use(m, n, k, GROUP, cfg)):
+                or ws.shape != (n, k // GROUP) or cfg.tile_tokens > 128 or not can_use(m, n, k, GROUP, cfg)):
             raise ValueError(f"w4a8_matmul_mgpu: weight {i}: xq {x_s.shape} {x_s.dtype}, packed {p.shape} {p.dtype}, "
                              f"weight_scale {ws.shape} do not fit {cfg} (needs e4m3 xq (M, K) alike for every "
                              "weight, packed uint8 (N, K/2) or int4 (N, K) alike, weight_scale (N, K/128), "
-                             "K % 128 == 0, N % 128 == 0, tile_tokens <= 128, no overlap)")
+                             "K % 128 == 0, N % 128 == 0, tile_tokens <= 128)")
         r = w4a8_step_rows(ws, s_in) if r is None else r
         check_rows("w4a8_matmul_mgpu", r, (((k // GROUP, n), jnp.dtype(jnp.float32)),))
         checked.append(list(r))
@@ -357,22 +355,20 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
             return weight_views(0)
         return [((ci >= starts[s]) & (ci < starts[s + 1]), weight_views(s)) for s in range(len(weights))]
 
-    delay = int(cfg.overlap)                            # buffers released a step late while wgmmas run on
-    row_spec = (plgpu.BlockSpec((CTA_CHANNELS, SCALE_ROW_BYTES), lambda kb: (0, kb // scale_steps),
-                                delay_release=delay) if scale_steps
-                else plgpu.BlockSpec((rows, CTA_CHANNELS), lambda kb: (kb, 0), delay_release=delay))
+    row_spec = (plgpu.BlockSpec((CTA_CHANNELS, SCALE_ROW_BYTES), lambda kb: (0, kb // scale_steps)) if scale_steps
+                else plgpu.BlockSpec((rows, CTA_CHANNELS), lambda kb: (kb, 0)))
     kernel = functools.partial(
         _mgpu.persistent_kernel,
-        in_specs=[plgpu.BlockSpec((t, GROUP), lambda kb: (0, kb), delay_release=delay,
+        in_specs=[plgpu.BlockSpec((t, GROUP), lambda kb: (0, kb),
                                   transforms=_mgpu.tiled_swizzle(sub_k * x_bits // 8, x_bits)),
-                  plgpu.BlockSpec((CTA_CHANNELS, GROUP), lambda kb: (0, kb), delay_release=delay,
+                  plgpu.BlockSpec((CTA_CHANNELS, GROUP), lambda kb: (0, kb),
                                   transforms=_mgpu.tiled_swizzle(GROUP // 2, 4))] + [row_spec] * (per_weight - 1),
         views=views, cta=(CTA_CHANNELS, t), wg_offset=lambda wg: (wg * WG_CHANNELS, 0), tile=(WG_CHANNELS, t),
         epi_n=_epi_tokens(cfg), grid=grid, k_iters=kb_split,
         stages=_mgpu.chain_stages(kb_split, cfg.stages) if cfg.chain_tiles else cfg.stages,
         grid_tile_width=cfg.grid_tile_width, step=functools.partial(step, flip=flip), scratch={},
         acc_in_ref=acc_in_ref, transpose_out=True, pipeline_operands=1 + per_weight, chain_tiles=cfg.chain_tiles,
-        out_scale=out_scale is not None, step_index=scale_steps > 0, in_flight=delay * rows)
+        out_scale=out_scale is not None, step_index=scale_steps > 0)
     per_weight_ops = [[w, *r] for w, r in zip(weights, rows_per_step)]
     operands = ([a for xx, o in zip(xps, per_weight_ops) for a in (xx, *o)] if own_x
                 else xps + [a for o in per_weight_ops for a in o])
