@@ -40,8 +40,9 @@ every 8B layer and more exact (products and per-step sums exact).
 
 Tried on the H100 and removed (runs 18-26, benchmarks/results/gemm_notes.md): leaving each wgmma in flight
 over the next step's decode (wrong results; on the H200, run 94: the next decode reuses the registers of the
-A operand while the tensor cores still read them, and no faster at M=16), applying the group scale to each step's partial product in f32
-instead of to the weights, and promoting W4A8's step b-1 while step b's wgmma runs (both within noise).
+A operand while the tensor cores still read them, and no faster at M=16), applying the group scale to each
+step's partial product in f32 instead of to the weights, and promoting W4A8's step b-1 while step b's wgmma
+runs (both within noise).
 """
 import dataclasses
 import functools
