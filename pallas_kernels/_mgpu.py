@@ -1,7 +1,7 @@
 """The Mosaic GPU skeleton shared by the GEMMs of fp8_block_mgpu.py and w4a16_mgpu.py.
 
 A persistent grid walks the accumulator's CTA tiles in a snake order (L2 reuse). Per tile, a TMA producer
-warpgroup streams one K-step of every operand per pipeline stage to shared memory, and two (or more) compute
+warpgroup streams one K-step of every operand per pipeline stage to shared memory, and two compute
 warpgroups each carry an f32 sum for their own [tile_m, tile_n] part of the CTA tile through `step` (a
 register value, or a wgmma accumulator ref that every step's wgmma adds into), then write it out in
 [tile_m, epi_n] pieces through a double-buffered shared-memory epilogue: to out[rows, cols], or, for a
@@ -33,7 +33,7 @@ def tiled_swizzle(row_bytes: int, itemsize_bits: int):
 def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, grid, k_iters: int, stages: int,
                       grid_tile_width: int, step, scratch: dict, acc_in_ref: bool = False,
                       transpose_out: bool = False, pipeline_operands: int | None = None, chain_tiles: bool = False,
-                      out_scale: bool = False, step_index: bool = False, compute_wgs: int = 2):
+                      out_scale: bool = False, step_index: bool = False):
     """Kernel body: refs = the gmem operands, then the gmem output ([M, N], or [N, M] with transpose_out).
 
     in_specs: one plgpu.BlockSpec per operand for one K-step (index map kb -> block index);
@@ -52,9 +52,7 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
     tile's first K-steps while the compute warpgroups finish a tile and write it out; it needs k_iters to be
     a multiple of stages (ValueError otherwise). out_scale: the last operand is an f32 [1] array that multiplies
     every accumulator (in f32) before it is converted and written. step_index: step also gets the K-step's
-    index in the tile's pipeline, step(wg, scratch_refs, kb, *operand_smem_refs, acc). compute_wgs: compute
-    warpgroups per CTA (wg in range(compute_wgs); launch with the same count), which share the registers
-    the producer leaves: (512 - 40) / compute_wgs per thread, rounded down to 8."""
+    index in the tile's pipeline, step(wg, scratch_refs, kb, *operand_smem_refs, acc)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -70,7 +68,7 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
 
     def pipeline(body, context, state=None):
         return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(k_iters,), memory_registers=40, in_specs=in_specs, wg_axis="wg", num_compute_wgs=compute_wgs,
+            body, grid=(k_iters,), memory_registers=40, in_specs=in_specs, wg_axis="wg", num_compute_wgs=2,
             max_concurrent_steps=stages, compute_context=context, pipeline_state=state)
 
     ignore = lambda *_, **__: None  # noqa: E731  (allocation sizes do not depend on the body)
@@ -78,7 +76,7 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(*operands[:pipeline_operands]),
-        out_smem=plgpu.SMEM((compute_wgs, 2) + ((epi_n, tile_m) if transpose_out else (tile_m, epi_n)), out_dtype,
+        out_smem=plgpu.SMEM((2, 2) + ((epi_n, tile_m) if transpose_out else (tile_m, epi_n)), out_dtype,
                         transforms=tiled_swizzle((tile_m if transpose_out else epi_n) * out_bits // 8, out_bits)),
         **scratch,
         collective_axes="wg",
@@ -137,15 +135,15 @@ def persistent_kernel(*refs, in_specs, views, cta, wg_offset, tile, epi_n: int, 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def launch(kernel, operands, out_shape: tuple[int, int], out_dtype, tiles: int, compute_wgs: int = 2):
-    """Runs a persistent_kernel body on min(SMs, tiles) CTAs of compute_wgs + 1 warpgroups."""
+def launch(kernel, operands, out_shape: tuple[int, int], out_dtype, tiles: int):
+    """Runs a persistent_kernel body on min(SMs, tiles) CTAs of three warpgroups."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
         grid=(min(getattr(jax.devices()[0], "core_count", NUM_SMS), tiles),),
         grid_names=("sm",),
-        num_threads=compute_wgs + 1,
+        num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )(*operands)

@@ -56,7 +56,7 @@ from pallas_kernels import _mgpu
 GROUP = 128                                             # K per pipeline step
 GROUPS = (32, 64, 128)                                  # quantization groups the kernel takes
 WG_CHANNELS = 64                                        # wgmma's M: output channels per compute warpgroup
-CTA_CHANNELS = 2 * WG_CHANNELS                          # channels per CTA tile with the default 2 compute warpgroups
+CTA_CHANNELS = 2 * WG_CHANNELS
 SCALE_ROW_BYTES = 16                                    # channel-major scales: bytes per channel per TMA row
 
 
@@ -67,8 +67,7 @@ class MgpuW4Config:
     order; epi_tokens: tokens per epilogue store (at most tile_tokens); split_k: K ranges computed by
     separate tiles into f32 partial products that one XLA fusion sums (fills the SMs when N and M are
     small); chain_tiles: a CTA's tiles as one pipeline of pipelines (_mgpu.persistent_kernel), stages cut to
-    the largest divisor of the K-steps per tile; compute_wgs: compute warpgroups per CTA (2 or 4), each 64
-    channels of the CTA tile (cta_channels), sharing the registers (4: 112 a thread, for token tiles <= 64)."""
+    the largest divisor of the K-steps per tile."""
 
     tile_tokens: int = 128
     stages: int = 4
@@ -76,7 +75,6 @@ class MgpuW4Config:
     epi_tokens: int = 32
     split_k: int = 1
     chain_tiles: bool = False
-    compute_wgs: int = 2
 
 
 DEFAULT = MgpuW4Config()
@@ -85,30 +83,22 @@ DEFAULT = MgpuW4Config()
 def can_use(m: int, n: int, k: int, group: int, cfg: MgpuW4Config = DEFAULT) -> bool:
     """Shapes and configs this kernel takes (callers check it, with a GPU backend, before calling)."""
     t = cfg.tile_tokens
-    return (group in GROUPS and k % (GROUP * cfg.split_k) == 0 and n % cta_channels(cfg) == 0 and m >= 1
-            and t % 8 == 0 and 8 <= t <= 256 and t % _epi_tokens(cfg) == 0 and cfg.epi_tokens % 8 == 0
-            and cfg.stages >= 2 and cfg.compute_wgs in (2, 4) and (cfg.compute_wgs == 2 or t <= 64))
-
-
-def cta_channels(cfg: MgpuW4Config) -> int:
-    """Output channels per CTA tile: 64 per compute warpgroup."""
-    return WG_CHANNELS * cfg.compute_wgs
+    return (group in GROUPS and k % (GROUP * cfg.split_k) == 0 and n % CTA_CHANNELS == 0 and m >= 1 and t % 8 == 0
+            and 8 <= t <= 256 and t % _epi_tokens(cfg) == 0 and cfg.epi_tokens % 8 == 0 and cfg.stages >= 2)
 
 
 SMEM_BYTES = 232448                                     # a Hopper CTA's shared memory (227 KiB)
 
 
 def fit_stages(tile_tokens: int, most: int = 8, split_k: int = 1, asym: bool = True, x_bytes: int = 2,
-               scale_rows: int = 1, compute_wgs: int = 2) -> int:
+               scale_rows: int = 1) -> int:
     """The most K-steps in flight (<= most) whose operand buffers (each rounded to 1 KiB; x_bytes per
     activation: 2 for bf16, 1 for e4m3; scale_rows bf16 rows of 128 channels per step: 128 / group) and
-    epilogue (f32 with split_k > 1) fit in shared memory, with room for the barriers (measured: 4 KiB), for a
-    CTA of compute_wgs warpgroups."""
+    epilogue (f32 with split_k > 1) fit in shared memory, with room for the barriers (measured: 4 KiB)."""
     kib = lambda b: -(-b // 1024) * 1024  # noqa: E731
-    channels = WG_CHANNELS * compute_wgs
-    rows = kib(scale_rows * channels * 2) * (2 if asym else 1)           # scale rows, and zero rows alike
-    per_stage = kib(tile_tokens * GROUP * x_bytes) + kib(channels * GROUP // 2) + rows
-    epilogue = compute_wgs * 2 * min(DEFAULT.epi_tokens, tile_tokens) * WG_CHANNELS * (4 if split_k > 1 else 2)
+    rows = kib(scale_rows * CTA_CHANNELS * 2) + (1024 if asym else 0)
+    per_stage = kib(tile_tokens * GROUP * x_bytes) + kib(CTA_CHANNELS * GROUP // 2) + rows
+    epilogue = 2 * 2 * min(DEFAULT.epi_tokens, tile_tokens) * WG_CHANNELS * (4 if split_k > 1 else 2)
     return max(min(most, (SMEM_BYTES - epilogue - 4608) // per_stage), 1)
 
 
@@ -328,10 +318,9 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
     flip = packed[0].dtype != jnp.int4
     weights = [bits_as_int4(p) if flip else p for p in packed]
     n = sum(p.shape[0] for p in packed)
-    cta = cta_channels(cfg)
     starts = [0]                                        # first channel tile of each weight
     for p in packed:
-        starts.append(starts[-1] + p.shape[0] // cta)
+        starts.append(starts[-1] + p.shape[0] // CTA_CHANNELS)
     t, split = cfg.tile_tokens, cfg.split_k
     mp = -(-m // t) * t
     tiles_t, kb_split = mp // t, k // GROUP // split
@@ -340,7 +329,7 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
     per_weight = 1 + len(rows_per_step[0])              # operands per weight: its int4 array and its rows
     xps = [jnp.pad(xx, ((0, mp - m), (0, 0))) for xx in xs]
     x_bits = jnp.dtype(xs[0].dtype).itemsize * 8
-    grid = (n // cta, tiles_t * split)        # tile (ci, s * tiles_t + ti): K range s, tokens ti
+    grid = (n // CTA_CHANNELS, tiles_t * split)        # tile (ci, s * tiles_t + ti): K range s, tokens ti
 
     # operands: x, then (w, rows) per weight; or, with one x per weight, (x_s, w, rows) per weight. Either way
     # one pipeline's set (x, w, rows) comes first: it sizes the shared memory every pipeline reuses.
@@ -355,7 +344,7 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
             first = s * block + (0 if own_x else 1)
             x_op = ops[first] if own_x else ops[0]
             w, *step_rows_s = ops[first + own_x:first + own_x + per_weight]
-            chan = pl.ds((ci - starts[s]) * cta, cta)
+            chan = pl.ds((ci - starts[s]) * CTA_CHANNELS, CTA_CHANNELS)
             if scale_steps:
                 cols = pl.ds(k0 * row_cols, -(-kb_split // scale_steps) * SCALE_ROW_BYTES)
                 scale_views = [r.at[chan, cols] for r in step_rows_s]
@@ -367,27 +356,27 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
             return weight_views(0)
         return [((ci >= starts[s]) & (ci < starts[s + 1]), weight_views(s)) for s in range(len(weights))]
 
-    row_spec = (plgpu.BlockSpec((cta, SCALE_ROW_BYTES), lambda kb: (0, kb // scale_steps)) if scale_steps
-                else plgpu.BlockSpec((rows, cta), lambda kb: (kb, 0)))
+    row_spec = (plgpu.BlockSpec((CTA_CHANNELS, SCALE_ROW_BYTES), lambda kb: (0, kb // scale_steps)) if scale_steps
+                else plgpu.BlockSpec((rows, CTA_CHANNELS), lambda kb: (kb, 0)))
     kernel = functools.partial(
         _mgpu.persistent_kernel,
         in_specs=[plgpu.BlockSpec((t, GROUP), lambda kb: (0, kb),
                                   transforms=_mgpu.tiled_swizzle(sub_k * x_bits // 8, x_bits)),
-                  plgpu.BlockSpec((cta, GROUP), lambda kb: (0, kb),
+                  plgpu.BlockSpec((CTA_CHANNELS, GROUP), lambda kb: (0, kb),
                                   transforms=_mgpu.tiled_swizzle(GROUP // 2, 4))] + [row_spec] * (per_weight - 1),
-        views=views, cta=(cta, t), wg_offset=lambda wg: (wg * WG_CHANNELS, 0), tile=(WG_CHANNELS, t),
+        views=views, cta=(CTA_CHANNELS, t), wg_offset=lambda wg: (wg * WG_CHANNELS, 0), tile=(WG_CHANNELS, t),
         epi_n=_epi_tokens(cfg), grid=grid, k_iters=kb_split,
         stages=_mgpu.chain_stages(kb_split, cfg.stages) if cfg.chain_tiles else cfg.stages,
         grid_tile_width=cfg.grid_tile_width, step=functools.partial(step, flip=flip), scratch={},
         acc_in_ref=acc_in_ref, transpose_out=True, pipeline_operands=1 + per_weight, chain_tiles=cfg.chain_tiles,
-        out_scale=out_scale is not None, step_index=scale_steps > 0, compute_wgs=cfg.compute_wgs)
+        out_scale=out_scale is not None, step_index=scale_steps > 0)
     per_weight_ops = [[w, *r] for w, r in zip(weights, rows_per_step)]
     operands = ([a for xx, o in zip(xps, per_weight_ops) for a in (xx, *o)] if own_x
                 else xps + [a for o in per_weight_ops for a in o])
     if out_scale is not None:
         operands.append(jnp.reshape(out_scale, (1,)).astype(jnp.float32))
     y = _mgpu.launch(kernel, tuple(operands), (split * mp, n), jnp.float32 if split > 1 else jnp.bfloat16,
-                     grid[0] * grid[1], cfg.compute_wgs)
+                     grid[0] * grid[1])
     if split > 1:                                       # partials [split, Mp, N], summed in f32, rounded once
         y = jnp.sum(y.reshape(split, mp, n), axis=0)
     return y[:m].astype(jnp.bfloat16)
