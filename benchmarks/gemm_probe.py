@@ -80,12 +80,16 @@
     plan against 16 and 32 channels x 512 and 1024 K x prefetch off / on x splits aiming at 2 and 4
     programs per SM, by device time, checked (between the deep tile and the 16-channel prefetch tile).
 
+22. Two 128-K sub-steps per pipeline step (`substeps`): the W4A16, NVFP4 and MXFP4 Mosaic kernels on the
+    plan's tiles with MgpuW4Config.sub_steps 1 and 2 (stages refitted), checked, against XLA bf16.
+
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
                                                               # w4groups, compile, trace, gemvgroup,
                                                               # gemvgroupcfg, w4split, chain, fp8split,
                                                               # gemvtiles, gemvsplits, gemvstages,
-                                                              # gemvprefetch, fp4paths, gemvdeep
+                                                              # gemvprefetch, fp4paths, gemvdeep,
+                                                              # substeps
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
@@ -572,6 +576,31 @@ def probe_w4_split(rows, shapes, ms, flush):
         _record_xla_bf16(rows, flush, "w4split", name, m, n, k, x)
 
 
+def probe_sub_steps(rows, shapes, ms, flush):
+    """The swap-AB Mosaic kernels (W4A16, NVFP4, MXFP4) on the plan's tiles with one and two 128-K sub-steps
+    per pipeline step (stages refitted; both sub-steps decoded before the first wgmma), each checked against
+    the reference, against XLA bf16."""
+    from pallas_kernels import w4a16_mgpu as w4
+    for name, m, n, k, x in _large_m_points(shapes, ms):
+        for recipe in ("w4a16", "nvfp4", "mxfp4"):
+            p = dispatch.plan(recipe, m, n, k)
+            if p.path != "mgpu":
+                continue
+            fp4 = recipe in fp4_mgpu.GROUPS
+            ws = [G.make_weights(recipe, n, k, seed=20 + r) for r in range(2)]
+            for subs in (1, 2):
+                cfg = dataclasses.replace(p.config, sub_steps=subs, stages=w4.fit_stages(
+                    p.config.tile_tokens, split_k=p.config.split_k, asym=not fp4, scale_rows=8 if fp4 else 1,
+                    sub_steps=subs))
+                if not (fp4_mgpu.can_use(recipe, m, n, k, cfg) if fp4 else w4.can_use(m, n, k, 128, cfg)):
+                    continue
+                op = G.jax_op(recipe, plan=dispatch.Plan("mgpu", cfg))
+                _record_large_m(rows, flush, "substeps", name, m, n, k, f"{recipe}.sub{subs}_s{cfg.stages}", op,
+                                [(x, w) for w in ws], lambda op=op: G.check_op(recipe, op, x, ws[0]))
+            del ws
+        _record_xla_bf16(rows, flush, "substeps", name, m, n, k, x)
+
+
 def probe_fp4_paths(rows, shapes, ms, flush, recipes=("nvfp4", "mxfp4", "w4a8_nvfp4", "w4a8_mxfp4")):
     """The FP4 recipes on the dispatcher's plan, on 'xla_dequant' and (NVFP4, MXFP4 on Hopper) on the Mosaic
     GPU kernel (fp4_mgpu.py, dispatch.fp4_mgpu_config's tiles), each checked against the reference, with XLA
@@ -983,7 +1012,8 @@ def main():
     ap.add_argument("--parts", default="gemv,fp8")
     ap.add_argument("--shapes", default="8b.gate_up,8b.o,8b.qkv,8b.down,70b.gate_up,70b.down")
     ap.add_argument("--ms", default="1,16,64,256,1024,4096",
-                    help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu, fp4paths, trace and fp8 parts")
+                    help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu, fp4paths, substeps, trace and "
+                         "fp8 parts")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--gemv-recipes", default=None,
                     help="recipes of the gemvtiles, gemvsplits, gemvprefetch, gemvstages and fp4paths parts "
@@ -1018,6 +1048,8 @@ def main():
                             *([tuple(args.gemv_recipes.split(","))] if args.gemv_recipes else []))
         if "chain" in parts:
             probe_chain(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
+        if "substeps" in parts:
+            probe_sub_steps(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "fp8split" in parts:
             probe_fp8_split(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4split" in parts:

@@ -208,7 +208,8 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) 
     (<= 4) that gives a tile to half of the SMs. Measured, 8b.down M=16: 70 / 40 / 37 us at split 1 / 2 / 4;
     M=256 with t128 (run 17): down (64 tiles) 98 / 60 us at split 1 / 2, qkv (96 tiles) 42.5 / 45.4. Token
     tiles >= 128 also split in two where the grid takes more than one wave and fills under 65 % of its SM
-    slots (70b.qkv M=256, 160 tiles: 120 / 103 us). Tiles chain where there are enough (chained)."""
+    slots (70b.qkv M=256, 160 tiles: 120 / 103 us). Tiles chain where there are enough (chained); token tiles
+    under 128 take two K-steps per pipeline step (sub_steps)."""
     bucket = m_bucket(m)
     t = MGPU_W4_TILE.get(bucket, MGPU_W4_TILE["larger"])
     channel_tiles = n // w4a16_mgpu.CTA_CHANNELS
@@ -221,22 +222,36 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) 
         split = _half_wave_split(tiles, k)
         if tiles > cm.NUM_SMS and _wave_fill(tiles) < 0.65 and k % 256 == 0:
             split = 2
+    subs = sub_steps(t, k // w4a16_mgpu.GROUP // split, fp8)
     stages = w4a16_mgpu.fit_stages(t, split_k=split, asym=not fp8, x_bytes=1 if fp8 else 2,
-                                   scale_rows=w4a16_mgpu.GROUP // group)
-    return MgpuW4Config(tile_tokens=t, stages=stages, split_k=split, chain_tiles=chained(tiles * split))
+                                   scale_rows=w4a16_mgpu.GROUP // group, sub_steps=subs)
+    return MgpuW4Config(tile_tokens=t, stages=stages, split_k=split, chain_tiles=chained(tiles * split),
+                        sub_steps=subs)
+
+
+def sub_steps(tile_tokens: int, k_steps: int, fp8: bool = False) -> int:
+    """128-K sub-steps per pipeline step of the W4A16 / FP4 Mosaic kernels (MgpuW4Config.sub_steps): 2 for
+    token tiles under 128 where the K-steps of a split pair up, else 1 (W4A8 takes 1). Device time (run 96,
+    H200, us, 1 / 2 sub-steps, W4A16 / NVFP4 / MXFP4): M=16 8b.gate_up 38.9 / 37.7, 47.1 / 42.3, 43.5 /
+    40.3; 8b.down 22.7 / 19.9, 23.5 / 21.8, 22.2 / 20.0; 70b.qkv 35.6 / 33.8, 40.3 / 37.4, 38.1 / 35.6; M=64
+    8b.gate_up 48.1 / 44.2, 53.3 / 50.1, 51.2 / 46.7; 8b.down 25.4 / 24.1, 27.3 / 25.9, 25.6 / 24.0; 70b.qkv
+    43.9 / 41.3, 47.7 / 46.0, 46.4 / 43.1. M=256 (128-token tiles, 2 stages left) mixed: 8b.down 56.1 / 55.7,
+    60.0 / 58.4, 58.1 / 62.4; 70b.qkv 96.6 / 97.5, 107.8 / 101.0, 101.7 / 103.7."""
+    return 2 if tile_tokens < 128 and k_steps % 2 == 0 and not fp8 else 1
 
 
 def fp4_mgpu_config(fmt_kind: str, m: int, n: int, k: int) -> MgpuW4Config:
     """NVFP4 / MXFP4 on fp4_mgpu.py: W4A16's Mosaic tiles and K split for this shape (the split halved until
-    each part starts on a scale row: fp4_mgpu.SCALE_STEPS), with the stages refitted to its scale tile per
-    K-step (16 bytes per channel, the bytes of 8 bf16 rows) and no zero rows."""
+    each part starts on a scale row: fp4_mgpu.SCALE_STEPS) and sub-steps, with the stages refitted to its scale
+    tile per K-step (16 bytes per channel, the bytes of 8 bf16 rows) and no zero rows."""
     cfg = mgpu_w4_config(m, n, k, group=fp4_mgpu.GROUPS[fmt_kind])
     split = cfg.split_k
     while split > 1 and (k // w4a16_mgpu.GROUP // split) % fp4_mgpu.SCALE_STEPS[fmt_kind]:
         split //= 2
+    subs = sub_steps(cfg.tile_tokens, k // w4a16_mgpu.GROUP // split)
     stages = w4a16_mgpu.fit_stages(cfg.tile_tokens, split_k=split, asym=False,
-                                   scale_rows=w4a16_mgpu.SCALE_ROW_BYTES // 2)
-    return dataclasses.replace(cfg, split_k=split, stages=stages)
+                                   scale_rows=w4a16_mgpu.SCALE_ROW_BYTES // 2, sub_steps=subs)
+    return dataclasses.replace(cfg, split_k=split, stages=stages, sub_steps=subs)
 
 
 def _half_wave_split(tiles: int, k: int) -> int:

@@ -21,6 +21,7 @@ Per 128-K step each compute warpgroup
      scale has at most 6 significant bits and stays in bf16's range: exact), the scale of a register chosen
      by the 8-column tile it holds, and issues one wgmma of the whole [64, 128] tile into the warpgroup's f32
      accumulator (x in shared memory keeps W4A16's 128-byte swizzle).
+With two 128-K steps per pipeline step (MgpuW4Config.sub_steps) both tiles are decoded before either wgmma.
 NVFP4's global scale (an f32 operand read in the epilogue) multiplies the f32 accumulator before the
 epilogue rounds it once to bf16; MXFP4 rounds the accumulator as it is.
 
@@ -237,19 +238,26 @@ def _decode_scaled(codes, scale_ref, fmt_kind: str):
     return decode(codes, scale_ref)
 
 
-def _fp4_step(wg, _scratch, kb, x_smem, w_smem, s_smem, acc_ref, *, flip: bool, fmt_kind: str):
-    """One 128-K step (the pipeline's step kb) of a compute warpgroup (module docstring); flip is the int4
-    launcher's flag for INT4 codes and does not apply to E2M1 (the int4 view's bits are the codes as they
-    are)."""
+def _fp4_step(wg, _scratch, kb, *refs, flip: bool, fmt_kind: str, sub_steps: int = 1):
+    """One pipeline step kb of a compute warpgroup, sub_steps 128-K sub-steps (module docstring): every
+    sub-step's tile decoded and scaled, then one wgmma each. refs: the sub-steps' x tiles, their code tiles,
+    the scale tile, the accumulator ref. flip is the int4 launcher's flag for INT4 codes and does not apply
+    to E2M1 (the int4 view's bits are the codes as they are)."""
     del flip
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
+    x_smems, w_smems = refs[:sub_steps], refs[sub_steps:2 * sub_steps]
+    s_smem, acc_ref = refs[2 * sub_steps:]
     channels = pl.ds(wg * WG_CHANNELS, WG_CHANNELS)
-    codes = plgpu.load(w_smem.at[channels], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-    per_step = GROUP // GROUPS[fmt_kind]                # scale bytes per channel per step
-    scales = s_smem.at[channels, pl.ds(lax.rem(kb, SCALE_STEPS[fmt_kind]) * per_step, per_step)]
-    plgpu.wgmma(acc_ref, _decode_scaled(codes, scales, fmt_kind), x_smem.T)
+    per_step = GROUP // GROUPS[fmt_kind]                # scale bytes per channel per 128-K step
+    tiles = []
+    for h, w_smem in enumerate(w_smems):
+        codes = plgpu.load(w_smem.at[channels], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+        first = lax.rem(kb * sub_steps + h, SCALE_STEPS[fmt_kind]) * per_step
+        tiles.append(_decode_scaled(codes, s_smem.at[channels, pl.ds(first, per_step)], fmt_kind))
+    for a, x_smem in zip(tiles, x_smems):
+        plgpu.wgmma(acc_ref, a, x_smem.T)
     plgpu.wgmma_wait(0)
     return acc_ref
 
@@ -268,7 +276,7 @@ def _check(fn: str, fmt_kind: str, x, packed, scale, cfg: MgpuW4Config):
 
 
 def _launch(fmt_kind: str, x, packed, scale, cfg: MgpuW4Config, out_scale=None):
-    step = functools.partial(_fp4_step, fmt_kind=fmt_kind)
+    step = functools.partial(_fp4_step, fmt_kind=fmt_kind, sub_steps=cfg.sub_steps)
     return w4a16_mgpu.launch_swap_ab(x, [packed], [[kernel_scales(scale)]], cfg, step, acc_in_ref=True,
                                      scale_steps=SCALE_STEPS[fmt_kind], out_scale=out_scale)
 

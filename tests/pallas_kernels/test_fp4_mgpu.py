@@ -94,21 +94,22 @@ def _call(fmt, operands, cfg):
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_lowers_with_one_bf16_wgmma_per_k_step(wgmma_operands, fmt):
-    """The block scales are applied in registers, so each K-step is one wgmma of the whole [64, 128] bf16
-    tile, and the PTX multiplies every decoded pair by its scale."""
+    """The block scales are applied in registers, so each 128-K step is one wgmma of the whole [64, 128] bf16
+    tile (the plan's pipeline step holds two), and the PTX multiplies every decoded pair by its scale."""
     cfg = dispatch.fp4_mgpu_config(fmt, 40, 512, 1024)
+    assert cfg.sub_steps == 2
     fn = f4.nvfp4_matmul_mgpu if fmt == "nvfp4" else f4.mxfp4_matmul_mgpu
     text = fn.trace(*_operands(fmt, 40, 512, 1024), config=cfg).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-    assert wgmma_operands == [jax.ShapeDtypeStruct((64, 128), jnp.bfloat16)]
+    assert wgmma_operands == [jax.ShapeDtypeStruct((64, 128), jnp.bfloat16)] * 2
     assert all(f"mul.rn.bf16x2 ${p}, pair{p}, ${5 + p};" in f4._word_ptx() for p in range(4))
 
 
 def test_configs_fit_the_shared_memory_and_split_k_on_whole_scale_rows():
     nv, mx = dispatch.fp4_mgpu_config("nvfp4", 64, 6144, 4096), dispatch.fp4_mgpu_config("mxfp4", 64, 6144, 4096)
     assert nv.tile_tokens == mx.tile_tokens == 64 and nv.stages >= 2
-    assert nv.stages == w4.fit_stages(64, split_k=nv.split_k, asym=False, scale_rows=8)
-    assert mx.stages == w4.fit_stages(64, split_k=mx.split_k, asym=False, scale_rows=8)
+    assert nv.stages == w4.fit_stages(64, split_k=nv.split_k, asym=False, scale_rows=8, sub_steps=nv.sub_steps)
+    assert mx.stages == w4.fit_stages(64, split_k=mx.split_k, asym=False, scale_rows=8, sub_steps=mx.sub_steps)
     # K = 1536 (12 K-steps), 5 channel tiles at M=16: W4A16 splits K by 4 (3 steps each); MXFP4's 16-byte
     # scale rows cover 4 steps, so it cannot split; NVFP4's cover 2, so it splits by 2.
     split4 = dispatch.mgpu_w4_config(16, 640, 1536, group=32)
