@@ -65,14 +65,25 @@ def processing_order(h, order: str):
     return jnp.arange(k, dtype=jnp.int32) if order == "natural" else jnp.argsort(-jnp.diag(h), stable=True)
 
 
+# A Cholesky pivot whose square is under this fraction of its diagonal entry (64 float32 ulps) leaves a column
+# that is, to rounding, a combination of the earlier ones: H is singular there, whichever sign the rounding
+# gave the pivot (an exactly duplicated input channel with damping 1e-9 gives 1.8e-7; damping 0.01 keeps every
+# pivot above 1e-2 * mean(diag H) / H_jj).
+PIVOT_FLOOR = 64 * float(jnp.finfo(jnp.float32).eps)
+
+
 @jax.jit
 def inverse_cholesky(h, damp):
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, i.e. U^T U = H_damped^-1, float32 [K, K].
-    Contains NaN when H_damped is not numerically positive definite: the caller raises damp and retries."""
+    All NaN when H_damped is not numerically positive definite (a pivot of its Cholesky factor L with
+    L_jj^2 < PIVOT_FLOOR * H_damped_jj, or none): the caller raises damp and retries."""
     k = h.shape[0]
     eye = jnp.eye(k, dtype=h.dtype)
-    lower = jnp.linalg.cholesky(h + damp * jnp.mean(jnp.diag(h)) * eye)
-    return jnp.linalg.cholesky(jax.scipy.linalg.cho_solve((lower, True), eye)).T
+    damped = h + damp * jnp.mean(jnp.diag(h)) * eye
+    lower = jnp.linalg.cholesky(damped)
+    definite = jnp.all(jnp.diag(lower) ** 2 >= PIVOT_FLOOR * jnp.diag(damped))
+    u = jnp.linalg.cholesky(jax.scipy.linalg.cho_solve((lower, True), eye)).T
+    return jnp.where(definite, u, jnp.nan)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "scheme", "order", "block_size"))

@@ -128,3 +128,16 @@ def test_unusable_statistics_are_refused_naming_the_layer():
         gptq_quantize("model.layers.0.self_attn.q_proj", w, bad, get_recipe("w4a16_gptq", group_size=32), GPTQConfig())
     with pytest.raises(ValueError, match="GPTQ is implemented for INT4 recipes"):
         gptq_quantize("l", w, stats_of(x), get_recipe("nvfp4"), GPTQConfig())
+
+
+def test_a_column_dependent_to_rounding_counts_as_singular():
+    """Two equal input channels make H singular; whether float32 rounding leaves the Cholesky pivot a tiny
+    positive or a negative number, inverse_cholesky reports it (NaN) at damping 1e-9 and factors it at 0.01,
+    where U^T U inverts the damped H."""
+    _, x = correlated_layer(4, 32, 512, seed=9)
+    x[:, 11] = x[:, 3]
+    h = jnp.asarray(x.T @ x / x.shape[0])
+    assert not np.isfinite(np.asarray(gptq_core.inverse_cholesky(h, 1e-9))).any()
+    u = np.asarray(gptq_core.inverse_cholesky(h, 0.01), np.float64)
+    damped = np.asarray(h, np.float64) + 0.01 * np.mean(np.diag(h)) * np.eye(32)
+    np.testing.assert_allclose(u.T @ u @ damped, np.eye(32), atol=2e-3)
