@@ -139,10 +139,11 @@ def per_channel_row(ref, j: int, channels, shape):
 def _step(wg, _scratch, *refs, flip: bool, group: int = GROUP, sub_steps: int = 1):
     """One pipeline step of a compute warpgroup, sub_steps 128-K sub-steps: each sub-step's [64, 128] INT4
     tile decoded to bf16 in registers (WGMMA layout, exact; flip: the tile holds the canonical codes u = q + 8
-    as int4 bits, turned into q by flipping bit 3), per group of `group` columns its zero and scale applied;
-    then, all tiles decoded, one wgmma per group slice into the running accumulator (x is swizzled for
-    slices of `group` columns). Decoding every sub-step before the first wgmma gives the warps independent
-    work to interleave, and only wgmma issues run between the first wgmma and the wait.
+    as int4 bits, turned into q by flipping bit 3), per group of `group` columns its zero and scale applied,
+    and one wgmma per group slice into the running accumulator (x is swizzled for slices of `group` columns):
+    with one sub-step each slice's wgmma as soon as it is scaled, with two only after every tile is decoded,
+    which gives the warps independent work to interleave and leaves only wgmma issues between the first
+    wgmma and the wait (run 96).
     refs: the sub-steps' x tiles, their weight tiles, the step's scale rows (GROUP // group per sub-step),
     optionally its zero rows, then the accumulator ref."""
     import jax.experimental.pallas as pl
@@ -164,7 +165,11 @@ def _step(wg, _scratch, *refs, flip: bool, group: int = GROUP, sub_steps: int = 
             x_j = x_smem if whole else x_smem.at[:, pl.ds(j * group, group)]
             if zero_smem:
                 a_j = a_j - per_channel_row(zero_smem[0], row, channels, a_j.shape)
-            products.append((a_j * per_channel_row(s_smem, row, channels, a_j.shape), x_j))
+            a_j = a_j * per_channel_row(s_smem, row, channels, a_j.shape)
+            if sub_steps == 1:                          # as measured before sub-steps: each slice's wgmma at once
+                plgpu.wgmma(acc_ref, a_j, x_j.T)
+            else:
+                products.append((a_j, x_j))
     for a_j, x_j in products:
         plgpu.wgmma(acc_ref, a_j, x_j.T)
     plgpu.wgmma_wait(0)

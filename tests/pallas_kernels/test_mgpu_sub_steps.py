@@ -82,6 +82,22 @@ def test_a_step_decodes_both_sub_steps_then_issues_their_wgmmas(monkeypatch, kin
     assert events == ["tile", "tile"] + ["wgmma"] * wgmmas
 
 
+@pytest.mark.parametrize("subs,order", [(1, ["scale", "wgmma"] * 4), (2, ["scale"] * 8 + ["wgmma"] * 8)])
+def test_one_sub_step_keeps_each_group_wgmma_next_to_its_scaling(monkeypatch, subs, order):
+    """Groups of 32: with one sub-step each slice's wgmma follows its scaling (the order measured before
+    sub-steps existed); with two, every slice of both tiles is scaled before the first wgmma."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    jax.clear_caches()
+    events = []
+    row, wgmma = w4.per_channel_row, plgpu.wgmma
+    monkeypatch.setattr(w4, "per_channel_row", lambda *a: events.append("scale") or row(*a))
+    monkeypatch.setattr(plgpu, "wgmma", lambda acc, a, b: events.append("wgmma") or wgmma(acc, a, b))
+    run = _run("w4a16_g32", np.random.default_rng(5), 100, 512, 2048)
+    jax.jit(run, static_argnums=0).trace(_config("w4a16_g32", 16, 2, subs)).lower(lowering_platforms=("cuda",))
+    assert events == order
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu" or not _mgpu.is_hopper(), reason="Mosaic GPU kernels need Hopper")
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("m,tokens,split,chain", [(5, 8, 4, False), (64, 64, 1, False), (300, 16, 1, False),
