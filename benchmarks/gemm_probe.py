@@ -80,8 +80,8 @@
     plan against 16 and 32 channels x 512 and 1024 K x prefetch off / on x splits aiming at 2 and 4
     programs per SM, by device time, checked (between the deep tile and the 16-channel prefetch tile).
 
-22. Two 128-K sub-steps per pipeline step (`substeps`): the W4A16, NVFP4 and MXFP4 Mosaic kernels on the
-    plan's tiles with MgpuW4Config.sub_steps 1 and 2 (stages refitted), checked, against XLA bf16.
+22. 128-K sub-steps per pipeline step (`substeps`): the W4A16, NVFP4, MXFP4 and W4A8 Mosaic kernels on the
+    plan's tiles with MgpuW4Config.sub_steps 1, 2 and 4 (stages refitted), checked, against XLA bf16.
 
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
@@ -577,21 +577,21 @@ def probe_w4_split(rows, shapes, ms, flush):
 
 
 def probe_sub_steps(rows, shapes, ms, flush):
-    """The swap-AB Mosaic kernels (W4A16, NVFP4, MXFP4) on the plan's tiles with one and two 128-K sub-steps
-    per pipeline step (stages refitted; both sub-steps decoded before the first wgmma), each checked against
-    the reference, against XLA bf16."""
+    """The swap-AB Mosaic kernels (W4A16, NVFP4, MXFP4, W4A8) on the plan's tiles with one, two and four 128-K
+    sub-steps per pipeline step (stages refitted; every sub-step decoded before the first wgmma), each checked
+    against the reference, against XLA bf16."""
     from pallas_kernels import w4a16_mgpu as w4
     for name, m, n, k, x in _large_m_points(shapes, ms):
-        for recipe in ("w4a16", "nvfp4", "mxfp4"):
+        for recipe in ("w4a16", "nvfp4", "mxfp4", "w4a8"):
             p = dispatch.plan(recipe, m, n, k)
             if p.path != "mgpu":
                 continue
-            fp4 = recipe in fp4_mgpu.GROUPS
+            fp4, fp8 = recipe in fp4_mgpu.GROUPS, recipe == "w4a8"
             ws = [G.make_weights(recipe, n, k, seed=20 + r) for r in range(2)]
-            for subs in (1, 2):
+            for subs in w4.SUB_STEPS:
                 cfg = dataclasses.replace(p.config, sub_steps=subs, stages=w4.fit_stages(
-                    p.config.tile_tokens, split_k=p.config.split_k, asym=not fp4, scale_rows=8 if fp4 else 1,
-                    sub_steps=subs))
+                    p.config.tile_tokens, split_k=p.config.split_k, asym=not (fp4 or fp8),
+                    scale_rows=8 if fp4 else 1, x_bytes=1 if fp8 else 2, sub_steps=subs))
                 if not (fp4_mgpu.can_use(recipe, m, n, k, cfg) if fp4 else w4.can_use(m, n, k, 128, cfg)):
                     continue
                 op = G.jax_op(recipe, plan=dispatch.Plan("mgpu", cfg))

@@ -21,7 +21,8 @@ Per 128-K step each compute warpgroup
      scale has at most 6 significant bits and stays in bf16's range: exact), the scale of a register chosen
      by the 8-column tile it holds, and issues one wgmma of the whole [64, 128] tile into the warpgroup's f32
      accumulator (x in shared memory keeps W4A16's 128-byte swizzle).
-With two 128-K steps per pipeline step (MgpuW4Config.sub_steps) both tiles are decoded before either wgmma.
+With two or four 128-K steps per pipeline step (MgpuW4Config.sub_steps) every tile is decoded before the first
+wgmma (NVFP4's four take a 32-byte scale block per channel: two TMA rows).
 NVFP4's global scale (an f32 operand read in the epilogue) multiplies the f32 accumulator before the
 epilogue rounds it once to bf16; MXFP4 rounds the accumulator as it is.
 
@@ -241,7 +242,7 @@ def _decode_scaled(codes, scale_ref, fmt_kind: str):
 def _fp4_step(wg, _scratch, kb, *refs, flip: bool, fmt_kind: str, sub_steps: int = 1):
     """One pipeline step kb of a compute warpgroup, sub_steps 128-K sub-steps (module docstring): every
     sub-step's tile decoded and scaled, then one wgmma each. refs: the sub-steps' x tiles, their code tiles,
-    the scale tile, the accumulator ref. flip is the int4 launcher's flag for INT4 codes and does not apply
+    the scale block (max(SCALE_STEPS, sub_steps) K-steps per channel), the accumulator ref. flip is the int4 launcher's flag for INT4 codes and does not apply
     to E2M1 (the int4 view's bits are the codes as they are)."""
     del flip
     import jax.experimental.pallas as pl
@@ -254,7 +255,7 @@ def _fp4_step(wg, _scratch, kb, *refs, flip: bool, fmt_kind: str, sub_steps: int
     tiles = []
     for h, w_smem in enumerate(w_smems):
         codes = plgpu.load(w_smem.at[channels], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-        first = lax.rem(kb * sub_steps + h, SCALE_STEPS[fmt_kind]) * per_step
+        first = lax.rem(kb * sub_steps + h, max(SCALE_STEPS[fmt_kind], sub_steps)) * per_step
         tiles.append(_decode_scaled(codes, s_smem.at[channels, pl.ds(first, per_step)], fmt_kind))
     for a, x_smem in zip(tiles, x_smems):
         plgpu.wgmma(acc_ref, a, x_smem.T)

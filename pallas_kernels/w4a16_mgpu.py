@@ -14,9 +14,9 @@ channels), per 128-K step each compute warpgroup
   3. issues one wgmma per group (one for group 128, two for 64, four for 32) of a (registers) against the
      step's x tile (shared memory, read transposed) into the warpgroup's f32 accumulator, which runs across
      all of K,
-where a pipeline step may hold two such 128-K steps (MgpuW4Config.sub_steps, planned for token tiles under
-128): both tiles go through 1-2 before the first wgmma, which gives each warp twice the independent decode
-work per wait (3-14 % less device time at M=16 / 64 on the H200, run 96); the epilogue writes the
+where a pipeline step may hold two or four such 128-K steps (MgpuW4Config.sub_steps, planned for token tiles
+under 128): every tile goes through 1-2 before the first wgmma, which gives each warp more independent decode
+work per wait (two: 3-14 % less device time at M=16 / 64 on the H200, run 96); the epilogue writes the
 accumulator transposed (a register transpose and a transposed shared-memory store), so y comes out [M, N]
 with no extra pass.
 
@@ -61,6 +61,7 @@ GROUPS = (32, 64, 128)                                  # quantization groups th
 WG_CHANNELS = 64                                        # wgmma's M: output channels per compute warpgroup
 CTA_CHANNELS = 2 * WG_CHANNELS
 SCALE_ROW_BYTES = 16                                    # channel-major scales: bytes per channel per TMA row
+SUB_STEPS = (1, 2, 4)                                   # 128-K sub-steps a pipeline step may hold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +71,8 @@ class MgpuW4Config:
     order; epi_tokens: tokens per epilogue store (at most tile_tokens); split_k: K ranges computed by
     separate tiles into f32 partial products that one XLA fusion sums (fills the SMs when N and M are
     small); chain_tiles: a CTA's tiles as one pipeline of pipelines (_mgpu.persistent_kernel), stages cut to
-    the largest divisor of the K-steps per tile; sub_steps: 128-K sub-steps per pipeline step (1 or 2; W4A16
-    and FP4), all decoded before the step's first wgmma (shared memory per stage times sub_steps)."""
+    the largest divisor of the K-steps per tile; sub_steps: 128-K sub-steps per pipeline step (1, 2 or 4), all
+    decoded before the step's first wgmma (shared memory per stage times sub_steps)."""
 
     tile_tokens: int = 128
     stages: int = 4
@@ -90,7 +91,7 @@ def can_use(m: int, n: int, k: int, group: int, cfg: MgpuW4Config = DEFAULT) -> 
     t = cfg.tile_tokens
     return (group in GROUPS and k % (GROUP * cfg.split_k * cfg.sub_steps) == 0 and n % CTA_CHANNELS == 0
             and m >= 1 and t % 8 == 0 and 8 <= t <= 256 and t % _epi_tokens(cfg) == 0 and cfg.epi_tokens % 8 == 0
-            and cfg.stages >= 2 and cfg.sub_steps in (1, 2))
+            and cfg.stages >= 2 and cfg.sub_steps in SUB_STEPS)
 
 
 SMEM_BYTES = 232448                                     # a Hopper CTA's shared memory (227 KiB)
@@ -141,7 +142,7 @@ def _step(wg, _scratch, *refs, flip: bool, group: int = GROUP, sub_steps: int = 
     tile decoded to bf16 in registers (WGMMA layout, exact; flip: the tile holds the canonical codes u = q + 8
     as int4 bits, turned into q by flipping bit 3), per group of `group` columns its zero and scale applied,
     and one wgmma per group slice into the running accumulator (x is swizzled for slices of `group` columns):
-    with one sub-step each slice's wgmma as soon as it is scaled, with two only after every tile is decoded,
+    with one sub-step each slice's wgmma as soon as it is scaled, with more only after every tile is decoded,
     which gives the warps independent work to interleave and leaves only wgmma issues between the first
     wgmma and the wait (run 96).
     refs: the sub-steps' x tiles, their weight tiles, the step's scale rows (GROUP // group per sub-step),
@@ -188,21 +189,30 @@ def _e4m3_tile(wg, w_smem, flip: bool):
     return q.astype(jnp.float8_e4m3fn), channels
 
 
-def _step_fp8(wg, _scratch, x_smem, w_smem, s_smem, acc, *, flip: bool):
-    """W4A8 on FP8 tensor cores, one 128-K step of a compute warpgroup: its INT4 tile converted to e4m3 in
-    registers (exact), one e4m3 wgmma into a fresh accumulator, promoted into the f32 register sum acc with
-    the step's per-channel scale (weight_scale * input_scale)."""
+def _step_fp8(wg, _scratch, *refs, flip: bool, sub_steps: int = 1):
+    """W4A8 on FP8 tensor cores, one pipeline step of a compute warpgroup, sub_steps 128-K sub-steps: each
+    sub-step's INT4 tile converted to e4m3 in registers (exact), every tile's e4m3 wgmma into a fresh
+    accumulator of its own, then each promoted into the f32 register sum acc in sub-step order with its
+    per-channel scale row (weight_scale * input_scale): the same sums in the same order as one sub-step per
+    pipeline step. refs: the sub-steps' x tiles, their weight tiles, the step's scale rows, then acc."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    a, channels = _e4m3_tile(wg, w_smem, flip)
+    x_smems, w_smems = refs[:sub_steps], refs[sub_steps:2 * sub_steps]
+    s_smem, acc = refs[2 * sub_steps:]
+    tiles = [_e4m3_tile(wg, w_smem, flip) for w_smem in w_smems]
+    channels = tiles[0][1]
 
-    def mma(acc_ref):
-        plgpu.wgmma(acc_ref, a, x_smem.T)
-        return acc_ref[...]
+    def mma(*acc_refs):
+        for acc_ref, (a, _), x_smem in zip(acc_refs, tiles, x_smems):
+            plgpu.wgmma(acc_ref, a, x_smem.T)
+        return [acc_ref[...] for acc_ref in acc_refs]
 
-    part = pl.run_scoped(mma, plgpu.ACC((WG_CHANNELS, acc.shape[1]), jnp.float32))
-    return _mgpu.scaled_sum(acc, part, row_scale=channel_values(s_smem, channels))
+    fresh = plgpu.ACC((WG_CHANNELS, acc.shape[1]), jnp.float32)
+    parts = pl.run_scoped(mma, *[fresh] * sub_steps)
+    for h, part in enumerate(parts):
+        acc = _mgpu.scaled_sum(acc, part, row_scale=channel_values(s_smem, channels, h))
+    return acc
 
 
 def step_rows(scale, zero=None) -> tuple:
@@ -308,16 +318,17 @@ def w4a8_matmul_mgpu_group(xq: tuple, input_scale: tuple, packed: tuple, weight_
         n = p.shape[0]
         want = (n, k) if p.dtype == jnp.int4 else (n, k // 2)
         if (x_s.dtype != jnp.float8_e4m3fn or x_s.shape != (m, k) or p.shape != want or p.dtype != packed[0].dtype
-                or ws.shape != (n, k // GROUP) or cfg.tile_tokens > 128 or cfg.sub_steps != 1
+                or ws.shape != (n, k // GROUP) or cfg.tile_tokens > 128
                 or not can_use(m, n, k, GROUP, cfg)):
             raise ValueError(f"w4a8_matmul_mgpu: weight {i}: xq {x_s.shape} {x_s.dtype}, packed {p.shape} {p.dtype}, "
                              f"weight_scale {ws.shape} do not fit {cfg} (needs e4m3 xq (M, K) alike for every "
                              "weight, packed uint8 (N, K/2) or int4 (N, K) alike, weight_scale (N, K/128), "
-                             "K % 128 == 0, N % 128 == 0, tile_tokens <= 128, sub_steps 1)")
+                             "K % (128 * split_k * sub_steps) == 0, N % 128 == 0, tile_tokens <= 128)")
         r = w4a8_step_rows(ws, s_in) if r is None else r
         check_rows("w4a8_matmul_mgpu", r, (((k // GROUP, n), jnp.dtype(jnp.float32)),))
         checked.append(list(r))
-    return launch_swap_ab(list(xq), list(packed), checked, cfg, _step_fp8, acc_in_ref=False)
+    step = functools.partial(_step_fp8, sub_steps=cfg.sub_steps)
+    return launch_swap_ab(list(xq), list(packed), checked, cfg, step, acc_in_ref=False)
 
 
 def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step, acc_in_ref: bool,
@@ -329,8 +340,9 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
     x is swizzled so step can slice it every sub_k columns). y [M, sum N_s] bf16, the weights' outputs side by
     side. With split-K partials the kernel writes f32 and one XLA fusion sums and rounds once. scale_steps > 0:
     each weight's per-step arrays are channel-major 1-byte [N_s, C] instead (C a multiple of SCALE_ROW_BYTES),
-    one 16-byte TMA row per channel covering scale_steps K-steps, and step gets the K-step index to find its
-    part (split K ranges must start on a row). out_scale: an f32 scalar that multiplies the f32 sums before the
+    one 16-byte TMA row per channel covering scale_steps K-steps (a block of max(scale_steps, sub-steps)
+    K-steps per channel in shared memory), and step gets the pipeline step's index to find its part (split K
+    ranges must start on a row). out_scale: an f32 scalar that multiplies the f32 sums before the
     one rounding (NVFP4's global scale), or None. With cfg.sub_steps S > 1 a pipeline step holds S 128-K
     sub-steps: step gets S x tiles, then S weight tiles (each array passed S times, one TMA view per
     sub-step), then the step's rows, and with scale_steps the pipeline step's index."""
@@ -351,6 +363,7 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
     tiles_t, kb_split = mp // t, k // GROUP // split
     rows = GROUP // sub_k
     row_cols = SCALE_ROW_BYTES // scale_steps if scale_steps else 0   # channel-major columns per K-step
+    block_steps = max(scale_steps, subs)                # K-steps per channel-major scale block
     per_weight = subs + len(rows_per_step[0])           # operands per weight: its int4 array per sub-step, rows
     xps = [jnp.pad(xx, ((0, mp - m), (0, 0))) for xx in xs]
     x_bits = jnp.dtype(xs[0].dtype).itemsize * 8
@@ -384,7 +397,7 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
             return weight_views(0)
         return [((ci >= starts[s]) & (ci < starts[s + 1]), weight_views(s)) for s in range(len(weights))]
 
-    row_spec = (plgpu.BlockSpec((CTA_CHANNELS, SCALE_ROW_BYTES), lambda kb: (0, kb * subs // scale_steps))
+    row_spec = (plgpu.BlockSpec((CTA_CHANNELS, block_steps * row_cols), lambda kb: (0, kb * subs // block_steps))
                 if scale_steps else plgpu.BlockSpec((rows * subs, CTA_CHANNELS), lambda kb: (kb, 0)))
     x_specs = [plgpu.BlockSpec((t, GROUP), lambda kb, h=h: (0, kb * subs + h),
                                transforms=_mgpu.tiled_swizzle(sub_k * x_bits // 8, x_bits)) for h in range(subs)]

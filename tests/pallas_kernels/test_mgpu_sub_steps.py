@@ -1,7 +1,9 @@
-"""MgpuW4Config.sub_steps: the swap-AB Mosaic kernels (W4A16, NVFP4, MXFP4) with two 128-K sub-steps per
-pipeline step, all decoded before the step's first wgmma. On the CPU: its shape rules, shared-memory fit and
-what each step traces; on Hopper: the same bits as one sub-step per pipeline step (the same wgmmas into the
-same accumulator in the same order)."""
+"""MgpuW4Config.sub_steps: the swap-AB Mosaic kernels (W4A16, NVFP4, MXFP4, W4A8) with two or four 128-K
+sub-steps per pipeline step, all decoded before the step's first wgmma. On the CPU: its shape rules,
+shared-memory fit and what each step traces; on Hopper: the same bits as one sub-step per pipeline step (the
+same wgmmas into the same accumulator, or W4A8's fresh accumulators promoted, in the same order)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,31 +15,34 @@ from pallas_kernels.w4a16_mgpu import MgpuW4Config
 
 from . import np_oracle as npo
 
-KINDS = ["w4a16", "w4a16_asym", "w4a16_g32", "nvfp4", "mxfp4"]
+KINDS = ["w4a16", "w4a16_asym", "w4a16_g32", "nvfp4", "mxfp4", "w4a8"]
 
 
-def test_two_sub_steps_need_whole_pairs_of_k_steps_per_split():
-    two = MgpuW4Config(tile_tokens=16, stages=4, sub_steps=2)
-    assert w4.can_use(16, 512, 1024, 128, two)
+def test_sub_steps_need_whole_sets_of_k_steps_per_split():
+    two, four = (MgpuW4Config(tile_tokens=16, stages=4, sub_steps=s) for s in (2, 4))
+    assert w4.can_use(16, 512, 1024, 128, two) and w4.can_use(16, 512, 1024, 128, four)
     assert not w4.can_use(16, 512, 1152, 128, two)              # 9 K-steps do not pair
+    assert w4.can_use(16, 512, 1280, 128, two) and not w4.can_use(16, 512, 1280, 128, four)   # 10: pairs, not fours
     split = MgpuW4Config(tile_tokens=16, stages=4, sub_steps=2, split_k=2)
     assert w4.can_use(16, 512, 1536, 128, split) and not w4.can_use(16, 512, 1280, 128, split)   # 5 per split
-    assert not w4.can_use(16, 512, 1024, 128, MgpuW4Config(tile_tokens=16, stages=4, sub_steps=3))
-    xq = jnp.zeros((16, 1024), jnp.float8_e4m3fn)
-    with pytest.raises(ValueError, match="sub_steps 1"):
-        w4.w4a8_matmul_mgpu(xq, jnp.float32(1.0), jnp.zeros((512, 512), jnp.uint8), jnp.ones((512, 8), jnp.float32),
-                            config=two)
+    assert not w4.can_use(16, 512, 1536, 128, MgpuW4Config(tile_tokens=16, stages=4, sub_steps=3))
+    xq = jnp.zeros((16, 1536), jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"sub_steps\) == 0"):
+        w4.w4a8_matmul_mgpu(xq, jnp.float32(1.0), jnp.zeros((512, 768), jnp.uint8),
+                            jnp.ones((512, 12), jnp.float32), config=dataclasses.replace(four, split_k=2))
 
 
-def test_fit_stages_holds_every_sub_step_of_a_stage():
-    """A stage of two sub-steps takes twice the buffers: half the stages (rounded down) fit."""
+@pytest.mark.parametrize("subs", [2, 4])
+def test_fit_stages_holds_every_sub_step_of_a_stage(subs):
+    """A stage of S sub-steps takes S times the buffers: 1 / S of the stages (rounded down) fit."""
     for t in (16, 64, 128):
-        assert w4.fit_stages(t, most=64, sub_steps=2) == w4.fit_stages(t, most=64) // 2 >= 2
+        assert w4.fit_stages(t, most=64, sub_steps=subs) == w4.fit_stages(t, most=64) // subs >= 1
 
 
 def _config(kind, tokens, split, subs, chain=False):
     scale_rows = 8 if kind in fp4_mgpu.GROUPS else 4 if kind.endswith("g32") else 1
-    stages = w4.fit_stages(tokens, split_k=split, asym="asym" in kind, scale_rows=scale_rows, sub_steps=subs)
+    stages = w4.fit_stages(tokens, split_k=split, asym="asym" in kind, scale_rows=scale_rows, sub_steps=subs,
+                           x_bytes=1 if kind == "w4a8" else 2)
     return MgpuW4Config(tile_tokens=tokens, stages=stages, split_k=split, sub_steps=subs, chain_tiles=chain)
 
 
@@ -48,6 +53,10 @@ def _run(kind, rng, m, n, k):
     if kind == "nvfp4":
         block = jnp.asarray(rng.uniform(0.01, 4.0, (n, k // 16)), jnp.float32).astype(jnp.float8_e4m3fn)
         return lambda cfg: fp4_mgpu.nvfp4_matmul_mgpu(x, packed, block, jnp.float32(0.5), config=cfg)
+    if kind == "w4a8":
+        xq = x.astype(jnp.float8_e4m3fn)
+        weight_scale = jnp.asarray(rng.uniform(0.005, 0.02, (n, k // 128)), jnp.float32)
+        return lambda cfg: w4.w4a8_matmul_mgpu(xq, jnp.float32(0.7), packed, weight_scale, config=cfg)
     if kind == "mxfp4":
         scale = jnp.asarray(rng.integers(118, 132, (n, k // 32)), jnp.uint8)
         return lambda cfg: fp4_mgpu.mxfp4_matmul_mgpu(x, packed, scale, config=cfg)
@@ -57,11 +66,12 @@ def _run(kind, rng, m, n, k):
     return lambda cfg: w4.w4a16_matmul_mgpu(x, packed, scale, zero, config=cfg)
 
 
-@pytest.mark.parametrize("kind,wgmmas", [("w4a16", 2), ("w4a16_asym", 2), ("w4a16_g32", 8), ("nvfp4", 2),
-                                         ("mxfp4", 2)])
-def test_a_step_decodes_both_sub_steps_then_issues_their_wgmmas(monkeypatch, kind, wgmmas):
-    """Per pipeline step: 2 tiles loaded from shared memory, then every wgmma (one per group slice of each
-    sub-step), none in between the loads; it lowers for CUDA to one Mosaic GPU kernel."""
+@pytest.mark.parametrize("subs", [2, 4])
+@pytest.mark.parametrize("kind,wgmmas", [("w4a16", 1), ("w4a16_asym", 1), ("w4a16_g32", 4), ("nvfp4", 1),
+                                         ("mxfp4", 1), ("w4a8", 1)])
+def test_a_step_decodes_every_sub_step_then_issues_their_wgmmas(monkeypatch, kind, wgmmas, subs):
+    """Per pipeline step: `subs` tiles loaded from shared memory, then every wgmma (`wgmmas` per sub-step: one
+    per group slice), none in between the loads; it lowers for CUDA to one Mosaic GPU kernel."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     jax.clear_caches()
@@ -69,17 +79,17 @@ def test_a_step_decodes_both_sub_steps_then_issues_their_wgmmas(monkeypatch, kin
     load, wgmma = plgpu.load, plgpu.wgmma
 
     def recording_load(ref, idx, *a, layout=None, **kw):
-        if layout in (plgpu.Layout.WGMMA_UPCAST_4X,):
+        if layout in (plgpu.Layout.WGMMA_UPCAST_4X, plgpu.Layout.WGMMA_8BIT):
             events.append("tile")
         return load(ref, idx, *a, layout=layout, **kw)
 
     monkeypatch.setattr(plgpu, "load", recording_load)
     monkeypatch.setattr(plgpu, "wgmma", lambda acc, a, b: events.append("wgmma") or wgmma(acc, a, b))
     run = _run(kind, np.random.default_rng(3), 100, 512, 2048)
-    cfg = _config(kind, 16, 2, 2)
+    cfg = _config(kind, 16, 2, subs)
     text = jax.jit(run, static_argnums=0).trace(cfg).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
-    assert events == ["tile", "tile"] + ["wgmma"] * wgmmas
+    assert events == ["tile"] * subs + ["wgmma"] * (wgmmas * subs)
 
 
 @pytest.mark.parametrize("subs,order", [(1, ["scale", "wgmma"] * 4), (2, ["scale"] * 8 + ["wgmma"] * 8)])
@@ -102,19 +112,22 @@ def test_one_sub_step_keeps_each_group_wgmma_next_to_its_scaling(monkeypatch, su
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("m,tokens,split,chain", [(5, 8, 4, False), (64, 64, 1, False), (300, 16, 1, False),
                                                   (300, 128, 2, False), (2040, 16, 1, True)])
-def test_two_sub_steps_give_the_same_bits_on_hopper(kind, m, tokens, split, chain):
-    """Bit-identical outputs with one and two sub-steps per pipeline step, from one tile per CTA to CTAs
+def test_sub_steps_give_the_same_bits_on_hopper(kind, m, tokens, split, chain):
+    """Bit-identical outputs with one, two and four sub-steps per pipeline step, from one tile per CTA to CTAs
     that run several (M=300 on 16-token tiles: 19 x 6 tiles), and chained (2040 tokens: 128 x 6 tiles)."""
     run = _run(kind, np.random.default_rng(sum(map(ord, kind)) + m), m, 768, 2048)
-    outs = [np.asarray(run(_config(kind, tokens, split, subs, chain)), np.float32) for subs in (1, 2)]
-    np.testing.assert_array_equal(outs[1], outs[0])
+    subs_tried = (1, 2, 4) if tokens < 128 else (1, 2)  # four 128-token sub-steps leave room for one stage
+    outs = [np.asarray(run(_config(kind, tokens, split, subs, chain)), np.float32) for subs in subs_tried]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
     assert np.abs(outs[0]).max() > 0 and np.isfinite(outs[0]).all() and outs[0].shape == (m, 768)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu" or not _mgpu.is_hopper(), reason="Mosaic GPU kernels need Hopper")
 @pytest.mark.parametrize("zero", [False, True])
-def test_a_group_of_weights_gives_the_same_bits_with_two_sub_steps_on_hopper(zero):
-    """A grouped launch (q, k, v widths) with two sub-steps equals the same launch with one, bit for bit."""
+def test_a_group_of_weights_gives_the_same_bits_with_sub_steps_on_hopper(zero):
+    """A grouped launch (q, k, v widths) with two and four sub-steps equals the same launch with one, bit for
+    bit."""
     rng = np.random.default_rng(29 + zero)
     m, k, ns = 40, 2048, (512, 128, 256)
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
@@ -122,8 +135,9 @@ def test_a_group_of_weights_gives_the_same_bits_with_two_sub_steps_on_hopper(zer
     scale = tuple(jnp.asarray(rng.uniform(0.005, 0.02, (n, k // 128)), jnp.bfloat16) for n in ns)
     zeros = tuple(jnp.asarray(rng.integers(0, 16, (n, k // 128)), jnp.uint8) for n in ns) if zero else None
     outs = [np.asarray(w4.w4a16_matmul_mgpu_group(x, packed, scale, zeros, config=_config(
-        "w4a16_asym" if zero else "w4a16", 16, 2, subs)), np.float32) for subs in (1, 2)]
+        "w4a16_asym" if zero else "w4a16", 16, 2, subs)), np.float32) for subs in (1, 2, 4)]
     np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_array_equal(outs[2], outs[0])
     assert np.abs(outs[0]).max() > 0 and outs[0].shape == (m, sum(ns))
 
 
