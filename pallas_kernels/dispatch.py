@@ -209,7 +209,7 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) 
     M=256 with t128 (run 17): down (64 tiles) 98 / 60 us at split 1 / 2, qkv (96 tiles) 42.5 / 45.4. Token
     tiles >= 128 also split in two where the grid takes more than one wave and fills under 65 % of its SM
     slots (70b.qkv M=256, 160 tiles: 120 / 103 us). Tiles chain where there are enough (chained); token tiles
-    under 128 take two K-steps per pipeline step (sub_steps)."""
+    under 128 take two or four K-steps per pipeline step (sub_steps)."""
     bucket = m_bucket(m)
     t = MGPU_W4_TILE.get(bucket, MGPU_W4_TILE["larger"])
     channel_tiles = n // w4a16_mgpu.CTA_CHANNELS
@@ -230,14 +230,24 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) 
 
 
 def sub_steps(tile_tokens: int, k_steps: int, fp8: bool = False) -> int:
-    """128-K sub-steps per pipeline step of the W4A16 / FP4 Mosaic kernels (MgpuW4Config.sub_steps): 2 for
-    token tiles under 128 where the K-steps of a split pair up, else 1 (W4A8 takes 1). Device time (run 96,
-    H200, us, 1 / 2 sub-steps, W4A16 / NVFP4 / MXFP4): M=16 8b.gate_up 38.9 / 37.7, 47.1 / 42.3, 43.5 /
-    40.3; 8b.down 22.7 / 19.9, 23.5 / 21.8, 22.2 / 20.0; 70b.qkv 35.6 / 33.8, 40.3 / 37.4, 38.1 / 35.6; M=64
-    8b.gate_up 48.1 / 44.2, 53.3 / 50.1, 51.2 / 46.7; 8b.down 25.4 / 24.1, 27.3 / 25.9, 25.6 / 24.0; 70b.qkv
-    43.9 / 41.3, 47.7 / 46.0, 46.4 / 43.1. M=256 (128-token tiles, 2 stages left) mixed: 8b.down 56.1 / 55.7,
-    60.0 / 58.4, 58.1 / 62.4; 70b.qkv 96.6 / 97.5, 107.8 / 101.0, 101.7 / 103.7."""
-    return 2 if tile_tokens < 128 and k_steps % 2 == 0 and not fp8 else 1
+    """128-K sub-steps per pipeline step of the swap-AB Mosaic kernels (MgpuW4Config.sub_steps), for token
+    tiles under 128 where the K-steps of a split divide: 4 for 16-token tiles of W4A16 / FP4 (3 stages fit),
+    else 2; 1 from 128-token tiles (at most 2 stages of two fit there). Device time (run 96, H200, us, 1 / 2
+    sub-steps, W4A16 / NVFP4 / MXFP4): M=16 8b.gate_up 38.9 / 37.7, 47.1 / 42.3, 43.5 / 40.3; 8b.down 22.7 /
+    19.9, 23.5 / 21.8, 22.2 / 20.0; 70b.qkv 35.6 / 33.8, 40.3 / 37.4, 38.1 / 35.6; M=64 8b.gate_up 48.1 /
+    44.2, 53.3 / 50.1, 51.2 / 46.7; 8b.down 25.4 / 24.1, 27.3 / 25.9, 25.6 / 24.0; 70b.qkv 43.9 / 41.3, 47.7
+    / 46.0, 46.4 / 43.1. M=256 (128-token tiles, 2 stages left) mixed: 8b.down 56.1 / 55.7, 60.0 / 58.4, 58.1
+    / 62.4; 70b.qkv 96.6 / 97.5, 107.8 / 101.0, 101.7 / 103.7. Run 98 (us, 1 / 2 / 4 sub-steps): M=16
+    8b.gate_up W4A16 38.5 / 37.6 / 34.4, NVFP4 46.9 / 42.4 / 41.8, MXFP4 43.3 / 40.1 / 39.4, W4A8 39.4 / 36.2
+    / 35.8; 8b.down 22.4 / 19.5 / 19.4, 23.4 / 21.6 / 21.5, 22.2 / 19.9 / 20.0, 22.6 / 21.0 / 21.4; 70b.qkv
+    35.2 / 33.8 / 32.5, 39.7 / 37.5 / 36.9, 37.3 / 35.0 / 34.9, 34.1 / 33.0 / 32.9; W4A8 M=64 (four fit
+    there) 8b.gate_up 45.4 / 43.3 / 43.9, 8b.down 26.1 / 24.3 / 25.0, 70b.qkv 42.2 / 41.9 / 41.7: W4A8
+    takes 2."""
+    if tile_tokens >= 128:
+        return 1
+    if tile_tokens <= 16 and not fp8 and k_steps % 4 == 0:
+        return 4
+    return 2 if k_steps % 2 == 0 else 1
 
 
 def fp4_mgpu_config(fmt_kind: str, m: int, n: int, k: int) -> MgpuW4Config:

@@ -113,11 +113,13 @@ def test_one_sub_step_keeps_each_group_wgmma_next_to_its_scaling(monkeypatch, su
 @pytest.mark.parametrize("m,tokens,split,chain", [(5, 8, 4, False), (64, 64, 1, False), (300, 16, 1, False),
                                                   (300, 128, 2, False), (2040, 16, 1, True)])
 def test_sub_steps_give_the_same_bits_on_hopper(kind, m, tokens, split, chain):
-    """Bit-identical outputs with one, two and four sub-steps per pipeline step, from one tile per CTA to CTAs
-    that run several (M=300 on 16-token tiles: 19 x 6 tiles), and chained (2040 tokens: 128 x 6 tiles)."""
+    """Bit-identical outputs with one, two and (where two stages of them fit) four sub-steps per pipeline step,
+    from one tile per CTA to CTAs that run several (M=300 on 16-token tiles: 19 x 6 tiles), and chained (2040
+    tokens: 128 x 6 tiles)."""
     run = _run(kind, np.random.default_rng(sum(map(ord, kind)) + m), m, 768, 2048)
-    subs_tried = (1, 2, 4) if tokens < 128 else (1, 2)  # four 128-token sub-steps leave room for one stage
-    outs = [np.asarray(run(_config(kind, tokens, split, subs, chain)), np.float32) for subs in subs_tried]
+    fitting = [cfg for cfg in (_config(kind, tokens, split, subs, chain) for subs in (1, 2, 4)) if cfg.stages >= 2]
+    assert [cfg.sub_steps for cfg in fitting][:2] == [1, 2]
+    outs = [np.asarray(run(cfg), np.float32) for cfg in fitting]
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
     assert np.abs(outs[0]).max() > 0 and np.isfinite(outs[0]).all() and outs[0].shape == (m, 768)
@@ -141,16 +143,18 @@ def test_a_group_of_weights_gives_the_same_bits_with_sub_steps_on_hopper(zero):
     assert np.abs(outs[0]).max() > 0 and outs[0].shape == (m, sum(ns))
 
 
-def test_the_plan_pairs_k_steps_below_128_token_tiles():
-    """dispatch plans two sub-steps for token tiles under 128 where a split's K-steps pair up (W4A16, FP4),
-    one from 128-token tiles and for W4A8; every planned config fits the kernel."""
+def test_the_plan_takes_sub_steps_below_128_token_tiles():
+    """dispatch plans four sub-steps for 16-token tiles of W4A16 / FP4 where a split's K-steps come in fours,
+    two for other tiles under 128 (and W4A8's) where they pair, one from 128-token tiles; every planned
+    config fits the kernel."""
     from pallas_kernels import dispatch
-    for m, k, want in ((16, 4096, 2), (64, 14336, 2), (256, 4096, 1), (16, 1152, 1)):
+    for m, n, k, want, want_fp8 in ((16, 4096, 4096, 4, 2), (64, 4096, 14336, 2, 2), (256, 4096, 4096, 1, 1),
+                                    (16, 4096, 1152, 1, 1), (16, 14336, 1280, 2, 2)):
         for recipe in ("w4a16", "nvfp4", "mxfp4", "w4a8"):
-            p = dispatch.plan(recipe, m, 4096, k, mosaic=True)
+            p = dispatch.plan(recipe, m, n, k, mosaic=True)
             if p.path != "mgpu":
                 continue
-            assert p.config.sub_steps == (1 if recipe == "w4a8" else want), (recipe, m, k)
-            usable = (fp4_mgpu.can_use(recipe, m, 4096, k, p.config) if recipe in fp4_mgpu.GROUPS
-                      else w4.can_use(m, 4096, k, 128, p.config))
-            assert usable, (recipe, m, k, p.config)
+            assert p.config.sub_steps == (want_fp8 if recipe == "w4a8" else want), (recipe, m, k, p.config)
+            usable = (fp4_mgpu.can_use(recipe, m, n, k, p.config) if recipe in fp4_mgpu.GROUPS
+                      else w4.can_use(m, n, k, 128, p.config))
+            assert usable and p.config.stages >= 3, (recipe, m, k, p.config)
