@@ -83,13 +83,16 @@
 22. 128-K sub-steps per pipeline step (`substeps`): the W4A16, NVFP4, MXFP4 and W4A8 Mosaic kernels on the
     plan's tiles with MgpuW4Config.sub_steps 1, 2 and 4 (stages refitted), checked, against XLA bf16.
 
+23. 128 channels per compute warpgroup (`wg128`): W4A16 sym / asym on 256-channel CTA tiles (one x tile for
+    twice the weights) with 1 and 2 sub-steps at the plan's K split and twice it, checked, against the plan.
+
   PYTHONPATH=. python3 benchmarks/gemm_probe.py --out DIR     # gemv,fp8; --parts gemv, fp8, xla4, mgpu,
                                                               # fp4gemv, w4mgpu, w4a8gemv, w4a8mgpu,
                                                               # w4groups, compile, trace, gemvgroup,
                                                               # gemvgroupcfg, w4split, chain, fp8split,
                                                               # gemvtiles, gemvsplits, gemvstages,
                                                               # gemvprefetch, fp4paths, gemvdeep,
-                                                              # substeps
+                                                              # substeps, wg128
 Shapes: gemm.py's fused layers ("8b.qkv", "8b.gate_up", ...) and the unfused ones the Flax models run
 ("8b.q" = o's shape, "8b.kv" for k_proj and v_proj, "8b.gate" for gate_proj and up_proj; 70b the same).
 Timing as benchmarks/gemm.py (it is imported): distinct weight sets per executable, median of 5 trials.
@@ -601,6 +604,34 @@ def probe_sub_steps(rows, shapes, ms, flush):
         _record_xla_bf16(rows, flush, "substeps", name, m, n, k, x)
 
 
+def probe_wg128(rows, shapes, ms, flush):
+    """W4A16 (sym, asym) with MgpuW4Config.wg_channels 128 (two 64-row wgmmas per slice, 256-channel CTA
+    tiles) at 1 and 2 sub-steps and the plan's split or twice it (stages refitted), each checked, against the
+    plan and XLA bf16."""
+    from pallas_kernels import w4a16_mgpu as w4
+    for name, m, n, k, x in _large_m_points(shapes, ms):
+        for recipe in ("w4a16", "w4a16_asym"):
+            p = dispatch.plan(recipe, m, n, k)
+            if p.path != "mgpu":
+                continue
+            ws = [G.make_weights(recipe, n, k, seed=20 + r) for r in range(2)]
+            _record_large_m(rows, flush, "wg128", name, m, n, k, f"{recipe}.plan", G.jax_op(recipe), [(x, w) for w in ws])
+            for subs in (1, 2):
+                for split in (p.config.split_k, 2 * p.config.split_k):
+                    cfg = dataclasses.replace(p.config, sub_steps=subs, split_k=split, wg_channels=128,
+                                              stages=w4.fit_stages(p.config.tile_tokens, split_k=split,
+                                                                   asym=recipe.endswith("asym"), sub_steps=subs,
+                                                                   wg_channels=128))
+                    if not w4.can_use(m, n, k, 128, cfg):
+                        continue
+                    op = G.jax_op(recipe, plan=dispatch.Plan("mgpu", cfg))
+                    _record_large_m(rows, flush, "wg128", name, m, n, k,
+                                    f"{recipe}.wg128_sub{subs}_k{split}_s{cfg.stages}", op, [(x, w) for w in ws],
+                                    lambda op=op: G.check_op(recipe, op, x, ws[0]))
+            del ws
+        _record_xla_bf16(rows, flush, "wg128", name, m, n, k, x)
+
+
 def probe_fp4_paths(rows, shapes, ms, flush, recipes=("nvfp4", "mxfp4", "w4a8_nvfp4", "w4a8_mxfp4")):
     """The FP4 recipes on the dispatcher's plan, on 'xla_dequant' and (NVFP4, MXFP4 on Hopper) on the Mosaic
     GPU kernel (fp4_mgpu.py, dispatch.fp4_mgpu_config's tiles), each checked against the reference, with XLA
@@ -1050,6 +1081,8 @@ def main():
             probe_chain(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "substeps" in parts:
             probe_sub_steps(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
+        if "wg128" in parts:
+            probe_wg128(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "fp8split" in parts:
             probe_fp8_split(rows, args.shapes.split(","), [int(v) for v in args.ms.split(",")], flush)
         if "w4split" in parts:

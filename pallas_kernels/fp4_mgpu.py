@@ -65,7 +65,7 @@ NVFP4_SCALE_BIAS = 2.0 ** -120                          # what NVFP4's scale pai
 
 def can_use(fmt_kind: str, m: int, n: int, k: int, cfg: MgpuW4Config) -> bool:
     """Shapes and configs this kernel takes (callers check it, with a Hopper GPU, before calling)."""
-    return (fmt_kind in GROUPS and w4a16_mgpu.can_use(m, n, k, GROUP, cfg)
+    return (fmt_kind in GROUPS and w4a16_mgpu.can_use(m, n, k, GROUP, cfg) and cfg.wg_channels == WG_CHANNELS
             and (cfg.split_k == 1 or (k // GROUP // cfg.split_k) % SCALE_STEPS[fmt_kind] == 0))
 
 

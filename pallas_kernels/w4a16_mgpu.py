@@ -72,7 +72,9 @@ class MgpuW4Config:
     separate tiles into f32 partial products that one XLA fusion sums (fills the SMs when N and M are
     small); chain_tiles: a CTA's tiles as one pipeline of pipelines (_mgpu.persistent_kernel), stages cut to
     the largest divisor of the K-steps per tile; sub_steps: 128-K sub-steps per pipeline step (1, 2 or 4), all
-    decoded before the step's first wgmma (shared memory per stage times sub_steps)."""
+    decoded before the step's first wgmma (shared memory per stage times sub_steps); wg_channels: output
+    channels per compute warpgroup (64, or 128 as two 64-row wgmmas per group slice, W4A16 only), so a CTA
+    tile spans 2 * wg_channels channels and one x tile serves twice the weights."""
 
     tile_tokens: int = 128
     stages: int = 4
@@ -81,6 +83,7 @@ class MgpuW4Config:
     split_k: int = 1
     chain_tiles: bool = False
     sub_steps: int = 1
+    wg_channels: int = WG_CHANNELS
 
 
 DEFAULT = MgpuW4Config()
@@ -89,7 +92,8 @@ DEFAULT = MgpuW4Config()
 def can_use(m: int, n: int, k: int, group: int, cfg: MgpuW4Config = DEFAULT) -> bool:
     """Shapes and configs this kernel takes (callers check it, with a GPU backend, before calling)."""
     t = cfg.tile_tokens
-    return (group in GROUPS and k % (GROUP * cfg.split_k * cfg.sub_steps) == 0 and n % CTA_CHANNELS == 0
+    return (group in GROUPS and k % (GROUP * cfg.split_k * cfg.sub_steps) == 0 and cfg.wg_channels in (64, 128)
+            and n % (2 * cfg.wg_channels) == 0
             and m >= 1 and t % 8 == 0 and 8 <= t <= 256 and t % _epi_tokens(cfg) == 0 and cfg.epi_tokens % 8 == 0
             and cfg.stages >= 2 and cfg.sub_steps in SUB_STEPS)
 
@@ -98,15 +102,16 @@ SMEM_BYTES = 232448                                     # a Hopper CTA's shared 
 
 
 def fit_stages(tile_tokens: int, most: int = 8, split_k: int = 1, asym: bool = True, x_bytes: int = 2,
-               scale_rows: int = 1, sub_steps: int = 1) -> int:
+               scale_rows: int = 1, sub_steps: int = 1, wg_channels: int = WG_CHANNELS) -> int:
     """The most K-steps in flight (<= most) whose operand buffers (each rounded to 1 KiB; x_bytes per
     activation: 2 for bf16, 1 for e4m3; scale_rows bf16 rows of 128 channels per step: 128 / group) and
     epilogue (f32 with split_k > 1) fit in shared memory, with room for the barriers (measured: 4 KiB); a
-    stage of sub_steps 128-K sub-steps holds sub_steps of each."""
+    stage of sub_steps 128-K sub-steps holds sub_steps of each; CTA tiles of 2 * wg_channels channels."""
     kib = lambda b: -(-b // 1024) * 1024  # noqa: E731
-    rows = kib(scale_rows * CTA_CHANNELS * 2) + (1024 if asym else 0)
-    per_stage = (kib(tile_tokens * GROUP * x_bytes) + kib(CTA_CHANNELS * GROUP // 2) + rows) * sub_steps
-    epilogue = 2 * 2 * min(DEFAULT.epi_tokens, tile_tokens) * WG_CHANNELS * (4 if split_k > 1 else 2)
+    cta = 2 * wg_channels
+    rows = kib(scale_rows * cta * 2) + (kib(cta * 2) if asym else 0)
+    per_stage = (kib(tile_tokens * GROUP * x_bytes) + kib(cta * GROUP // 2) + rows) * sub_steps
+    epilogue = 2 * 2 * min(DEFAULT.epi_tokens, tile_tokens) * wg_channels * (4 if split_k > 1 else 2)
     return max(min(most, (SMEM_BYTES - epilogue - 4608) // per_stage), 1)
 
 
@@ -152,7 +157,8 @@ def _step(wg, _scratch, *refs, flip: bool, group: int = GROUP, sub_steps: int = 
 
     x_smems, w_smems = refs[:sub_steps], refs[sub_steps:2 * sub_steps]
     s_smem, *zero_smem, acc_ref = refs[2 * sub_steps:]
-    channels = pl.ds(wg * WG_CHANNELS, WG_CHANNELS)
+    wg_channels = w_smems[0].shape[0] // 2
+    channels = pl.ds(wg * wg_channels, wg_channels)
     whole, per_sub = group == GROUP, GROUP // group
     products = []                                       # (scaled weight slice, its x slice)
     for h, (x_smem, w_smem) in enumerate(zip(x_smems, w_smems)):
@@ -318,12 +324,12 @@ def w4a8_matmul_mgpu_group(xq: tuple, input_scale: tuple, packed: tuple, weight_
         n = p.shape[0]
         want = (n, k) if p.dtype == jnp.int4 else (n, k // 2)
         if (x_s.dtype != jnp.float8_e4m3fn or x_s.shape != (m, k) or p.shape != want or p.dtype != packed[0].dtype
-                or ws.shape != (n, k // GROUP) or cfg.tile_tokens > 128
+                or ws.shape != (n, k // GROUP) or cfg.tile_tokens > 128 or cfg.wg_channels != WG_CHANNELS
                 or not can_use(m, n, k, GROUP, cfg)):
             raise ValueError(f"w4a8_matmul_mgpu: weight {i}: xq {x_s.shape} {x_s.dtype}, packed {p.shape} {p.dtype}, "
                              f"weight_scale {ws.shape} do not fit {cfg} (needs e4m3 xq (M, K) alike for every "
                              "weight, packed uint8 (N, K/2) or int4 (N, K) alike, weight_scale (N, K/128), "
-                             "K % (128 * split_k * sub_steps) == 0, N % 128 == 0, tile_tokens <= 128)")
+                             "K % (128 * split_k * sub_steps) == 0, N % 128 == 0, tile_tokens <= 128, wg_channels 64)")
         r = w4a8_step_rows(ws, s_in) if r is None else r
         check_rows("w4a8_matmul_mgpu", r, (((k // GROUP, n), jnp.dtype(jnp.float32)),))
         checked.append(list(r))
@@ -354,9 +360,11 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
     flip = packed[0].dtype != jnp.int4
     weights = [bits_as_int4(p) if flip else p for p in packed]
     n = sum(p.shape[0] for p in packed)
+    wg_ch = cfg.wg_channels
+    cta_ch = 2 * wg_ch
     starts = [0]                                        # first channel tile of each weight
     for p in packed:
-        starts.append(starts[-1] + p.shape[0] // CTA_CHANNELS)
+        starts.append(starts[-1] + p.shape[0] // cta_ch)
     t, split = cfg.tile_tokens, cfg.split_k
     mp = -(-m // t) * t
     subs = cfg.sub_steps
@@ -367,7 +375,7 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
     per_weight = subs + len(rows_per_step[0])           # operands per weight: its int4 array per sub-step, rows
     xps = [jnp.pad(xx, ((0, mp - m), (0, 0))) for xx in xs]
     x_bits = jnp.dtype(xs[0].dtype).itemsize * 8
-    grid = (n // CTA_CHANNELS, tiles_t * split)        # tile (ci, s * tiles_t + ti): K range s, tokens ti
+    grid = (n // cta_ch, tiles_t * split)        # tile (ci, s * tiles_t + ti): K range s, tokens ti
 
     # operands: x, then (w, rows) per weight; or, with one x per weight, (x_s, w, rows) per weight; x and w
     # each repeated per sub-step. Either way one pipeline's set comes first: it sizes the shared memory every
@@ -384,7 +392,7 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
             x_op = ops[first] if own_x else ops[0]
             w_at = first + own_x * subs
             w, step_rows_s = ops[w_at], ops[w_at + subs:w_at + per_weight]
-            chan = pl.ds((ci - starts[s]) * CTA_CHANNELS, CTA_CHANNELS)
+            chan = pl.ds((ci - starts[s]) * cta_ch, cta_ch)
             if scale_steps:
                 cols = pl.ds(k0 * row_cols, -(-kb_split // scale_steps) * SCALE_ROW_BYTES)
                 scale_views = [r.at[chan, cols] for r in step_rows_s]
@@ -397,16 +405,16 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
             return weight_views(0)
         return [((ci >= starts[s]) & (ci < starts[s + 1]), weight_views(s)) for s in range(len(weights))]
 
-    row_spec = (plgpu.BlockSpec((CTA_CHANNELS, block_steps * row_cols), lambda kb: (0, kb * subs // block_steps))
-                if scale_steps else plgpu.BlockSpec((rows * subs, CTA_CHANNELS), lambda kb: (kb, 0)))
+    row_spec = (plgpu.BlockSpec((cta_ch, block_steps * row_cols), lambda kb: (0, kb * subs // block_steps))
+                if scale_steps else plgpu.BlockSpec((rows * subs, cta_ch), lambda kb: (kb, 0)))
     x_specs = [plgpu.BlockSpec((t, GROUP), lambda kb, h=h: (0, kb * subs + h),
                                transforms=_mgpu.tiled_swizzle(sub_k * x_bits // 8, x_bits)) for h in range(subs)]
-    w_specs = [plgpu.BlockSpec((CTA_CHANNELS, GROUP), lambda kb, h=h: (0, kb * subs + h),
+    w_specs = [plgpu.BlockSpec((cta_ch, GROUP), lambda kb, h=h: (0, kb * subs + h),
                                transforms=_mgpu.tiled_swizzle(GROUP // 2, 4)) for h in range(subs)]
     kernel = functools.partial(
         _mgpu.persistent_kernel,
         in_specs=x_specs + w_specs + [row_spec] * (per_weight - subs),
-        views=views, cta=(CTA_CHANNELS, t), wg_offset=lambda wg: (wg * WG_CHANNELS, 0), tile=(WG_CHANNELS, t),
+        views=views, cta=(cta_ch, t), wg_offset=lambda wg: (wg * wg_ch, 0), tile=(wg_ch, t),
         epi_n=_epi_tokens(cfg), grid=grid, k_iters=kb_split // subs,
         stages=_mgpu.chain_stages(kb_split // subs, cfg.stages) if cfg.chain_tiles else cfg.stages,
         grid_tile_width=cfg.grid_tile_width, step=functools.partial(step, flip=flip), scratch={},

@@ -158,3 +158,18 @@ def test_the_plan_takes_sub_steps_below_128_token_tiles():
             usable = (fp4_mgpu.can_use(recipe, m, n, k, p.config) if recipe in fp4_mgpu.GROUPS
                       else w4.can_use(m, n, k, 128, p.config))
             assert usable and p.config.stages >= 3, (recipe, m, k, p.config)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu" or not _mgpu.is_hopper(), reason="Mosaic GPU kernels need Hopper")
+@pytest.mark.parametrize("kind", ["w4a16", "w4a16_asym", "w4a16_g32"])
+@pytest.mark.parametrize("m,tokens,split,subs", [(5, 16, 2, 2), (64, 64, 1, 1), (300, 16, 1, 2), (300, 128, 2, 1)])
+def test_128_channels_per_warpgroup_give_the_same_bits_on_hopper(kind, m, tokens, split, subs):
+    """wg_channels 128 (256-channel CTA tiles, two 64-row wgmmas per slice) equals 64, bit for bit."""
+    run = _run(kind, np.random.default_rng(sum(map(ord, kind)) + m), m, 768 + 256, 2048)
+    base = _config(kind, tokens, split, subs)
+    scale_rows = 4 if kind.endswith("g32") else 1
+    wide = dataclasses.replace(base, wg_channels=128, stages=w4.fit_stages(
+        tokens, split_k=split, asym="asym" in kind, scale_rows=scale_rows, sub_steps=subs, wg_channels=128))
+    outs = [np.asarray(run(cfg), np.float32) for cfg in (base, wide)]
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert np.abs(outs[0]).max() > 0 and np.isfinite(outs[0]).all()
