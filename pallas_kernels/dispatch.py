@@ -200,7 +200,18 @@ def _wave_fill(tiles: int) -> float:
     return tiles / (cm.cdiv(tiles, cm.NUM_SMS) * cm.NUM_SMS) if tiles else 0.0
 
 
-def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) -> MgpuW4Config:
+# W4A16 token tiles under 128 on 256-channel CTA tiles (MgpuW4Config.wg_channels 128: one x tile for twice the
+# weights, two sub-steps: four would not fit the registers) where those tiles still fill this share of the SMs:
+# the gate_up layers. Device time (runs 102-103, H200, us, plan (64 channels, 4 / 2 sub-steps at M=16 / 64) /
+# 128 channels, 2 sub-steps, sym then asym): 8b.gate_up (112 wide tiles) M=16 34.6 / 31.4, 41.4 / 38.7; M=64
+# 44.7 / 41.1, 50.2 / 46.5; 70b.gate_up (224) M=16 115.9 / 107.8, 126.0 / 131.6; M=64 165.7 / 146.1, 177.9 /
+# 165.2. Narrower layers lose (at the best split): 70b.qkv (40) M=16 32.1 / 33.2, M=64 41.1 / 45.6; 8b.down
+# (16) M=64 24.0 / 25.4; 8b.qkv (24) M=64 15.0 / 15.6.
+WIDE_WG_MIN_FILL = 0.8
+
+
+def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128,
+                   wide_warpgroups: bool = True) -> MgpuW4Config:
     """W4A16 Mosaic GPU tiles for this shape (fp8: for the W4A8 FP8-tensor-core variant, token tiles <= 128;
     group: the quantization group, whose 128 / group scale rows per K-step size the pipeline's stages):
     the bucket's token tile (from 129 tokens: 256 unless its last wave is under 80 % full, then 128), then the K
@@ -209,24 +220,29 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128) 
     M=256 with t128 (run 17): down (64 tiles) 98 / 60 us at split 1 / 2, qkv (96 tiles) 42.5 / 45.4. Token
     tiles >= 128 also split in two where the grid takes more than one wave and fills under 65 % of its SM
     slots (70b.qkv M=256, 160 tiles: 120 / 103 us). Tiles chain where there are enough (chained); token tiles
-    under 128 take two or four K-steps per pipeline step (sub_steps)."""
+    under 128 take two or four K-steps per pipeline step (sub_steps). W4A16 (not fp8; wide_warpgroups, which
+    the FP4 kernels' plans turn off) with token tiles under 128 runs 128 channels per warpgroup where its
+    256-channel tiles fill WIDE_WG_MIN_FILL of the SMs."""
     bucket = m_bucket(m)
     t = MGPU_W4_TILE.get(bucket, MGPU_W4_TILE["larger"])
     channel_tiles = n // w4a16_mgpu.CTA_CHANNELS
     if t == 256 and (fp8 or m <= 128 or _wave_fill(channel_tiles * cm.cdiv(m, 256)) < 0.8):
         t = 128
-    tiles = channel_tiles * cm.cdiv(m, t)
+    wide = (wide_warpgroups and not fp8 and t < 128 and n % (2 * w4a16_mgpu.CTA_CHANNELS) == 0
+            and n // (2 * w4a16_mgpu.CTA_CHANNELS) * cm.cdiv(m, t) >= WIDE_WG_MIN_FILL * cm.NUM_SMS)
+    wg_channels = 2 * w4a16_mgpu.WG_CHANNELS if wide else w4a16_mgpu.WG_CHANNELS
+    tiles = n // (2 * wg_channels) * cm.cdiv(m, t)
     if t < 128:
         split = _balanced_split(tiles, k)
     else:
         split = _half_wave_split(tiles, k)
         if tiles > cm.NUM_SMS and _wave_fill(tiles) < 0.65 and k % 256 == 0:
             split = 2
-    subs = sub_steps(t, k // w4a16_mgpu.GROUP // split, fp8)
+    subs = min(sub_steps(t, k // w4a16_mgpu.GROUP // split, fp8), 2 if wide else 4)
     stages = w4a16_mgpu.fit_stages(t, split_k=split, asym=not fp8, x_bytes=1 if fp8 else 2,
-                                   scale_rows=w4a16_mgpu.GROUP // group, sub_steps=subs)
+                                   scale_rows=w4a16_mgpu.GROUP // group, sub_steps=subs, wg_channels=wg_channels)
     return MgpuW4Config(tile_tokens=t, stages=stages, split_k=split, chain_tiles=chained(tiles * split),
-                        sub_steps=subs)
+                        sub_steps=subs, wg_channels=wg_channels)
 
 
 def sub_steps(tile_tokens: int, k_steps: int, fp8: bool = False) -> int:
@@ -254,7 +270,7 @@ def fp4_mgpu_config(fmt_kind: str, m: int, n: int, k: int) -> MgpuW4Config:
     """NVFP4 / MXFP4 on fp4_mgpu.py: W4A16's Mosaic tiles and K split for this shape (the split halved until
     each part starts on a scale row: fp4_mgpu.SCALE_STEPS) and sub-steps, with the stages refitted to its scale
     tile per K-step (16 bytes per channel, the bytes of 8 bf16 rows) and no zero rows."""
-    cfg = mgpu_w4_config(m, n, k, group=fp4_mgpu.GROUPS[fmt_kind])
+    cfg = mgpu_w4_config(m, n, k, group=fp4_mgpu.GROUPS[fmt_kind], wide_warpgroups=False)
     split = cfg.split_k
     while split > 1 and (k // w4a16_mgpu.GROUP // split) % fp4_mgpu.SCALE_STEPS[fmt_kind]:
         split //= 2
@@ -378,7 +394,8 @@ def group_plan(recipe: str, m: int, ns: tuple, k: int, group: int = 128, mosaic:
     they should run as separate calls. W4A16 and W4A8 groups, planned as the [M, sum N] product (the fused
     shape gemm.py times): at M=1 on the word GEMV (the wide tile from GROUP_GEMV_WIDE_N; every N but the last
     a multiple of its block_n; W4A8 with one row of E4M3 codes per weight); from M=2 on the Mosaic GPU
-    kernels (Hopper, every N a multiple of their 128-channel tile; W4A8 with groups of 128)."""
+    kernels (Hopper, every N a multiple of their 128-channel tile, and 64 channels per warpgroup unless every
+    N fits the 256-channel tiles; W4A8 with groups of 128)."""
     if recipe not in ("w4a16", "w4a8") or len(ns) < 2:
         return None
     n = sum(ns)
@@ -390,6 +407,8 @@ def group_plan(recipe: str, m: int, ns: tuple, k: int, group: int = 128, mosaic:
     if not mosaic or any(w % w4a16_mgpu.CTA_CHANNELS for w in ns):
         return None
     p = plan(recipe, m, n, k, group, mosaic)
+    if p.path == "mgpu" and any(w % (2 * p.config.wg_channels) for w in ns):    # a weight off the wide tiles
+        p = Plan("mgpu", mgpu_w4_config(m, n, k, recipe == "w4a8", group, wide_warpgroups=False))
     return p if p.path == "mgpu" else None
 
 

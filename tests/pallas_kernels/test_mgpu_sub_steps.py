@@ -173,3 +173,22 @@ def test_128_channels_per_warpgroup_give_the_same_bits_on_hopper(kind, m, tokens
     outs = [np.asarray(run(cfg), np.float32) for cfg in (base, wide)]
     np.testing.assert_array_equal(outs[1], outs[0])
     assert np.abs(outs[0]).max() > 0 and np.isfinite(outs[0]).all()
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu" or not _mgpu.is_hopper(), reason="Mosaic GPU kernels need Hopper")
+@pytest.mark.parametrize("zero", [False, True])
+def test_a_group_of_weights_on_128_channel_warpgroups_gives_the_same_bits_on_hopper(zero):
+    """A grouped launch (gate / up-like widths, each a multiple of 256) with wg_channels 128 equals the same
+    launch with 64, bit for bit."""
+    rng = np.random.default_rng(31 + zero)
+    m, k, ns = 40, 2048, (1024, 256, 512)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    packed = tuple(jnp.asarray(npo.rand_packed(rng, n, k)) for n in ns)
+    scale = tuple(jnp.asarray(rng.uniform(0.005, 0.02, (n, k // 128)), jnp.bfloat16) for n in ns)
+    zeros = tuple(jnp.asarray(rng.integers(0, 16, (n, k // 128)), jnp.uint8) for n in ns) if zero else None
+    base = _config("w4a16_asym" if zero else "w4a16", 16, 1, 2)
+    wide = dataclasses.replace(base, wg_channels=128, stages=w4.fit_stages(16, sub_steps=2, wg_channels=128))
+    outs = [np.asarray(w4.w4a16_matmul_mgpu_group(x, packed, scale, zeros, config=cfg), np.float32)
+            for cfg in (base, wide)]
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert np.abs(outs[0]).max() > 0 and outs[0].shape == (m, sum(ns))
