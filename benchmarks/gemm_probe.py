@@ -615,7 +615,8 @@ def probe_wg128(rows, shapes, ms, flush):
             if p.path != "mgpu":
                 continue
             ws = [G.make_weights(recipe, n, k, seed=20 + r) for r in range(2)]
-            _record_large_m(rows, flush, "wg128", name, m, n, k, f"{recipe}.plan", G.jax_op(recipe), [(x, w) for w in ws])
+            _record_large_m(rows, flush, "wg128", name, m, n, k, f"{recipe}.plan", G.jax_op(recipe),
+                            [(x, w) for w in ws])
             for subs in (1, 2):
                 for split in (p.config.split_k, 2 * p.config.split_k):
                     cfg = dataclasses.replace(p.config, sub_steps=subs, split_k=split, wg_channels=128,

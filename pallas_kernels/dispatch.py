@@ -210,8 +210,8 @@ def _wave_fill(tiles: int) -> float:
 WIDE_WG_MIN_FILL = 0.8
 
 
-def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128,
-                   wide_warpgroups: bool = True) -> MgpuW4Config:
+def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128, wide_warpgroups: bool = True,
+                   most_sub_steps: int = 4) -> MgpuW4Config:
     """W4A16 Mosaic GPU tiles for this shape (fp8: for the W4A8 FP8-tensor-core variant, token tiles <= 128;
     group: the quantization group, whose 128 / group scale rows per K-step size the pipeline's stages):
     the bucket's token tile (from 129 tokens: 256 unless its last wave is under 80 % full, then 128), then the K
@@ -222,7 +222,7 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128,
     slots (70b.qkv M=256, 160 tiles: 120 / 103 us). Tiles chain where there are enough (chained); token tiles
     under 128 take two or four K-steps per pipeline step (sub_steps). W4A16 (not fp8; wide_warpgroups, which
     the FP4 kernels' plans turn off) with token tiles under 128 runs 128 channels per warpgroup where its
-    256-channel tiles fill WIDE_WG_MIN_FILL of the SMs."""
+    256-channel tiles fill WIDE_WG_MIN_FILL of the SMs. most_sub_steps caps the sub-steps."""
     bucket = m_bucket(m)
     t = MGPU_W4_TILE.get(bucket, MGPU_W4_TILE["larger"])
     channel_tiles = n // w4a16_mgpu.CTA_CHANNELS
@@ -238,7 +238,7 @@ def mgpu_w4_config(m: int, n: int, k: int, fp8: bool = False, group: int = 128,
         split = _half_wave_split(tiles, k)
         if tiles > cm.NUM_SMS and _wave_fill(tiles) < 0.65 and k % 256 == 0:
             split = 2
-    subs = min(sub_steps(t, k // w4a16_mgpu.GROUP // split, fp8), 2 if wide else 4)
+    subs = min(sub_steps(t, k // w4a16_mgpu.GROUP // split, fp8), 2 if wide else most_sub_steps)
     stages = w4a16_mgpu.fit_stages(t, split_k=split, asym=not fp8, x_bytes=1 if fp8 else 2,
                                    scale_rows=w4a16_mgpu.GROUP // group, sub_steps=subs, wg_channels=wg_channels)
     return MgpuW4Config(tile_tokens=t, stages=stages, split_k=split, chain_tiles=chained(tiles * split),
@@ -394,8 +394,8 @@ def group_plan(recipe: str, m: int, ns: tuple, k: int, group: int = 128, mosaic:
     they should run as separate calls. W4A16 and W4A8 groups, planned as the [M, sum N] product (the fused
     shape gemm.py times): at M=1 on the word GEMV (the wide tile from GROUP_GEMV_WIDE_N; every N but the last
     a multiple of its block_n; W4A8 with one row of E4M3 codes per weight); from M=2 on the Mosaic GPU
-    kernels (Hopper, every N a multiple of their 128-channel tile, and 64 channels per warpgroup unless every
-    N fits the 256-channel tiles; W4A8 with groups of 128)."""
+    kernels (Hopper, every N a multiple of their 128-channel tile, 64 channels per warpgroup, W4A8 one
+    sub-step and groups of 128)."""
     if recipe not in ("w4a16", "w4a8") or len(ns) < 2:
         return None
     n = sum(ns)
@@ -407,9 +407,10 @@ def group_plan(recipe: str, m: int, ns: tuple, k: int, group: int = 128, mosaic:
     if not mosaic or any(w % w4a16_mgpu.CTA_CHANNELS for w in ns):
         return None
     p = plan(recipe, m, n, k, group, mosaic)
-    if p.path == "mgpu" and any(w % (2 * p.config.wg_channels) for w in ns):    # a weight off the wide tiles
-        p = Plan("mgpu", mgpu_w4_config(m, n, k, recipe == "w4a8", group, wide_warpgroups=False))
-    return p if p.path == "mgpu" else None
+    if p.path != "mgpu":
+        return None
+    fp8 = recipe == "w4a8"  # grouped launches keep the tilings run grouped: 64-channel warpgroups, W4A8 one sub-step
+    return Plan("mgpu", mgpu_w4_config(m, n, k, fp8, group, wide_warpgroups=False, most_sub_steps=1 if fp8 else 4))
 
 
 @functools.partial(jax.jit, static_argnames=("recipe", "launch_plan", "interpret"))

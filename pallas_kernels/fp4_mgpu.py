@@ -242,8 +242,8 @@ def _decode_scaled(codes, scale_ref, fmt_kind: str):
 def _fp4_step(wg, _scratch, kb, *refs, flip: bool, fmt_kind: str, sub_steps: int = 1):
     """One pipeline step kb of a compute warpgroup, sub_steps 128-K sub-steps (module docstring): every
     sub-step's tile decoded and scaled, then one wgmma each. refs: the sub-steps' x tiles, their code tiles,
-    the scale block (max(SCALE_STEPS, sub_steps) K-steps per channel), the accumulator ref. flip is the int4 launcher's flag for INT4 codes and does not apply
-    to E2M1 (the int4 view's bits are the codes as they are)."""
+    the scale block (max(SCALE_STEPS, sub_steps) K-steps per channel), the accumulator ref. flip is the int4
+    launcher's flag for INT4 codes and does not apply to E2M1 (the int4 view's bits are the codes as they are)."""
     del flip
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu

@@ -192,3 +192,51 @@ def test_a_group_of_weights_on_128_channel_warpgroups_gives_the_same_bits_on_hop
             for cfg in (base, wide)]
     np.testing.assert_array_equal(outs[1], outs[0])
     assert np.abs(outs[0]).max() > 0 and outs[0].shape == (m, sum(ns))
+
+
+def test_a_128_channel_warpgroup_decodes_and_multiplies_128_rows(monkeypatch):
+    """wg_channels 128: each warpgroup loads a [128, 128] INT4 tile per sub-step and issues one wgmma of 128
+    rows per group slice (two 64-row instructions), into a [128, tokens] accumulator; it lowers for CUDA."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    jax.clear_caches()
+    shapes = []
+    wgmma = plgpu.wgmma
+    monkeypatch.setattr(plgpu, "wgmma", lambda acc, a, b: shapes.append((acc.shape, a.shape)) or wgmma(acc, a, b))
+    run = _run("w4a16_g32", np.random.default_rng(7), 40, 1024, 2048)
+    cfg = MgpuW4Config(tile_tokens=16, stages=w4.fit_stages(16, scale_rows=4, sub_steps=2, wg_channels=128),
+                       sub_steps=2, wg_channels=128)
+    text = jax.jit(run, static_argnums=0).trace(cfg).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert shapes == [((128, 16), (128, 32))] * 8
+
+
+def test_wide_warpgroups_need_256_channel_weights():
+    wide = MgpuW4Config(tile_tokens=16, stages=4, sub_steps=2, wg_channels=128)
+    assert w4.can_use(16, 1024, 1024, 128, wide) and not w4.can_use(16, 1152, 1024, 128, wide)
+    assert not w4.can_use(16, 1024, 1024, 128, dataclasses.replace(wide, wg_channels=96))
+    assert not fp4_mgpu.can_use("nvfp4", 16, 1024, 1024, wide)
+    xq = jnp.zeros((16, 1024), jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match="wg_channels 64"):
+        w4.w4a8_matmul_mgpu(xq, jnp.float32(1.0), jnp.zeros((512, 512), jnp.uint8), jnp.ones((512, 8), jnp.float32),
+                            config=wide)
+
+
+def test_the_plan_widens_warpgroups_on_the_gate_up_layers_only():
+    """W4A16 under 128-token tiles takes 128-channel warpgroups with two sub-steps where its 256-channel tiles
+    fill 80 % of the SMs (Llama 8B / 70B gate_up); narrower layers, 128-token tiles, FP4, W4A8 and grouped
+    launches keep 64 (grouped W4A8 also one sub-step)."""
+    from pallas_kernels import dispatch
+    for m in (2, 16, 64):
+        for n, k in ((28672, 4096), (57344, 8192)):
+            cfg = dispatch.plan("w4a16", m, n, k, mosaic=True).config
+            assert (cfg.wg_channels, cfg.sub_steps, cfg.split_k) == (128, 2, 1), (m, n, cfg)
+            assert w4.can_use(m, n, k, 128, cfg) and cfg.stages >= 2
+            for recipe in ("nvfp4", "mxfp4", "w4a8"):
+                assert dispatch.plan(recipe, m, n, k, mosaic=True).config.wg_channels == 64, (recipe, m, n)
+            grouped = dispatch.group_plan("w4a16", m, (n // 2, n // 2), k)
+            assert grouped.config.wg_channels == 64 and grouped.config.sub_steps == (4 if m <= 16 else 2)
+        for n, k in ((10240, 8192), (6144, 4096), (4096, 14336)):
+            assert dispatch.plan("w4a16", m, n, k, mosaic=True).config.wg_channels == 64, (m, n)
+        assert dispatch.group_plan("w4a8", m, (4096, 1024, 1024), 4096).config.sub_steps == 1
+    assert dispatch.plan("w4a16", 256, 28672, 4096, mosaic=True).config.wg_channels == 64
