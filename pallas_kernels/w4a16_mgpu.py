@@ -3,20 +3,23 @@ GPU lowering, for every M from 2 tokens up (padded to a token tile of 8 or more)
 A operand, decoded in registers.
 
 The product is computed transposed (swap-AB): y^T [N, M] = W [N, K] @ x^T. Each compute warpgroup owns 64
-output channels (wgmma's M side, which must be 64) and `tile_tokens` tokens (wgmma's N side, 8..256), so a
-batch of 16 tokens wastes no MMA rows and a prefill tile is as wide as wgmma allows. On the skeleton of
+output channels (wgmma's M side, 64 per instruction; or 128 as two, MgpuW4Config.wg_channels, so one x tile
+serves twice the weights: planned for W4A16 on wide layers at small M, 7-12 % less device time on the Llama
+gate_up layers, runs 102-103) and `tile_tokens` tokens (wgmma's N side, 8..256), so a batch of 16 tokens
+wastes no MMA rows and a prefill tile is as wide as wgmma allows. On the skeleton of
 _mgpu.py (persistent tiles, a TMA producer warpgroup, two compute warpgroups side by side along the
 channels), per 128-K step each compute warpgroup
-  1. loads its INT4 tile [64, 128] from shared memory in Mosaic's 4-bit upcast register layout (flipping
-     bit 3 of each canonical code u = q + 8 into q), moves it to the wgmma operand layout while still
-     4-bit, and converts it to bf16 (q in [-8, 7], exact),
+  1. loads its INT4 tile [64 (or 128), 128] from shared memory in Mosaic's 4-bit upcast register layout
+     (flipping bit 3 of each canonical code u = q + 8 into q), moves it to the wgmma operand layout while
+     still 4-bit, and converts it to bf16 (q in [-8, 7], exact),
   2. applies the group's zero and scale per channel in bf16: a = (q - (zero - 8)) * scale, one rounding,
   3. issues one wgmma per group (one for group 128, two for 64, four for 32) of a (registers) against the
      step's x tile (shared memory, read transposed) into the warpgroup's f32 accumulator, which runs across
      all of K,
 where a pipeline step may hold two or four such 128-K steps (MgpuW4Config.sub_steps, planned for token tiles
 under 128): every tile goes through 1-2 before the first wgmma, which gives each warp more independent decode
-work per wait (two: 3-14 % less device time at M=16 / 64 on the H200, run 96); the epilogue writes the
+work per wait (two: 3-14 % less device time at M=16 / 64 on the H200, run 96; four at M=16: up to 9 % more,
+run 98); the epilogue writes the
 accumulator transposed (a register transpose and a transposed shared-memory store), so y comes out [M, N]
 with no extra pass.
 
