@@ -66,6 +66,16 @@ def _run(kind, rng, m, n, k):
     return lambda cfg: w4.w4a16_matmul_mgpu(x, packed, scale, zero, config=cfg)
 
 
+def _run_group(rng, m, ns, k, zero):
+    """A function of the config running a grouped W4A16 launch (widths ns, asymmetric with zero) on fresh
+    random inputs drawn once from rng; its output as float32 numpy."""
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    packed = tuple(jnp.asarray(npo.rand_packed(rng, n, k)) for n in ns)
+    scale = tuple(jnp.asarray(rng.uniform(0.005, 0.02, (n, k // 128)), jnp.bfloat16) for n in ns)
+    zeros = tuple(jnp.asarray(rng.integers(0, 16, (n, k // 128)), jnp.uint8) for n in ns) if zero else None
+    return lambda cfg: np.asarray(w4.w4a16_matmul_mgpu_group(x, packed, scale, zeros, config=cfg), np.float32)
+
+
 @pytest.mark.parametrize("subs", [2, 4])
 @pytest.mark.parametrize("kind,wgmmas", [("w4a16", 1), ("w4a16_asym", 1), ("w4a16_g32", 4), ("nvfp4", 1),
                                          ("mxfp4", 1), ("w4a8", 1)])
@@ -130,17 +140,11 @@ def test_sub_steps_give_the_same_bits_on_hopper(kind, m, tokens, split, chain):
 def test_a_group_of_weights_gives_the_same_bits_with_sub_steps_on_hopper(zero):
     """A grouped launch (q, k, v widths) with two and four sub-steps equals the same launch with one, bit for
     bit."""
-    rng = np.random.default_rng(29 + zero)
-    m, k, ns = 40, 2048, (512, 128, 256)
-    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-    packed = tuple(jnp.asarray(npo.rand_packed(rng, n, k)) for n in ns)
-    scale = tuple(jnp.asarray(rng.uniform(0.005, 0.02, (n, k // 128)), jnp.bfloat16) for n in ns)
-    zeros = tuple(jnp.asarray(rng.integers(0, 16, (n, k // 128)), jnp.uint8) for n in ns) if zero else None
-    outs = [np.asarray(w4.w4a16_matmul_mgpu_group(x, packed, scale, zeros, config=_config(
-        "w4a16_asym" if zero else "w4a16", 16, 2, subs)), np.float32) for subs in (1, 2, 4)]
+    run = _run_group(np.random.default_rng(29 + zero), 40, (512, 128, 256), 2048, zero)
+    outs = [run(_config("w4a16_asym" if zero else "w4a16", 16, 2, subs)) for subs in (1, 2, 4)]
     np.testing.assert_array_equal(outs[1], outs[0])
     np.testing.assert_array_equal(outs[2], outs[0])
-    assert np.abs(outs[0]).max() > 0 and outs[0].shape == (m, sum(ns))
+    assert np.abs(outs[0]).max() > 0 and outs[0].shape == (40, 896)
 
 
 def test_the_plan_takes_sub_steps_below_128_token_tiles():
@@ -180,18 +184,12 @@ def test_128_channels_per_warpgroup_give_the_same_bits_on_hopper(kind, m, tokens
 def test_a_group_of_weights_on_128_channel_warpgroups_gives_the_same_bits_on_hopper(zero):
     """A grouped launch (gate / up-like widths, each a multiple of 256) with wg_channels 128 equals the same
     launch with 64, bit for bit."""
-    rng = np.random.default_rng(31 + zero)
-    m, k, ns = 40, 2048, (1024, 256, 512)
-    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-    packed = tuple(jnp.asarray(npo.rand_packed(rng, n, k)) for n in ns)
-    scale = tuple(jnp.asarray(rng.uniform(0.005, 0.02, (n, k // 128)), jnp.bfloat16) for n in ns)
-    zeros = tuple(jnp.asarray(rng.integers(0, 16, (n, k // 128)), jnp.uint8) for n in ns) if zero else None
+    run = _run_group(np.random.default_rng(31 + zero), 40, (1024, 256, 512), 2048, zero)
     base = _config("w4a16_asym" if zero else "w4a16", 16, 1, 2)
     wide = dataclasses.replace(base, wg_channels=128, stages=w4.fit_stages(16, sub_steps=2, wg_channels=128))
-    outs = [np.asarray(w4.w4a16_matmul_mgpu_group(x, packed, scale, zeros, config=cfg), np.float32)
-            for cfg in (base, wide)]
+    outs = [run(cfg) for cfg in (base, wide)]
     np.testing.assert_array_equal(outs[1], outs[0])
-    assert np.abs(outs[0]).max() > 0 and outs[0].shape == (m, sum(ns))
+    assert np.abs(outs[0]).max() > 0 and outs[0].shape == (40, 1792)
 
 
 def test_a_128_channel_warpgroup_decodes_and_multiplies_128_rows(monkeypatch):
