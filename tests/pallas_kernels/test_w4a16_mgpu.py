@@ -201,8 +201,8 @@ def test_a_w4a8_group_lowers_to_one_kernel_with_each_weights_own_codes(wgmma_ope
     calls = [a.dtype for a in wgmma_operands]
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
     (call,) = [line for line in text.splitlines() if "stablehlo.custom_call @mosaic_gpu" in line]
-    assert plan.config.sub_steps == 2                   # each x is an operand once per sub-step
-    assert call.rsplit(" : (", 1)[1].count("x1024xf8E4M3FN>") == 3 * 2           # one padded x per weight
+    subs = plan.config.sub_steps                        # each x is an operand once per sub-step
+    assert call.rsplit(" : (", 1)[1].count("x1024xf8E4M3FN>") == 3 * subs        # one padded x per weight
     assert calls and grouped_calls == 3 * calls and set(calls) == {jnp.dtype(jnp.float8_e4m3fn)}
 
 
