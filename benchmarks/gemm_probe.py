@@ -1044,8 +1044,8 @@ def main():
     ap.add_argument("--parts", default="gemv,fp8")
     ap.add_argument("--shapes", default="8b.gate_up,8b.o,8b.qkv,8b.down,70b.gate_up,70b.down")
     ap.add_argument("--ms", default="1,16,64,256,1024,4096",
-                    help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu, fp4paths, substeps, trace and "
-                         "fp8 parts")
+                    help="M values of the xla4, mgpu, w4mgpu, w4groups, w4a8mgpu, fp4paths, substeps, wg128, trace "
+                         "and fp8 parts")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--gemv-recipes", default=None,
                     help="recipes of the gemvtiles, gemvsplits, gemvprefetch, gemvstages and fp4paths parts "

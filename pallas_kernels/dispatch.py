@@ -410,7 +410,8 @@ def group_plan(recipe: str, m: int, ns: tuple, k: int, group: int = 128, mosaic:
     if p.path != "mgpu":
         return None
     fp8 = recipe == "w4a8"  # grouped launches keep the tilings run grouped: 64-channel warpgroups, W4A8 one sub-step
-    return Plan("mgpu", mgpu_w4_config(m, n, k, fp8, group, wide_warpgroups=False, most_sub_steps=1 if fp8 else 4))
+    cfg = mgpu_w4_config(m, n, k, fp8, group, wide_warpgroups=False, most_sub_steps=1 if fp8 else 4)
+    return Plan("mgpu", cfg) if w4a16_mgpu.can_use(m, n, k, group, cfg) else None
 
 
 @functools.partial(jax.jit, static_argnames=("recipe", "launch_plan", "interpret"))

@@ -273,7 +273,8 @@ def _check(fn: str, fmt_kind: str, x, packed, scale, cfg: MgpuW4Config):
         raise ValueError(f"{fn}: x {x.shape} {x.dtype}, packed {packed.shape} {packed.dtype}, scale {scale.shape} "
                          f"{scale.dtype} do not fit {cfg} (needs bf16 x (M, K), uint8 packed (N, K/2), "
                          f"{jnp.dtype(scale_dtype)} scale (N, K/{group}), K % 128 == 0, N % 128 == 0, K / 128 / "
-                         f"split_k a multiple of {SCALE_STEPS[fmt_kind]} when split)")
+                         f"split_k a multiple of {SCALE_STEPS[fmt_kind]} when split, K % (128 * split_k * "
+                         "sub_steps) == 0, wg_channels 64)")
 
 
 def _launch(fmt_kind: str, x, packed, scale, cfg: MgpuW4Config, out_scale=None):

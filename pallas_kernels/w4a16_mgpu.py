@@ -19,9 +19,8 @@ channels), per 128-K step each compute warpgroup
 where a pipeline step may hold two or four such 128-K steps (MgpuW4Config.sub_steps, planned for token tiles
 under 128): every tile goes through 1-2 before the first wgmma, which gives each warp more independent decode
 work per wait (two: 3-14 % less device time at M=16 / 64 on the H200, run 96; four at M=16: up to 9 % more,
-run 98); the epilogue writes the
-accumulator transposed (a register transpose and a transposed shared-memory store), so y comes out [M, N]
-with no extra pass.
+run 98); the epilogue writes the accumulator transposed (a register transpose and a transposed shared-memory
+store), so y comes out [M, N] with no extra pass.
 
 Numerics: the dequantised weight is rounded to bf16 once, (q - z) * s, as the 'xla_dequant' path and
 peer kernels (Marlin, Machete) do; products and sums are f32. Scales and zeros enter as bf16 (exact for
@@ -34,7 +33,8 @@ Inputs: x bf16 [M, K]; the canonical packed uint8 [N, K/2] (codes u = q + 8, low
 through an int4 view of the same bytes (no pass; measured as fast as weights converted beforehand by
 `as_int4`, which the kernel also takes); scale [N, K/G] and zero [N, K/G] (optional) as rows per K-step
 ([K/G, N], transposed here).
-Shapes: group G in 128, 64, 32 (W4A8: 128), K % 128 == 0, N % 128 == 0; M is padded to tile_tokens.
+Shapes: group G in 128, 64, 32 (W4A8: 128), K % 128 == 0, N % 128 == 0 (N % 256 with 128-channel
+warpgroups); M is padded to tile_tokens.
 The kernel needs a Hopper GPU and jax >= 0.11 (no interpret mode): CPU CI checks its rules and that it
 lowers; benchmarks/gemm_probe.py --parts w4mgpu checks it against the reference on a GPU.
 
@@ -285,8 +285,9 @@ def w4a16_matmul_mgpu_group(x, packed: tuple, scale: tuple, zero: tuple | None =
                 or (z is not None and z.shape != groups) or not can_use(m, n, k, group, cfg)):
             raise ValueError(f"w4a16_matmul_mgpu: weight {i}: x {x.shape}, packed {p.shape} {p.dtype}, scale "
                              f"{s.shape}, zero {None if z is None else z.shape} do not fit {cfg} (needs packed uint8 "
-                             f"(N, K/2) or int4 (N, K), scale and zero (N, K/G) for G in {GROUPS}, K % 128 == 0, "
-                             "N % 128 == 0, and one packing and group for every weight of a group)")
+                             f"(N, K/2) or int4 (N, K), scale and zero (N, K/G) for G in {GROUPS}, K % (128 * "
+                             f"split_k * sub_steps) == 0, N % {2 * cfg.wg_channels} == 0, and one packing and group "
+                             "for every weight of a group)")
         r = step_rows(s, z) if r is None else r
         check_rows("w4a16_matmul_mgpu", r, ((groups[::-1], jnp.dtype(jnp.bfloat16)),) * (1 if z is None else 2))
         checked.append(list(r))
@@ -378,7 +379,7 @@ def launch_swap_ab(x, packed: list, rows_per_step: list, cfg: MgpuW4Config, step
     per_weight = subs + len(rows_per_step[0])           # operands per weight: its int4 array per sub-step, rows
     xps = [jnp.pad(xx, ((0, mp - m), (0, 0))) for xx in xs]
     x_bits = jnp.dtype(xs[0].dtype).itemsize * 8
-    grid = (n // cta_ch, tiles_t * split)        # tile (ci, s * tiles_t + ti): K range s, tokens ti
+    grid = (n // cta_ch, tiles_t * split)              # tile (ci, s * tiles_t + ti): K range s, tokens ti
 
     # operands: x, then (w, rows) per weight; or, with one x per weight, (x_s, w, rows) per weight; x and w
     # each repeated per sub-step. Either way one pipeline's set comes first: it sizes the shared memory every

@@ -218,6 +218,12 @@ def test_wide_warpgroups_need_256_channel_weights():
     with pytest.raises(ValueError, match="wg_channels 64"):
         w4.w4a8_matmul_mgpu(xq, jnp.float32(1.0), jnp.zeros((512, 512), jnp.uint8), jnp.ones((512, 8), jnp.float32),
                             config=wide)
+    x = jnp.zeros((16, 1024), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"weight 0: .*packed \(1152, 512\).*N % 256 == 0"):
+        w4.w4a16_matmul_mgpu(x, jnp.zeros((1152, 512), jnp.uint8), jnp.ones((1152, 8), jnp.bfloat16), config=wide)
+    with pytest.raises(ValueError, match="mxfp4_matmul_mgpu: .*wg_channels 64"):
+        fp4_mgpu.mxfp4_matmul_mgpu(x, jnp.zeros((1024, 512), jnp.uint8), jnp.full((1024, 32), 127, jnp.uint8),
+                                   config=wide)
 
 
 def test_the_plan_widens_warpgroups_on_the_gate_up_layers_only():
